@@ -1,0 +1,211 @@
+"""Lazy readers of Hugging Face checkpoints, one tensor at a time.
+
+    safetensors (one file or many with model.safetensors.index.json): the header is parsed here and
+        each tensor is read with plain file reads into its own buffer. safetensors' own safe_open
+        mmaps the file, and every page it touches stays in the process's RSS until unmapped, so
+        converting a big model through it would show the whole model in RSS; plain reads leave the
+        file in the page cache, which the kernel can drop.
+    .bin (pytorch_model*.bin): torch.load(weights_only=True, mmap=True); never unpickles objects.
+    .gguf: through transformers' gguf_file= loader, which dequantizes the whole model at once.
+"""
+
+import json
+import os
+import struct
+
+import torch
+
+from tp_runtime.errors import UserError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsReader:
+    """One safetensors file: header parsed once, tensors read on demand."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries = header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self.entries[name]["dtype"]
+        if code not in SAFETENSORS_DTYPES:
+            raise UserError(f"{self.path}: tensor {name} has dtype {code}, which tp-convert does not read")
+        return SAFETENSORS_DTYPES[code]
+
+    def load(self, name: str) -> torch.Tensor:
+        begin, end = self.entries[name]["data_offsets"]
+        out = torch.empty(self.shape(name), dtype=self.dtype(name))
+        buf = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if buf is not None:
+            with open(self.path, "rb") as f:
+                f.seek(self.data_start + begin)
+                got = f.readinto(memoryview(buf))
+            if got != end - begin:
+                raise UserError(f"{self.path} is truncated while reading {name}")
+        return out
+
+
+class Checkpoint:
+    """A Hugging Face model directory (or one .gguf file) seen as named tensors + configs."""
+
+    def __init__(self, config: dict, tensors: dict, generation_config: dict | None, tokenizer_dir: str,
+                 gguf_file: str | None = None):
+        self.config = config
+        self._tensors = tensors  # name -> (reader, key) or name -> tensor (in memory)
+        self.generation_config = generation_config
+        self.tokenizer_dir = tokenizer_dir
+        self.gguf_file = gguf_file
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        src = self._get(name)
+        return tuple(src.shape) if isinstance(src, torch.Tensor) else src[0].shape(src[1])
+
+    def dtype(self, name: str) -> torch.dtype:
+        src = self._get(name)
+        return src.dtype if isinstance(src, torch.Tensor) else src[0].dtype(src[1])
+
+    def load(self, name: str) -> torch.Tensor:
+        src = self._get(name)
+        return src if isinstance(src, torch.Tensor) else src[0].load(src[1])
+
+    def _get(self, name):
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise UserError(f"the checkpoint has no tensor {name!r}; is it complete?") from None
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); the {what} is corrupt") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object; the {what} is corrupt")
+    return data
+
+
+def open_checkpoint(model_dir: str) -> Checkpoint:
+    if model_dir.endswith(".gguf"):
+        return _open_gguf(model_dir)
+    if not os.path.isdir(model_dir):
+        raise UserError(f"--model_dir {model_dir!r} is neither a directory nor a .gguf file")
+    ggufs = [f for f in os.listdir(model_dir) if f.endswith(".gguf")]
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        if len(ggufs) == 1:
+            return _open_gguf(os.path.join(model_dir, ggufs[0]))
+        raise UserError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    config = _read_json(cfg_path, "model config")
+    gen_path = os.path.join(model_dir, "generation_config.json")
+    gen = _read_json(gen_path, "generation config") if os.path.isfile(gen_path) else None
+    tensors = _index_safetensors(model_dir)
+    if tensors is None:
+        tensors = _index_bin(model_dir)
+    return Checkpoint(config, tensors, gen, model_dir)
+
+
+def _index_safetensors(model_dir: str) -> dict | None:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = _read_json(index, "safetensors index").get("weight_map", {})
+        readers = {}
+        tensors = {}
+        for name, fname in weight_map.items():
+            path = os.path.join(model_dir, fname)
+            if fname not in readers:
+                if not os.path.isfile(path):
+                    raise UserError(f"{index} names {fname}, which is missing from {model_dir}")
+                readers[fname] = SafetensorsReader(path)
+            if name not in readers[fname].entries:
+                raise UserError(f"{path} lacks {name}, which {index} says it holds")
+            tensors[name] = (readers[fname], name)
+        return tensors
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        return None
+    tensors = {}
+    for fname in files:
+        reader = SafetensorsReader(os.path.join(model_dir, fname))
+        for name in reader.entries:
+            tensors[name] = (reader, name)
+    return tensors
+
+
+def _index_bin(model_dir: str) -> dict:
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".bin") and f.startswith("pytorch_model"))
+    if not files:
+        raise UserError(
+            f"{model_dir} has no *.safetensors and no pytorch_model*.bin weights; "
+            "tp-convert reads safetensors, .bin (with torch.load weights_only=True) or a .gguf file"
+        )
+    tensors = {}
+    for fname in files:
+        path = os.path.join(model_dir, fname)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises UnpicklingError / RuntimeError for unsafe or odd pickles
+            raise UserError(
+                f"{path} cannot be loaded with torch.load(weights_only=True) ({type(e).__name__}); it holds more "
+                "than tensors. Convert it to safetensors in a Python you trust, e.g. "
+                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(new_dir, safe_serialization=True)"
+            ) from None
+        if not isinstance(state, dict):
+            raise UserError(f"{path} does not hold a state dict")
+        tensors.update(state)
+    return tensors
+
+
+def _open_gguf(path: str) -> Checkpoint:
+    """GGUF through transformers: the whole model is dequantized in memory (no memory bound here)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist")
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    except ImportError as e:  # pragma: no cover - transformers is a dependency
+        raise UserError(f"reading .gguf needs transformers ({e})") from None
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    except ImportError as e:
+        raise UserError(f"reading .gguf needs the packages gguf and accelerate ({e})") from None
+    tensors = dict(model.state_dict())
+    cfg = config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["torch_dtype"] = "float32"  # dequantized by the loader
+    try:
+        gen = GenerationConfig.from_model_config(config).to_dict()
+    except Exception:
+        gen = None
+    return Checkpoint(cfg, tensors, gen, folder, gguf_file=name)

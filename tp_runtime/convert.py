@@ -1,0 +1,191 @@
+"""tp-convert: a Hugging Face checkpoint -> an engine directory with one file per rank.
+
+    HF dir --adapter--> canonical tensors (one at a time) --partition plan--> per-rank slices
+           --> rank{r}.safetensors (streamed)  + config.json + tokenizer files
+
+Memory stays bounded: one canonical tensor (q, k and v together for attention) is in memory at a
+time, plus one rank's slice of it. The engine is built in a temporary sibling directory and
+renamed into place at the end, so an interrupted conversion never leaves an engine that loads.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from tp_runtime import engine_format as ef
+from tp_runtime import partition as pt
+from tp_runtime.adapters import COLUMN, QKV, REPLICATE, ROW_ATTN, ROW_MLP, VOCAB, get_adapter
+from tp_runtime.checkpoint import open_checkpoint
+from tp_runtime.errors import UserError, exit_on_user_error
+from tp_runtime.writer import StreamingSafetensorsWriter
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def shard_tensor(rule: str, tensor, plan: pt.RankPlan, head_dim: int):
+    """Apply one partition rule for one rank. Works on real and on meta tensors."""
+    if rule == REPLICATE:
+        return tensor
+    if rule == QKV:
+        return pt.shard_qkv(*tensor, plan.heads, head_dim)
+    if rule == COLUMN:
+        return pt.shard_column(tensor, plan.mlp_span)
+    if rule == ROW_ATTN:
+        q0, q1 = plan.heads.q_heads
+        return pt.shard_row(tensor, (q0 * head_dim, q1 * head_dim))
+    if rule == ROW_MLP:
+        return pt.shard_row(tensor, plan.mlp_span)
+    if rule == VOCAB:
+        return pt.shard_vocab(tensor, plan.rank, plan.tp)
+    raise ValueError(f"unknown partition rule {rule}")
+
+
+def _checkpoint_dtype(ckpt) -> torch.dtype:
+    name = ckpt.config.get("torch_dtype") or ckpt.config.get("dtype")
+    if name in DTYPES:
+        return DTYPES[name]
+    for n in ckpt.names():
+        if ckpt.dtype(n).is_floating_point:
+            return ckpt.dtype(n)
+    return torch.float32
+
+
+def convert(
+    model_dir: str,
+    output_dir: str,
+    tp_size: int = 1,
+    dtype: str = "auto",
+    force: bool = False,
+    max_seq_len: int | None = None,
+    max_batch_size: int = 8,
+    progress: bool = True,
+) -> ef.EngineConfig:
+    if tp_size < 1:
+        raise UserError(f"--tp_size must be >= 1, got {tp_size}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and not force:
+        raise UserError(f"output directory {output_dir} exists; pass --force to replace it")
+    ckpt = open_checkpoint(model_dir)
+    adapter = get_adapter(ckpt)
+    fields = adapter.config()
+    out_dtype = _checkpoint_dtype(ckpt) if dtype == "auto" else DTYPES[dtype]
+    if out_dtype not in DTYPES.values():
+        out_dtype = torch.float32
+    model_name = os.path.basename(os.path.normpath(model_dir))
+    plans = pt.plan_ranks(fields["num_attention_heads"], fields["num_key_value_heads"],
+                          fields["intermediate_size"], tp_size, model=model_name)
+    head_dim = fields["head_size"]
+    tensors = adapter.tensors(fields)
+    # At tp=1 a tied lm_head is the embedding itself: store it once, the runtime ties them.
+    if tp_size == 1 and fields["tie_word_embeddings"]:
+        tensors = [t for t in tensors if t.name != ef.LM_HEAD]
+
+    specs = [[] for _ in range(tp_size)]
+    for ct in tensors:
+        meta = ct.load(True)
+        for p in plans:
+            s = shard_tensor(ct.rule, meta, p, head_dim)
+            specs[p.rank].append((ct.name, out_dtype if s.dtype.is_floating_point else s.dtype, tuple(s.shape)))
+
+    cfg = ef.EngineConfig(
+        dtype=str(out_dtype).removeprefix("torch."),
+        mapping={"world_size": tp_size, "tp_size": tp_size, "pp_size": 1},
+        vocab_size_padded=pt.padded_vocab_size(fields["vocab_size"], tp_size),
+        heads_per_rank=[p.heads.num_heads_per_rank for p in plans],
+        kv_heads_per_rank=[p.heads.num_kv_heads_per_rank for p in plans],
+        intermediate_size_per_rank=[p.mlp_size for p in plans],
+        max_seq_len=max_seq_len or min(fields["max_position_embeddings"], 4096),
+        max_batch_size=max_batch_size,
+        **fields,
+    )
+
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.partial-", dir=parent)
+    try:
+        writers = [StreamingSafetensorsWriter(os.path.join(tmp, ef.rank_file(r)), specs[r],
+                                              {"format": "pt", "rank": r, "tp_size": tp_size})
+                   for r in range(tp_size)]
+        bar = _progress(len(tensors), progress, "converting")
+        for ct in tensors:
+            full = ct.load(False)
+            for p in plans:
+                s = shard_tensor(ct.rule, full, p, head_dim)
+                writers[p.rank].write(ct.name, s.to(out_dtype) if s.dtype.is_floating_point else s)
+                del s
+            del full
+            bar.update(1)
+        bar.close()
+        for w in writers:
+            w.close()
+        _copy_tokenizer(ckpt, tmp)
+        cfg.save(tmp)
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.rename(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cfg
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr)
+
+
+def _copy_tokenizer(ckpt, out_dir: str) -> None:
+    import json
+
+    if ckpt.gguf_file:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(ckpt.tokenizer_dir, gguf_file=ckpt.gguf_file)
+        tok.save_pretrained(out_dir)
+    else:
+        for name in ef.TOKENIZER_FILES:
+            src = os.path.join(ckpt.tokenizer_dir, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(out_dir, name))
+    if ckpt.generation_config and not os.path.isfile(os.path.join(out_dir, "generation_config.json")):
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(ckpt.generation_config, f, indent=2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tp-convert",
+        description="Shard a Hugging Face checkpoint into a tensor-parallel engine directory.",
+    )
+    p.add_argument("--model_dir", required=True, help="Hugging Face model directory, or one .gguf file")
+    p.add_argument("--output_dir", required=True, help="engine directory to create")
+    p.add_argument("--tp_size", type=int, default=1, help="number of tensor-parallel ranks (default 1)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="storage dtype of the engine; auto keeps the checkpoint's (default auto)")
+    p.add_argument("--max_seq_len", type=int, default=None,
+                   help="default run-time sequence limit (default min(max_position_embeddings, 4096))")
+    p.add_argument("--max_batch_size", type=int, default=8, help="default run-time batch limit (default 8)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cfg = convert(args.model_dir, args.output_dir, args.tp_size, args.dtype, args.force,
+                  args.max_seq_len, args.max_batch_size, progress=not args.no_progress)
+    print(f"wrote {args.output_dir}: {cfg.source_architecture}, tp_size={cfg.tp_size}, dtype={cfg.dtype}, "
+          f"heads per rank {cfg.heads_per_rank}, kv heads per rank {cfg.kv_heads_per_rank}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

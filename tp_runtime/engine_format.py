@@ -1,0 +1,192 @@
+"""The engine directory: its config.json schema, tensor names and integrity checks.
+
+Shared by the converter (which writes engines) and the runtime (which reads them); it imports
+neither. The layout follows TensorRT-LLM's unified checkpoint:
+
+    ENGINE/config.json            architecture, dtype, dims, mapping, quantization + canonical switches
+    ENGINE/rank{r}.safetensors    exactly the tensors rank r needs
+    ENGINE/tokenizer*.json ...    copied from the source, so the directory is self-contained
+
+Fields beyond TensorRT-LLM's schema are added, never renamed: `format_version`, the canonical
+decoder switches, and the per-rank split sizes (`heads_per_rank`, `kv_heads_per_rank`,
+`intermediate_size_per_rank`), which make uneven splits explicit.
+"""
+
+import dataclasses
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+
+from tp_runtime.errors import UserError
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank}.safetensors"
+
+
+# Tensor names (TensorRT-LLM's, for the Llama-type decoder).
+EMBEDDING = "transformer.vocab_embedding.weight"
+FINAL_NORM = "transformer.ln_f"
+LM_HEAD = "lm_head.weight"
+
+
+def layer_prefix(i: int) -> str:
+    return f"transformer.layers.{i}"
+
+
+@dataclass
+class EngineConfig:
+    """config.json of an engine. Global sizes and per-rank sizes are named apart."""
+
+    architecture: str  # the canonical decoder's name in TensorRT-LLM terms, e.g. LlamaForCausalLM
+    source_architecture: str  # what the Hugging Face config said
+    dtype: str  # storage dtype of the rank files: float32 | bfloat16 | float16
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_size: int
+    intermediate_size: int
+    max_position_embeddings: int
+    hidden_act: str = "silu"
+    norm_epsilon: float = 1e-5
+    position_embedding_type: str = "rope_gpt_neox"
+    rotary_base: float = 10000.0
+    rotary_scaling: dict | None = None
+    rotary_pct: float = 1.0
+    tie_word_embeddings: bool = False
+    mapping: dict = field(default_factory=lambda: {"world_size": 1, "tp_size": 1, "pp_size": 1})
+    quantization: dict = field(
+        default_factory=lambda: {
+            "quant_algo": None,
+            "group_size": None,
+            "has_zero_point": False,
+            "exclude_modules": None,
+        }
+    )
+    # --- canonical decoder switches (additions to TensorRT-LLM's schema) ---
+    format_version: int = FORMAT_VERSION
+    norm_type: str = "rms"  # rms | layer
+    gated_mlp: bool = True  # act(fc(x)) * gate(x), then proj
+    qkv_bias: bool = False
+    dense_bias: bool = False
+    mlp_bias: bool = False
+    # Per-layer attention window (None = full attention). Mistral: every layer the same window.
+    sliding_window_per_layer: list | None = None
+    # --- per-rank split sizes ---
+    vocab_size_padded: int = 0
+    heads_per_rank: list = field(default_factory=list)
+    kv_heads_per_rank: list = field(default_factory=list)
+    intermediate_size_per_rank: list = field(default_factory=list)
+    # --- run-time defaults recorded at conversion ---
+    max_seq_len: int = 4096
+    max_batch_size: int = 8
+    bos_token_id: int | None = None
+    eos_token_id: list | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def tp_size(self) -> int:
+        return int(self.mapping["tp_size"])
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False) + "\n"
+
+    def save(self, engine_dir: str) -> None:
+        with open(os.path.join(engine_dir, CONFIG_NAME), "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, engine_dir: str) -> "EngineConfig":
+        path = os.path.join(engine_dir, CONFIG_NAME)
+        if not os.path.isdir(engine_dir):
+            raise UserError(f"engine directory {engine_dir!r} does not exist (create it with tp-convert)")
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is missing: {engine_dir!r} is not an engine directory (create one with tp-convert)")
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON ({e}); re-run tp-convert to rebuild the engine") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path} does not hold a JSON object; re-run tp-convert to rebuild the engine")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise UserError(
+                f"{path} has format_version {version!r}, this tp_runtime reads version {FORMAT_VERSION}; "
+                "re-run tp-convert with this version"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            cfg = cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as e:
+            raise UserError(f"{path} is missing fields ({e}); re-run tp-convert to rebuild the engine") from None
+        cfg.validate(path)
+        return cfg
+
+    def validate(self, where: str = CONFIG_NAME) -> None:
+        tp = self.tp_size
+        problems = []
+        if len(self.heads_per_rank) != tp or len(self.kv_heads_per_rank) != tp:
+            problems.append(f"heads_per_rank/kv_heads_per_rank must have tp_size={tp} entries")
+        if len(self.intermediate_size_per_rank) != tp:
+            problems.append(f"intermediate_size_per_rank must have tp_size={tp} entries")
+        if self.vocab_size_padded % tp or self.vocab_size_padded < self.vocab_size:
+            problems.append(f"vocab_size_padded={self.vocab_size_padded} must be >= vocab_size and a multiple of {tp}")
+        if self.sliding_window_per_layer is not None and len(self.sliding_window_per_layer) != self.num_hidden_layers:
+            problems.append("sliding_window_per_layer must have one entry per layer")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            problems.append(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
+        if problems:
+            raise UserError(f"{where} is inconsistent: " + "; ".join(problems) + "; re-run tp-convert")
+
+
+# ---------------------------------------------------------------------------
+# safetensors header checks (cheap: header and file size only, no tensor data read)
+
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """Return (header, data_start). Raises UserError on a missing, truncated or corrupt file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path} is truncated ({size} bytes); re-run tp-convert")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise UserError(f"{path} is truncated or not a safetensors file; re-run tp-convert")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; re-run tp-convert to rebuild the engine") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} has a corrupt header; re-run tp-convert") from None
+    data_start = 8 + n
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if data_start + end > size:
+        raise UserError(
+            f"{path} is truncated: {size} bytes, its header needs {data_start + end}; re-run tp-convert"
+        )
+    return header, data_start
+
+
+def check_rank_files(engine_dir: str, tp_size: int) -> None:
+    """Every rank checks every rank file, so all ranks fail alike before any collective starts."""
+    for r in range(tp_size):
+        read_safetensors_header(os.path.join(engine_dir, rank_file(r)))

@@ -1,0 +1,38 @@
+"""User-facing errors.
+
+A `UserError` is a mistake the user can fix (a wrong flag, a missing file, a model we do not
+support). The command-line entry points print its message on one line and exit with status 2,
+without a traceback. Anything else that escapes is a bug and keeps its traceback.
+"""
+
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one clear line."""
+
+
+def exit_on_user_error(main):
+    """Wrap a console-script `main` so a UserError prints one line and exits 2."""
+
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except UserError as e:
+            prefix = _rank_prefix()
+            print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    wrapped.__name__ = main.__name__
+    wrapped.__doc__ = main.__doc__
+    return wrapped
+
+
+def _rank_prefix():
+    # Imported lazily: launch reads launcher variables, which is its concern alone.
+    from tp_runtime.launch import detect_launch
+
+    info = detect_launch()
+    return f"[rank {info.rank}] " if info.world_size > 1 else ""

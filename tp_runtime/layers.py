@@ -1,0 +1,87 @@
+"""Tensor-parallel layers, built from already-sharded weights.
+
+    ColumnParallelLinear   W_r (out_per_rank, in)     y_r = x W_r^T (+ b_r)       no communication
+    RowParallelLinear      W_r (out, in_per_rank)     y = sum_r x_r W_r^T  (+ b)   all-reduce, then the
+                                                                                  replicated bias once
+    ParallelLMHead         W_r (vocab_padded/tp, in)  logits = gather_r(x W_r^T)[:vocab]
+    Embedding              replicated: a lookup reads one row
+
+The all-reduce lives in RowParallelLinear.forward and nowhere else; the head gathers.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_runtime.comm import Communicator
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (out_per_rank, in)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, comm: Communicator):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in_per_rank)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # partial sum of this rank's input slice
+        self.comm.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias  # once, after the sum
+        return y
+
+
+class Embedding(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (vocab, hidden), replicated
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class ParallelLMHead(nn.Module):
+    """Vocab-parallel head: each rank holds vocab_padded / tp rows; padded rows are dropped."""
+
+    def __init__(self, weight: torch.Tensor, vocab_size: int, comm: Communicator):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (vocab_padded / tp, hidden)
+        self.vocab_size = vocab_size
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = F.linear(x, self.weight)  # (..., vocab_padded / tp)
+        logits = self.comm.all_gather(local, dim=-1)  # (..., vocab_padded)
+        return logits[..., : self.vocab_size]  # padded logits never reach the sampler
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.weight.shape, self.weight.float(), b, self.eps).to(x.dtype)

@@ -1,0 +1,254 @@
+"""The Python API: LLM(engine_dir).generate(prompts, SamplingParams(...)).
+
+Works in one process and in every rank of a job started by mpirun or torchrun: every rank builds
+the LLM and calls generate with the same arguments; rank 0's prompts and parameters are the ones
+used (they are broadcast), and every rank gets rank 0's results back.
+
+Start-up order, so that a user mistake fails alike on every rank before any collective:
+read config.json -> check world size == tp_size -> check every rank file -> set threads ->
+communicator -> load this rank's file -> build the model and the KV cache.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tp_runtime import engine_format as ef
+from tp_runtime.comm import DEFAULT_TIMEOUT_S, make_communicator
+from tp_runtime.errors import UserError
+from tp_runtime.generator import Generator, Request, Timings
+from tp_runtime.launch import default_threads, detect_launch
+from tp_runtime.model import KVCache, TPDecoder
+from tp_runtime.sampling import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    input_ids: list[int]
+    output_ids: list[int]
+    output_logprobs: list[float]
+    text: str
+    finish_reason: str
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def pick_compute_dtype(storage: str, device: torch.device, requested: str = "auto") -> torch.dtype:
+    """On CPUs without native bf16/fp16 (no AVX512_BF16 / AMX, no AVX512_FP16), half-precision matmuls
+    run ~100x slower than fp32, so compute there in float32 whatever the engine stores."""
+    if requested != "auto":
+        return DTYPES[requested]
+    dtype = DTYPES[storage]
+    if device.type == "cpu" and dtype != torch.float32:
+        flags = cpu_flags()
+        native = {"bfloat16": {"avx512_bf16", "amx_bf16"}, "float16": {"avx512_fp16", "amx_fp16"}}[storage]
+        if not flags & native:
+            return torch.float32
+    return dtype
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device (is this the CPU build?)")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise UserError(f"local rank {local_rank} has no GPU: this host has {count}; start fewer ranks per host")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device) -> dict:
+    """This rank's file only, through safetensors' mmap, one tensor at a time, cast as it is read."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if t.is_floating_point() and t.dtype != dtype:
+                t = t.to(dtype)
+            out[name] = t.to(device)
+    return out
+
+
+class LLM:
+    def __init__(self, engine_dir: str, device: str = "auto", threads: int | None = None,
+                 max_batch_size: int | None = None, max_seq_len: int | None = None, dtype: str = "auto",
+                 tokenizer_dir: str | None = None, comm_timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.engine_dir = engine_dir
+        self.info = detect_launch()
+        self.rank = self.info.rank
+        cfg = ef.EngineConfig.load(engine_dir)
+        self.config = cfg
+        if self.info.world_size != cfg.tp_size:
+            raise UserError(
+                f"the engine {engine_dir} was converted for tp_size={cfg.tp_size}, but {self.info.world_size} "
+                f"rank(s) were started; start {cfg.tp_size} (e.g. mpirun -n {cfg.tp_size}) or re-run tp-convert "
+                f"with --tp_size {self.info.world_size}"
+            )
+        ef.check_rank_files(engine_dir, cfg.tp_size)
+        if dtype not in ("auto", *DTYPES):
+            raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+        self.max_batch_size = max_batch_size or cfg.max_batch_size
+        self.max_seq_len = max_seq_len or cfg.max_seq_len
+        if self.max_batch_size < 1 or self.max_seq_len < 2:
+            raise UserError(f"--max_batch_size must be >= 1 and --max_seq_len >= 2, got "
+                            f"{self.max_batch_size} and {self.max_seq_len}")
+        self.device = pick_device(device, self.info.local_rank)
+        self.threads = threads or default_threads(self.info)
+        if self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        self.dtype = pick_compute_dtype(cfg.dtype, self.device, dtype)
+        self.generation_config = self._read_generation_config()
+        self.tokenizer_dir = tokenizer_dir or engine_dir
+        self._tokenizer = None
+
+        t0 = time.perf_counter()
+        self.comm = make_communicator(self.info, self.device, comm_timeout_s)
+        weights = load_rank_weights(os.path.join(engine_dir, ef.rank_file(self.rank)), self.dtype, self.device)
+        self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len).eval()
+        del weights
+        self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
+        eos = self.generation_config.get("eos_token_id", cfg.eos_token_id)
+        eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id or [])
+        self.generator = Generator(self.model, self.cache, self.comm, self.device, eos)
+        self.load_s = time.perf_counter() - t0
+        self.last_timings = Timings()
+
+    # --- set-up helpers ---
+
+    def _read_generation_config(self) -> dict:
+        path = os.path.join(self.engine_dir, "generation_config.json")
+        if not os.path.isfile(path):
+            return {}
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e})") from None
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any(os.path.isfile(os.path.join(self.tokenizer_dir, n))
+                   for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+    @property
+    def tokenizer(self):
+        """Loaded on first use, on rank 0 (the other ranks never need it)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            path = self.tokenizer_dir
+            if not self.has_tokenizer:
+                raise UserError(f"no tokenizer in {path}; pass --tokenizer_dir, or give --input_ids")
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as e:
+                raise UserError(f"no usable tokenizer in {path} ({e}); pass --tokenizer_dir, or give --input_ids") from None
+        return self._tokenizer
+
+    # --- requests ---
+
+    def encode(self, prompt: str, chat_template: bool | None = None) -> list[int]:
+        """Token ids of a prompt; with the chat template when asked (None: when the tokenizer has one)."""
+        tok = self.tokenizer
+        use_template = bool(getattr(tok, "chat_template", None)) if chat_template is None else chat_template
+        if use_template:
+            if not getattr(tok, "chat_template", None):
+                raise UserError("the tokenizer has no chat template; pass --no_prompt_template")
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(prompt)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 chat_template: bool | None = False, max_input_length: int | None = None,
+                 on_text=None) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, or a list of token-id lists (used verbatim).
+
+        chat_template: apply the tokenizer's chat template to string prompts (None: if it has one).
+        on_text(index, delta): streamed text, called on rank 0 only.
+        Returns one RequestOutput per prompt, in order, on every rank."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        job = None
+        if self.rank == 0:
+            job = self._prepare(list(prompts), sampling_params, chat_template, max_input_length)
+        job = self.comm.broadcast_object(job if self.rank == 0 else None)
+        if isinstance(job, str):  # rank 0 found a user mistake: every rank reports it
+            raise UserError(job)
+        requests, texts = job
+        decode = self.decode if self.rank == 0 and self.has_tokenizer else None
+        completions, self.last_timings = self.generator.generate(requests, decode, on_text if self.rank == 0 else None)
+        results = None
+        if self.rank == 0:
+            results = [RequestOutput(texts[i], r.prompt_ids, c.output_ids, c.output_logprobs, c.text, c.finish_reason)
+                       for i, (r, c) in enumerate(zip(requests, completions))]
+        return self.comm.broadcast_object(results)
+
+    def _prepare(self, prompts, sampling_params, chat_template, max_input_length):
+        """Rank 0: tokenize and check. Returns (requests, texts), or an error message for all ranks."""
+        try:
+            if not prompts:
+                raise UserError("no prompts given")
+            params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+            if len(params) != len(prompts):
+                raise UserError(f"{len(params)} sampling params for {len(prompts)} prompts")
+            requests, texts = [], []
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                p = (p or SamplingParams()).resolved(self.generation_config)
+                if p.stop and not self.has_tokenizer:
+                    raise UserError("stop words need a tokenizer; pass --tokenizer_dir")
+                if isinstance(prompt, str):
+                    ids, text = self.encode(prompt, chat_template), prompt
+                else:
+                    ids, text = [int(t) for t in prompt], None
+                self._check_ids(i, ids, p, max_input_length)
+                requests.append(Request(ids, p))
+                texts.append(text)
+            return requests, texts
+        except UserError as e:
+            return str(e)
+
+    def _check_ids(self, i: int, ids: list[int], p: SamplingParams, max_input_length: int | None) -> None:
+        n = len(ids)
+        if n == 0:
+            raise UserError(f"prompt {i} is empty")
+        if max_input_length is not None and n > max_input_length:
+            raise UserError(f"prompt {i} has {n} tokens, more than --max_input_length {max_input_length}")
+        if n + p.max_tokens > self.max_seq_len:
+            raise UserError(
+                f"prompt {i} has {n} tokens and asks for {p.max_tokens} more, beyond max_seq_len "
+                f"{self.max_seq_len}; shorten it, lower --max_output_len, or raise --max_seq_len"
+            )
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise UserError(f"prompt {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+
+    def close(self) -> None:
+        self.comm.close()
