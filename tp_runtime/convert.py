@@ -126,6 +126,9 @@ def convert(
             w.close()
         _copy_tokenizer(ckpt, tmp)
         cfg.save(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; an engine is an ordinary directory
         if os.path.exists(output_dir):
             shutil.rmtree(output_dir)
         os.rename(tmp, output_dir)

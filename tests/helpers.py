@@ -1,0 +1,112 @@
+"""Test helpers: tiny random checkpoints built with transformers' own classes, and rank launchers."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def tool(name: str) -> str:
+    """A console script of this environment (tp-run, tp-convert, mpirun, torchrun)."""
+    path = os.path.join(BIN, name)
+    assert os.path.exists(path), f"{name} is not installed in {BIN}"
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_checkpoint(path: str, arch: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    """A tiny random model saved with save_pretrained; returns the transformers model (fp32, eval)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    cfg_cls, model_cls = classes[arch]
+    kw = dict(vocab_size=103, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+              eos_token_id=2, pad_token_id=0)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kw)).eval()
+    with torch.no_grad():  # random, non-trivial norms so a norm bug cannot hide behind ones
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.to(dtype).save_pretrained(path)
+    return model.float()
+
+
+def run_ranks(n: int, args: list[str], launcher: str = "env", timeout: float = 300, env_extra=None):
+    """Run `args` (argv of a Python console script or module) as n ranks. Returns CompletedProcess.
+
+    launcher: env (torchrun-style variables set here, one subprocess per rank), mpirun, torchrun.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    for k in [k for k in env if k.startswith(("OMPI_", "PMI_", "MPI_LOCAL"))] + ["RANK", "WORLD_SIZE"]:
+        env.pop(k, None)
+    if launcher == "mpirun":
+        return subprocess.run([tool("mpirun"), "-n", str(n), *args], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    if launcher == "torchrun":
+        return subprocess.run([tool("torchrun"), "--nproc_per_node", str(n), "--master_port", str(free_port()),
+                               *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if n == 1:
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    port = str(free_port())
+    procs = []
+    for r in range(n):
+        e = dict(env, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen(args, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    rc = next((p.returncode for p in procs if p.returncode), 0)
+    return subprocess.CompletedProcess(args, rc, "".join(o[0] for o in outs), "".join(o[1] for o in outs))
+
+
+def tp_run_json(engine: str, n: int, extra: list[str], launcher: str = "env", **kw) -> dict:
+    """Run tp-run on n ranks with --output_json and return the parsed JSON."""
+    fd, out = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    res = run_ranks(n, [tool("tp-run"), "--engine", engine, "--output_json", out, *extra], launcher, **kw)
+    assert res.returncode == 0, f"tp-run failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+    with open(out) as f:
+        data = json.load(f)
+    os.unlink(out)
+    return data
+
+
+def reference_logprobs(model, prompt: list[int], output: list[int]) -> list[float]:
+    """Log-probs of `output` after `prompt` under a transformers model, in one full forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + output])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    return [lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(output)]
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation by full forwards (no KV cache): independent of any cache logic."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
