@@ -74,10 +74,18 @@ class Checkpoint:
     def __init__(self, config: dict, tensors: dict, generation_config: dict | None, tokenizer_dir: str,
                  gguf_file: str | None = None):
         self.config = config
-        self._tensors = tensors  # name -> (reader, key) or name -> tensor (in memory)
+        # name -> (reader, key) or name -> tensor (in memory); or a function that indexes the
+        # weights on first use, so a config problem is reported before any weight file is read.
+        self._index = tensors
         self.generation_config = generation_config
         self.tokenizer_dir = tokenizer_dir
         self.gguf_file = gguf_file
+
+    @property
+    def _tensors(self) -> dict:
+        if callable(self._index):
+            self._index = self._index()
+        return self._index
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -129,10 +137,12 @@ def open_checkpoint(model_dir: str) -> Checkpoint:
     config = _read_json(cfg_path, "model config")
     gen_path = os.path.join(model_dir, "generation_config.json")
     gen = _read_json(gen_path, "generation config") if os.path.isfile(gen_path) else None
-    tensors = _index_safetensors(model_dir)
-    if tensors is None:
-        tensors = _index_bin(model_dir)
-    return Checkpoint(config, tensors, gen, model_dir)
+
+    def index():
+        tensors = _index_safetensors(model_dir)
+        return tensors if tensors is not None else _index_bin(model_dir)
+
+    return Checkpoint(config, index, gen, model_dir)
 
 
 def _index_safetensors(model_dir: str) -> dict | None:

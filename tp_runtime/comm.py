@@ -18,6 +18,25 @@ from tp_runtime.launch import LaunchInfo, rendezvous_address
 DEFAULT_TIMEOUT_S = 45
 
 
+class CommError(RuntimeError):
+    """A collective failed: another rank died, or did not answer within the timeout."""
+
+
+def _guard(fn):
+    def wrapped(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except CommError:
+            raise
+        except Exception as e:  # gloo/NCCL raise RuntimeError or DistBackendError subclasses
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CommError(f"rank {self.rank}: {fn.__name__} failed, another rank died or timed out "
+                            f"after {self.timeout_s:.0f}s ({first})") from None
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
 class Communicator:
     """World size 1: no process group, every collective is the identity."""
 
@@ -52,32 +71,42 @@ class TorchDistCommunicator(Communicator):
 
         self.dist = dist
         self.rank, self.world_size, self.backend = info.rank, info.world_size, backend
+        self.timeout_s = timeout_s
         addr, port = rendezvous_address(info)
         timeout = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=info.rank,
-                                world_size=info.world_size, timeout=timeout)
+        try:
+            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=info.rank,
+                                    world_size=info.world_size, timeout=timeout)
+        except Exception as e:
+            raise CommError(f"rank {info.rank}: could not join the other {info.world_size - 1} rank(s) at "
+                            f"{addr}:{port} within {timeout_s:.0f}s ({str(e).strip().splitlines()[0]})") from None
         # Python objects travel over gloo even when tensors use NCCL.
         self.object_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
 
+    @_guard
     def all_reduce(self, tensor):
         self.dist.all_reduce(tensor)
         return tensor
 
+    @_guard
     def all_gather(self, tensor, dim=-1):
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         self.dist.all_gather(parts, tensor)
         return torch.cat(parts, dim=dim)
 
+    @_guard
     def broadcast(self, tensor, src=0):
         self.dist.broadcast(tensor, src)
         return tensor
 
+    @_guard
     def broadcast_object(self, obj, src=0):
         box = [obj]
         self.dist.broadcast_object_list(box, src=src, group=self.object_group)
         return box[0]
 
+    @_guard
     def barrier(self):
         if self.object_group is not None:
             self.dist.barrier(group=self.object_group)

@@ -5,6 +5,7 @@ support). The command-line entry points print its message on one line and exit w
 without a traceback. Anything else that escapes is a bug and keeps its traceback.
 """
 
+import os
 import sys
 
 
@@ -24,6 +25,16 @@ def exit_on_user_error(main):
             sys.exit(2)
         except KeyboardInterrupt:
             sys.exit(130)
+        except Exception as e:
+            from tp_runtime.comm import CommError
+
+            if not isinstance(e, CommError):
+                raise
+            # Another rank is gone: say so in one line and leave at once, without waiting on
+            # process-group teardown, which could block on the dead peer.
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(3)
 
     wrapped.__name__ = main.__name__
     wrapped.__doc__ = main.__doc__
