@@ -22,7 +22,7 @@ def exit_on_user_error(main):
         except UserError as e:
             prefix = _rank_prefix()
             print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            _exit(2)
         except KeyboardInterrupt:
             sys.exit(130)
         except Exception as e:
@@ -33,12 +33,22 @@ def exit_on_user_error(main):
             # Another rank is gone: say so in one line and leave at once, without waiting on
             # process-group teardown, which could block on the dead peer.
             print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            os._exit(3)
+            _exit(3, force=True)
 
     wrapped.__name__ = main.__name__
     wrapped.__doc__ = main.__doc__
     return wrapped
+
+
+def _exit(code: int, force: bool = False):
+    """Exit with `code`. Once a process group exists, leave without its teardown: the peers are
+    leaving too (or are gone), and tearing gloo down under them can abort the process."""
+    dist = sys.modules.get("torch.distributed")
+    if force or (dist is not None and dist.is_available() and dist.is_initialized()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _rank_prefix():

@@ -19,22 +19,23 @@ from tp_runtime.comm import Communicator
 class ColumnParallelLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (out_per_rank, in)
+        self.weight_t = nn.Parameter(weight.t().contiguous(), requires_grad=False)  # (in, out_per_rank)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = x @ self.weight_t
+        return y + self.bias if self.bias is not None else y
 
 
 class RowParallelLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, comm: Communicator):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (out, in_per_rank)
+        self.weight_t = nn.Parameter(weight.t().contiguous(), requires_grad=False)  # (in_per_rank, out)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # partial sum of this rank's input slice
+        y = x @ self.weight_t  # partial sum of this rank's input slice
         self.comm.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias  # once, after the sum
@@ -55,12 +56,12 @@ class ParallelLMHead(nn.Module):
 
     def __init__(self, weight: torch.Tensor, vocab_size: int, comm: Communicator):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)  # (vocab_padded / tp, hidden)
+        self.weight_t = nn.Parameter(weight.t().contiguous(), requires_grad=False)  # (hidden, vocab_padded / tp)
         self.vocab_size = vocab_size
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight)  # (..., vocab_padded / tp)
+        local = x @ self.weight_t  # (..., vocab_padded / tp)
         logits = self.comm.all_gather(local, dim=-1)  # (..., vocab_padded)
         return logits[..., : self.vocab_size]  # padded logits never reach the sampler
 

@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:
+#   make demo   set everything up, fetch SmolLM2-135M-Instruct, convert it at tp=2, run it under mpirun
+#   make test   set everything up and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ENGINE ?= engines/smollm2-135m-tp2
+PROMPT ?= When did the first world war end?
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+# torch first: the CPU build (torch==2.13.0) on machines without CUDA, so pip never pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q 'torch>=2.5,<2.15'; \
+	else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[all]'
+	touch $@
+
+demo: setup
+	PATH="$(abspath $(BIN)):$$PATH" bash launch/demo.sh "$(ENGINE)" "$(PROMPT)"
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/bench_decode.py --out benchmarks/results/decode.json
+	$(BIN)/python benchmarks/bench_convert_memory.py --out benchmarks/results/convert_memory.json
+
+clean:
+	rm -rf engines
