@@ -11,6 +11,7 @@ communicator -> load this rank's file -> build the model and the KV cache.
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -76,13 +77,14 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device) -> dict:
+def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device, progress: bool = False) -> dict:
     """This rank's file only, through safetensors' mmap, one tensor at a time, cast as it is read."""
     from safetensors import safe_open
+    from tqdm import tqdm
 
     out = {}
     with safe_open(path, framework="pt", device="cpu") as f:
-        for name in f.keys():
+        for name in tqdm(list(f.keys()), desc="loading", unit="tensor", disable=not progress, leave=False):
             t = f.get_tensor(name)
             if t.is_floating_point() and t.dtype != dtype:
                 t = t.to(dtype)
@@ -126,7 +128,8 @@ class LLM:
 
         t0 = time.perf_counter()
         self.comm = make_communicator(self.info, self.device, comm_timeout_s)
-        weights = load_rank_weights(os.path.join(engine_dir, ef.rank_file(self.rank)), self.dtype, self.device)
+        show = self.rank == 0 and sys.stderr.isatty()  # rank 0 alone draws the bar
+        weights = load_rank_weights(os.path.join(engine_dir, ef.rank_file(self.rank)), self.dtype, self.device, show)
         self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len).eval()
         del weights
         self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)

@@ -60,13 +60,14 @@ def rope_tables(cfg: EngineConfig, max_seq_len: int) -> tuple[torch.Tensor, torc
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rot_dim features, GPT-NeoX style (halves). x: (B, heads, T, D); cos/sin (B, 1, T, rot)."""
+    """Rotate the first rot_dim features, GPT-NeoX style (halves).
+
+    x: (B, T, heads, D); cos/sin: (B, T, 1, rot_dim), rot_dim <= D."""
     rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x_rot = x[..., :rot] if rot < x.shape[-1] else x
     x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    out = x_rot * cos + rotated * sin
-    return torch.cat([out, x_pass], dim=-1) if x_pass.shape[-1] else out
+    out = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([out, x[..., rot:]], dim=-1) if rot < x.shape[-1] else out
 
 
 class KVCache:
@@ -92,13 +93,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache_k, cache_v, batch_idx, positions, mask):
         B, T, _ = x.shape
         hq, hkv, D = self.num_heads_per_rank, self.num_kv_heads_per_rank, self.head_dim
-        q, k, v = self.qkv(x).split([hq * D, hkv * D, hkv * D], dim=-1)
-        q = q.view(B, T, hq, D).transpose(1, 2)  # (B, heads_per_rank, T, D)
-        k = k.view(B, T, hkv, D).transpose(1, 2)  # (B, kv_heads_per_rank, T, D)
-        v = v.view(B, T, hkv, D)  # (B, T, kv_heads_per_rank, D): the cache write's layout
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache_k[batch_idx, :, positions] = k.transpose(1, 2)  # rows (B, T) <- (B, T, kv_heads_per_rank, D)
-        cache_v[batch_idx, :, positions] = v
+        qk, v = self.qkv(x).split([(hq + hkv) * D, hkv * D], dim=-1)
+        qk = apply_rope(qk.view(B, T, hq + hkv, D), cos, sin)  # q and k heads rotated in one pass
+        q = qk[:, :, :hq].transpose(1, 2)  # (B, heads_per_rank, T, D)
+        cache_k[batch_idx, :, positions] = qk[:, :, hq:]  # slots (B, T) <- (B, T, kv_heads_per_rank, D)
+        cache_v[batch_idx, :, positions] = v.view(B, T, hkv, D)
         S = mask.shape[-1]
         keys, values = cache_k[:B, :, :S], cache_v[:B, :, :S]  # (B, kv_heads_per_rank, S, D)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
@@ -187,8 +186,8 @@ class TPDecoder(nn.Module):
         qpos = positions.view(B, 1, T, 1)
         causal = kpos <= qpos  # (B, 1, T, S)
         masks = {w: causal if w is None else causal & (kpos > qpos - w) for w in self.windows}
-        cos = self.cos[positions].unsqueeze(1)  # (B, 1, T, rot_dim)
-        sin = self.sin[positions].unsqueeze(1)
+        cos = self.cos[positions].unsqueeze(2)  # (B, T, 1, rot_dim)
+        sin = self.sin[positions].unsqueeze(2)
         x = self.embedding(ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], batch_idx, positions, masks)
