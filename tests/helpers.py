@@ -110,3 +110,39 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
         for _ in range(n):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     return ids[len(prompt):]
+
+
+def reference_incremental(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy ids and their log-probs from transformers' own cached generate (one prompt, no padding).
+    Needed where a full forward differs from incremental decoding (dynamic NTK RoPE)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             output_logits=True, return_dict_in_generate=True)
+    ids = out.sequences[0, len(prompt):].tolist()
+    lps = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids)]
+    return ids, lps
+
+
+def random_prompts(vocab: int, seed: int, lengths=(3, 11, 7, 16)) -> list[list[int]]:
+    """Different prompts of different lengths, one per batch row."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_engine_matches(model, engine: str, tp: int, prompts: list[list[int]], new_tokens: int = 8,
+                          incremental: bool = False, label: str = ""):
+    """The engine at tp ranks gives transformers' greedy ids and log-probs (within 1e-3) on every row."""
+    out = tp_run_json(engine, tp, ["--input_ids", *(",".join(map(str, p)) for p in prompts),
+                                   "--max_output_len", str(new_tokens), "--ignore_eos"])
+    for row, (p, o) in enumerate(zip(prompts, out["outputs"])):
+        assert o["input_ids"] == p
+        if incremental:
+            ids, ref = reference_incremental(model, p, new_tokens)
+        else:
+            ids, ref = reference_greedy(model, p, new_tokens), None
+        assert o["output_ids"] == ids, f"{label} tp={tp} row {row}"
+        if ref is None:
+            ref = reference_logprobs(model, p, o["output_ids"])
+        diff = max(abs(a - b) for a, b in zip(ref, o["output_logprobs"]))
+        assert diff < 1e-3, f"{label} tp={tp} row {row}: log-probs differ by {diff}"

@@ -93,6 +93,9 @@ def convert(
             s = shard_tensor(ct.rule, meta, p, head_dim)
             specs[p.rank].append((ct.name, out_dtype if s.dtype.is_floating_point else s.dtype, tuple(s.shape)))
 
+    if fields["hidden_act"] not in ef.ACTIVATIONS:
+        raise UserError(f"{model_name}: activation {fields['hidden_act']!r} is not supported; "
+                        f"supported: {', '.join(ef.ACTIVATIONS)}")
     cfg = ef.EngineConfig(
         dtype=str(out_dtype).removeprefix("torch."),
         mapping={"world_size": tp_size, "tp_size": tp_size, "pp_size": 1},
@@ -124,7 +127,7 @@ def convert(
         bar.close()
         for w in writers:
             w.close()
-        _copy_tokenizer(ckpt, tmp)
+        _copy_tokenizer(ckpt, tmp, getattr(adapter, "tokenizer_overrides", None))
         cfg.save(tmp)
         umask = os.umask(0)
         os.umask(umask)
@@ -144,7 +147,9 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr)
 
 
-def _copy_tokenizer(ckpt, out_dir: str) -> None:
+def _copy_tokenizer(ckpt, out_dir: str, overrides: dict | None = None) -> None:
+    """Copy the tokenizer files in. `overrides` rewrites tokenizer_config.json keys (None deletes one):
+    a family whose tokenizer is remote code gets a built-in class instead, so no .py is ever run."""
     import json
 
     if ckpt.gguf_file:
@@ -157,6 +162,17 @@ def _copy_tokenizer(ckpt, out_dir: str) -> None:
             src = os.path.join(ckpt.tokenizer_dir, name)
             if os.path.isfile(src):
                 shutil.copy2(src, os.path.join(out_dir, name))
+    tok_cfg = os.path.join(out_dir, "tokenizer_config.json")
+    if overrides and os.path.isfile(tok_cfg):
+        with open(tok_cfg) as f:
+            data = json.load(f)
+        for key, value in overrides.items():
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value
+        with open(tok_cfg, "w") as f:
+            json.dump(data, f, indent=2)
     if ckpt.generation_config and not os.path.isfile(os.path.join(out_dir, "generation_config.json")):
         with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
             json.dump(ckpt.generation_config, f, indent=2)

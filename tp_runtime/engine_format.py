@@ -36,6 +36,10 @@ TOKENIZER_FILES = (
 )
 
 
+# Activations the runtime implements (model.py maps each to its function).
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
+
+
 def rank_file(rank: int) -> str:
     return f"rank{rank}.safetensors"
 
@@ -83,13 +87,20 @@ class EngineConfig:
     )
     # --- canonical decoder switches (additions to TensorRT-LLM's schema) ---
     format_version: int = FORMAT_VERSION
-    norm_type: str = "rms"  # rms | layer
+    norm_type: str = "rms"  # rms | layer (with bias)
+    # pre:  h = x + attn(input_layernorm(x));  out = h + mlp(post_layernorm(h))
+    # post: h = x + post_attention_layernorm(attn(x));  out = h + post_feedforward_layernorm(mlp(h))
+    norm_placement: str = "pre"
+    parallel_residual: bool = False  # out = x + attn(input_layernorm(x)) + mlp(post_layernorm(x))
     gated_mlp: bool = True  # act(fc(x)) * gate(x), then proj
     qkv_bias: bool = False
     dense_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_size on every q and k head, before RoPE
     # Per-layer attention window (None = full attention). Mistral: every layer the same window.
     sliding_window_per_layer: list | None = None
+    # Per-layer RoPE switch (None = RoPE everywhere). EXAONE-4 hybrid: global layers have none.
+    rope_per_layer: list | None = None
     # --- per-rank split sizes ---
     vocab_size_padded: int = 0
     heads_per_rank: list = field(default_factory=list)
@@ -150,8 +161,14 @@ class EngineConfig:
             problems.append(f"intermediate_size_per_rank must have tp_size={tp} entries")
         if self.vocab_size_padded % tp or self.vocab_size_padded < self.vocab_size:
             problems.append(f"vocab_size_padded={self.vocab_size_padded} must be >= vocab_size and a multiple of {tp}")
-        if self.sliding_window_per_layer is not None and len(self.sliding_window_per_layer) != self.num_hidden_layers:
-            problems.append("sliding_window_per_layer must have one entry per layer")
+        for name in ("sliding_window_per_layer", "rope_per_layer"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.num_hidden_layers:
+                problems.append(f"{name} must have one entry per layer")
+        if self.hidden_act not in ACTIVATIONS:
+            problems.append(f"hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        if self.norm_placement not in ("pre", "post") or self.norm_type not in ("rms", "layer"):
+            problems.append(f"norm_placement {self.norm_placement!r} / norm_type {self.norm_type!r} unknown")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"dtype {self.dtype!r} is not one of float32, bfloat16, float16")
         if problems:

@@ -5,8 +5,9 @@
                 x = h + proj(act(fc(norm2(h))) * gate(norm2(h)))   (gated MLP; fc and gate fused)
     logits = lm_head(ln_f(x))
 
-Switches from the engine config (norm kind, biases, activation, rotary fraction and scaling,
-per-layer sliding window) select the math; the model never asks which family it runs.
+Switches from the engine config (norm kind and placement, parallel residual, biases, QK-norm,
+activation, gated or plain MLP, rotary fraction and scaling, per-layer sliding window and RoPE)
+select the math; the model never asks which family it runs.
 The KV cache is static: (max_batch, kv_heads_per_rank, max_seq, head_dim) per layer; batch row b
 lives in cache slot b, and its tokens at positions 0..len_b-1.
 """
@@ -28,15 +29,22 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
 
 
-def rope_inv_freq(cfg: EngineConfig) -> torch.Tensor:
+def rope_inv_freq(cfg: EngineConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding. seq_len matters only to dynamic NTK scaling,
+    which raises the base once the sequence outgrows max_position_embeddings."""
     rot_dim = int(cfg.head_size * cfg.rotary_pct)
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
+    base = cfg.rotary_base
     scaling = cfg.rotary_scaling or {}
     kind = scaling.get("rope_type")
+    if kind == "dynamic" and seq_len is not None and seq_len > cfg.max_position_embeddings:
+        factor = float(scaling["factor"])
+        base = base * ((factor * seq_len / cfg.max_position_embeddings) - (factor - 1)) ** (rot_dim / (rot_dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
     if kind == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
     elif kind == "llama3":
@@ -52,8 +60,8 @@ def rope_inv_freq(cfg: EngineConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
-def rope_tables(cfg: EngineConfig, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = rope_inv_freq(cfg)
+def rope_tables(cfg: EngineConfig, max_seq_len: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rope_inv_freq(cfg, seq_len)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (seq, rot_dim / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (seq, rot_dim)
     return angles.cos(), angles.sin()
@@ -89,12 +97,23 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_size
         self.qkv = ColumnParallelLinear(w[f"{prefix}.qkv.weight"], w.get(f"{prefix}.qkv.bias"))
         self.dense = RowParallelLinear(w[f"{prefix}.dense.weight"], w.get(f"{prefix}.dense.bias"), comm)
+        self.qk_norm_weight = None
+        if cfg.qk_norm:  # one (head_size,) weight for q heads, one for k heads: (heads + kv_heads, head_size)
+            q_w, k_w = w[f"{prefix}.q_layernorm.weight"], w[f"{prefix}.k_layernorm.weight"]
+            both = torch.cat([q_w.expand(self.num_heads_per_rank, -1), k_w.expand(self.num_kv_heads_per_rank, -1)])
+            self.qk_norm_weight = nn.Parameter(both.contiguous(), requires_grad=False)
+            self.eps = cfg.norm_epsilon
 
     def forward(self, x, cos, sin, cache_k, cache_v, batch_idx, positions, mask):
+        """cos/sin None: this layer has no RoPE."""
         B, T, _ = x.shape
         hq, hkv, D = self.num_heads_per_rank, self.num_kv_heads_per_rank, self.head_dim
         qk, v = self.qkv(x).split([(hq + hkv) * D, hkv * D], dim=-1)
-        qk = apply_rope(qk.view(B, T, hq + hkv, D), cos, sin)  # q and k heads rotated in one pass
+        qk = qk.view(B, T, hq + hkv, D)  # q and k heads side by side: normed and rotated in one pass
+        if self.qk_norm_weight is not None:
+            qk = F.rms_norm(qk.float(), (D,), None, self.eps).to(qk.dtype) * self.qk_norm_weight
+        if cos is not None:
+            qk = apply_rope(qk, cos, sin)
         q = qk[:, :, :hq].transpose(1, 2)  # (B, heads_per_rank, T, D)
         cache_k[batch_idx, :, positions] = qk[:, :, hq:]  # slots (B, T) <- (B, T, kv_heads_per_rank, D)
         cache_v[batch_idx, :, positions] = v.view(B, T, hkv, D)
@@ -141,20 +160,32 @@ def make_norm(cfg: EngineConfig, w: dict, prefix: str):
 
 
 class DecoderLayer(nn.Module):
+    """One block; the residual layout comes from the config (pre-norm, post-norm, parallel)."""
+
     def __init__(self, cfg: EngineConfig, rank: int, w: dict, i: int, comm: Communicator):
         super().__init__()
         p = ef.layer_prefix(i)
-        self.input_layernorm = make_norm(cfg, w, f"{p}.input_layernorm")
+        self.placement, self.parallel = cfg.norm_placement, cfg.parallel_residual
+        first, second = (("post_attention_layernorm", "post_feedforward_layernorm") if self.placement == "post"
+                         else ("input_layernorm", "post_layernorm"))
+        self.norm1 = make_norm(cfg, w, f"{p}.{first}")
+        self.norm2 = make_norm(cfg, w, f"{p}.{second}")
         self.attention = Attention(cfg, rank, w, f"{p}.attention", comm)
-        self.post_layernorm = make_norm(cfg, w, f"{p}.post_layernorm")
         self.mlp = (GatedMLP if cfg.gated_mlp else MLP)(cfg, w, f"{p}.mlp", comm)
         windows = cfg.sliding_window_per_layer
         self.window = windows[i] if windows else None
+        self.rope = cfg.rope_per_layer[i] if cfg.rope_per_layer else True
 
     def forward(self, x, cos, sin, cache_k, cache_v, batch_idx, positions, masks):
-        h = x + self.attention(self.input_layernorm(x), cos, sin, cache_k, cache_v, batch_idx, positions,
-                               masks[self.window])
-        return h + self.mlp(self.post_layernorm(h))
+        rope = (cos, sin) if self.rope else (None, None)
+        args = (*rope, cache_k, cache_v, batch_idx, positions, masks[self.window])
+        if self.placement == "post":
+            h = x + self.norm1(self.attention(x, *args))
+            return h + self.norm2(self.mlp(h))
+        if self.parallel:
+            return x + self.attention(self.norm1(x), *args) + self.mlp(self.norm2(x))
+        h = x + self.attention(self.norm1(x), *args)
+        return h + self.mlp(self.norm2(h))
 
 
 class TPDecoder(nn.Module):
@@ -186,8 +217,11 @@ class TPDecoder(nn.Module):
         qpos = positions.view(B, 1, T, 1)
         causal = kpos <= qpos  # (B, 1, T, S)
         masks = {w: causal if w is None else causal & (kpos > qpos - w) for w in self.windows}
-        cos = self.cos[positions].unsqueeze(2)  # (B, T, 1, rot_dim)
-        sin = self.sin[positions].unsqueeze(2)
+        cos_table, sin_table = self.cos, self.sin
+        if (self.cfg.rotary_scaling or {}).get("rope_type") == "dynamic" and S > self.cfg.max_position_embeddings:
+            cos_table, sin_table = (t.to(self.cos.dtype) for t in rope_tables(self.cfg, self.cos.shape[0], S))
+        cos = cos_table[positions].unsqueeze(2)  # (B, T, 1, rot_dim)
+        sin = sin_table[positions].unsqueeze(2)
         x = self.embedding(ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], batch_idx, positions, masks)
