@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import torch
 
@@ -54,30 +55,35 @@ def _checkpoint_dtype(ckpt) -> torch.dtype:
     return torch.float32
 
 
-def convert(
-    model_dir: str,
-    output_dir: str,
-    tp_size: int = 1,
-    dtype: str = "auto",
-    force: bool = False,
-    max_seq_len: int | None = None,
-    max_batch_size: int = 8,
-    progress: bool = True,
-) -> ef.EngineConfig:
+@dataclass
+class EnginePlan:
+    """Everything decided before any tensor data is read: the engine config, each rank's slices,
+    and each rank file's tensors (name, dtype, shape) in file order."""
+
+    config: ef.EngineConfig
+    adapter: object
+    plans: list
+    tensors: list
+    specs: list  # per rank: [(name, dtype, shape), ...]
+    out_dtype: torch.dtype
+
+    def rank_bytes(self, rank: int) -> int:
+        return sum(torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+                   for _, dt, shape in self.specs[rank])
+
+
+def plan_engine(ckpt, tp_size: int, dtype: str = "auto", model_name: str = "model",
+                max_seq_len: int | None = None, max_batch_size: int = 8) -> EnginePlan:
+    """Plan an engine from a checkpoint; works on a checkpoint of meta tensors too (tp-plan)."""
     if tp_size < 1:
         raise UserError(f"--tp_size must be >= 1, got {tp_size}")
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and not force:
-        raise UserError(f"output directory {output_dir} exists; pass --force to replace it")
-    ckpt = open_checkpoint(model_dir)
     adapter = get_adapter(ckpt)
     fields = adapter.config()
     out_dtype = _checkpoint_dtype(ckpt) if dtype == "auto" else DTYPES[dtype]
     if out_dtype not in DTYPES.values():
         out_dtype = torch.float32
-    model_name = os.path.basename(os.path.normpath(model_dir))
     plans = pt.plan_ranks(fields["num_attention_heads"], fields["num_key_value_heads"],
                           fields["intermediate_size"], tp_size, model=model_name)
     head_dim = fields["head_size"]
@@ -107,6 +113,27 @@ def convert(
         max_batch_size=max_batch_size,
         **fields,
     )
+    return EnginePlan(cfg, adapter, plans, tensors, specs, out_dtype)
+
+
+def convert(
+    model_dir: str,
+    output_dir: str,
+    tp_size: int = 1,
+    dtype: str = "auto",
+    force: bool = False,
+    max_seq_len: int | None = None,
+    max_batch_size: int = 8,
+    progress: bool = True,
+) -> ef.EngineConfig:
+    output_dir = os.path.abspath(output_dir)
+    if os.path.exists(output_dir) and not force:
+        raise UserError(f"output directory {output_dir} exists; pass --force to replace it")
+    ckpt = open_checkpoint(model_dir)
+    model_name = os.path.basename(os.path.normpath(model_dir))
+    plan = plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size)
+    cfg, plans, tensors, specs, out_dtype = plan.config, plan.plans, plan.tensors, plan.specs, plan.out_dtype
+    head_dim = cfg.head_size
 
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
@@ -127,7 +154,7 @@ def convert(
         bar.close()
         for w in writers:
             w.close()
-        _copy_tokenizer(ckpt, tmp, getattr(adapter, "tokenizer_overrides", None))
+        _copy_tokenizer(ckpt, tmp, getattr(plan.adapter, "tokenizer_overrides", None))
         cfg.save(tmp)
         umask = os.umask(0)
         os.umask(umask)

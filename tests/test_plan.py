@@ -1,0 +1,106 @@
+"""tp-plan against the real sizes of the engines tp-convert writes, and the synthetic-checkpoint
+generator for every family (tiny widths here; real widths in benchmarks/)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import run_ranks, tool, tp_run_json
+from tp_runtime import engine_format as ef
+from tp_runtime.convert import convert
+from tp_runtime.plan import parse_bytes, plan
+from tp_runtime.synthetic import load_preset, write_synthetic
+
+BASE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=2, rms_norm_eps=1e-5,
+                  tie_word_embeddings=True),
+    "exaone3": dict(architectures=["ExaoneForCausalLM"], model_type="exaone", num_layers=2, layer_norm_epsilon=1e-5,
+                    activation_function="silu", rope_theta=10000.0, tie_word_embeddings=False),
+    "exaone4": dict(architectures=["Exaone4ForCausalLM"], model_type="exaone4", num_hidden_layers=4, head_dim=16,
+                    sliding_window=8, sliding_window_pattern="LLLG", rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "internlm2": dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", num_hidden_layers=2,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, bias=True, tie_word_embeddings=False),
+    "gpt_neox": dict(architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox", num_hidden_layers=2,
+                     num_key_value_heads=None, rotary_pct=0.25, use_parallel_residual=True, layer_norm_eps=1e-5,
+                     hidden_act="gelu", tie_word_embeddings=False),
+}
+
+
+def family_config(name):
+    cfg = dict(BASE, **FAMILIES[name])
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def data_bytes(path):
+    header, start = ef.read_safetensors_header(path)
+    return os.path.getsize(path) - start
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_synthetic_checkpoint_converts_runs_and_matches_the_plan(family, tmp_path):
+    cfg = family_config(family)
+    write_synthetic(cfg, str(tmp_path / "hf"), num_layers=None if family != "exaone4" else 4, dtype="float32",
+                    progress=False)
+    for tp in (1, 2):
+        engine = str(tmp_path / f"tp{tp}")
+        ec = convert(str(tmp_path / "hf"), engine, tp, progress=False, max_seq_len=64)
+        report = plan(cfg, tp, "float32", max_batch_size=3, max_seq_len=64)
+        for r in report["ranks"]:
+            assert r["weight_bytes"] == data_bytes(os.path.join(engine, f"rank{r['rank']}.safetensors"))
+            expected_kv = 2 * ec.num_hidden_layers * 3 * ec.kv_heads_per_rank[r["rank"]] * 64 * ec.head_size * 4
+            assert r["kv_cache_bytes"] == expected_kv
+        out = tp_run_json(engine, tp, ["--input_ids", "5,6,7", "9,3", "--max_output_len", "4", "--ignore_eos"])
+        assert [len(o["output_ids"]) for o in out["outputs"]] == [4, 4]
+        assert all(all(lp <= 0 for lp in o["output_logprobs"]) for o in out["outputs"])
+
+
+def test_kv_cache_plan_equals_the_runtime_allocation(tmp_path):
+    from tp_runtime import LLM
+
+    cfg = family_config("llama")
+    write_synthetic(cfg, str(tmp_path / "hf"), dtype="float32", progress=False)
+    convert(str(tmp_path / "hf"), str(tmp_path / "e"), 1, progress=False)
+    llm = LLM(str(tmp_path / "e"), max_batch_size=3, max_seq_len=50)
+    allocated = sum(t.numel() * t.element_size() for t in llm.cache.k + llm.cache.v)
+    assert plan(cfg, 1, "float32", max_batch_size=3, max_seq_len=50)["ranks"][0]["kv_cache_bytes"] == allocated
+
+
+def test_tp_plan_cli_on_a_preset():
+    res = run_ranks(1, [tool("tp-plan"), "--config", "smollm2-135m-instruct", "--tp_size", "2", "--dtype", "float32",
+                        "--json"])
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert [r["heads"] for r in report["ranks"]] == [6, 3] and report["valid_tp_sizes"] == [1, 2, 3, 9]
+    # SmolLM2's 134,515,008 parameters in fp32; at tp=2 the tied embedding is on both ranks, the head is
+    # stored apart (split), and the 61 norms of 576 are replicated
+    total = sum(r["weight_bytes"] for r in report["ranks"])
+    assert total == (134_515_008 + 2 * 49152 * 576 + 61 * 576) * 4
+    res = run_ranks(1, [tool("tp-plan"), "--config", "smollm2-135m-instruct", "--tp_size", "4"])
+    assert res.returncode == 2 and "valid tp sizes: 1, 2, 3, 9" in res.stderr
+    res = run_ranks(1, [tool("tp-plan"), "--config", "smollm2-135m-instruct", "--tp_size", "1",
+                        "--memory_per_rank", "100MB"])
+    assert res.returncode == 1 and "| NO |" in res.stdout
+
+
+def test_weight_only_estimate_and_sizes():
+    cfg = family_config("llama")
+    full = plan(cfg, 1, "bfloat16")["ranks"][0]["weight_bytes"]
+    int8 = plan(cfg, 1, "bfloat16", precision="int8", group_size=32)["ranks"][0]["weight_bytes"]
+    int4 = plan(cfg, 1, "bfloat16", precision="int4", group_size=32)["ranks"][0]["weight_bytes"]
+    assert int4 < int8 < full
+    assert parse_bytes("24GiB") == 24 << 30 and parse_bytes("80GB") == 80_000_000_000
+
+
+def test_presets_load_and_name_their_source():
+    configs = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+    names = sorted(f[:-5] for f in os.listdir(configs) if f.endswith(".json"))
+    assert names
+    for name in names:
+        cfg = load_preset(name)
+        assert cfg.get("_source"), f"{name} does not cite where its numbers come from"
+        report = plan(cfg, 1, "bfloat16")
+        assert report["ranks"][0]["weight_bytes"] > 0
