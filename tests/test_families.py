@@ -210,3 +210,34 @@ def test_wqkv_size_mismatch_gives_both_sizes(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=r"wqkv has 128 rows.*need \(heads \+ 2 x KV heads\) x head_dim = 192"):
         convert(str(tmp_path / "hf"), str(tmp_path / "e"), 1, progress=False)
+
+
+def test_internlm2_tokenizer_loads_as_sentencepiece_llama_without_remote_code(tmp_path):
+    """InternLM2 ships its tokenizer as remote code; the engine loads its tokenizer.model as a
+    SentencePiece LlamaTokenizer, and the remote .py is neither copied nor run."""
+    import io
+
+    import sentencepiece as spm
+
+    from tp_runtime import LLM
+
+    model = build_checkpoint(str(tmp_path / "llama"), "llama", seed=19, num_attention_heads=4, num_key_value_heads=2)
+    hf = write_as_internlm2(tmp_path / "llama", tmp_path / "hf", model.config.to_dict())
+    text = ["The quick brown fox jumps over the lazy dog.", "Tensor parallel runtimes split heads across ranks."] * 40
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buf, vocab_size=100, model_type="bpe",
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    (hf / "tokenizer.model").write_bytes(buf.getvalue())
+    (hf / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "InternLM2Tokenizer", "bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}}))
+    (hf / "tokenization_internlm2.py").write_text("raise SystemExit('remote code was executed')\n")
+    convert(str(hf), str(tmp_path / "e"), 1, progress=False)
+    assert not (tmp_path / "e" / "tokenization_internlm2.py").exists()
+    tok_cfg = json.loads((tmp_path / "e" / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "LlamaTokenizer" and "auto_map" not in tok_cfg
+    llm = LLM(str(tmp_path / "e"))
+    sentence = "The lazy fox splits heads."
+    sp = spm.SentencePieceProcessor(model_file=str(hf / "tokenizer.model"))
+    assert llm.encode(sentence, chat_template=False) == [1] + sp.encode(sentence)
+    assert llm.decode(sp.encode(sentence)) == sentence
