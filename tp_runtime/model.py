@@ -95,11 +95,11 @@ class Attention(nn.Module):
         self.num_heads_per_rank = cfg.heads_per_rank[rank]
         self.num_kv_heads_per_rank = cfg.kv_heads_per_rank[rank]
         self.head_dim = cfg.head_size
-        self.qkv = ColumnParallelLinear(w[f"{prefix}.qkv.weight"], w.get(f"{prefix}.qkv.bias"))
-        self.dense = RowParallelLinear(w[f"{prefix}.dense.weight"], w.get(f"{prefix}.dense.bias"), comm)
+        self.qkv = ColumnParallelLinear(w.pop(f"{prefix}.qkv.weight"), w.pop(f"{prefix}.qkv.bias", None))
+        self.dense = RowParallelLinear(w.pop(f"{prefix}.dense.weight"), w.pop(f"{prefix}.dense.bias", None), comm)
         self.qk_norm_weight = None
         if cfg.qk_norm:  # one (head_size,) weight for q heads, one for k heads: (heads + kv_heads, head_size)
-            q_w, k_w = w[f"{prefix}.q_layernorm.weight"], w[f"{prefix}.k_layernorm.weight"]
+            q_w, k_w = w.pop(f"{prefix}.q_layernorm.weight"), w.pop(f"{prefix}.k_layernorm.weight")
             both = torch.cat([q_w.expand(self.num_heads_per_rank, -1), k_w.expand(self.num_kv_heads_per_rank, -1)])
             self.qk_norm_weight = nn.Parameter(both.contiguous(), requires_grad=False)
             self.eps = cfg.norm_epsilon
@@ -129,10 +129,10 @@ class GatedMLP(nn.Module):
 
     def __init__(self, cfg: EngineConfig, w: dict, prefix: str, comm: Communicator):
         super().__init__()
-        fc_b, gate_b = w.get(f"{prefix}.fc.bias"), w.get(f"{prefix}.gate.bias")
+        fc_b, gate_b = w.pop(f"{prefix}.fc.bias", None), w.pop(f"{prefix}.gate.bias", None)
         fused_b = torch.cat([fc_b, gate_b]) if fc_b is not None else None
-        self.fc_gate = ColumnParallelLinear(torch.cat([w[f"{prefix}.fc.weight"], w[f"{prefix}.gate.weight"]]), fused_b)
-        self.proj = RowParallelLinear(w[f"{prefix}.proj.weight"], w.get(f"{prefix}.proj.bias"), comm)
+        self.fc_gate = ColumnParallelLinear(torch.cat([w.pop(f"{prefix}.fc.weight"), w.pop(f"{prefix}.gate.weight")]), fused_b)
+        self.proj = RowParallelLinear(w.pop(f"{prefix}.proj.weight"), w.pop(f"{prefix}.proj.bias", None), comm)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
@@ -145,8 +145,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: EngineConfig, w: dict, prefix: str, comm: Communicator):
         super().__init__()
-        self.fc = ColumnParallelLinear(w[f"{prefix}.fc.weight"], w.get(f"{prefix}.fc.bias"))
-        self.proj = RowParallelLinear(w[f"{prefix}.proj.weight"], w.get(f"{prefix}.proj.bias"), comm)
+        self.fc = ColumnParallelLinear(w.pop(f"{prefix}.fc.weight"), w.pop(f"{prefix}.fc.bias", None))
+        self.proj = RowParallelLinear(w.pop(f"{prefix}.proj.weight"), w.pop(f"{prefix}.proj.bias", None), comm)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x):
@@ -155,8 +155,8 @@ class MLP(nn.Module):
 
 def make_norm(cfg: EngineConfig, w: dict, prefix: str):
     if cfg.norm_type == "layer":
-        return LayerNorm(w[f"{prefix}.weight"], w.get(f"{prefix}.bias"), cfg.norm_epsilon)
-    return RMSNorm(w[f"{prefix}.weight"], cfg.norm_epsilon)
+        return LayerNorm(w.pop(f"{prefix}.weight"), w.pop(f"{prefix}.bias", None), cfg.norm_epsilon)
+    return RMSNorm(w.pop(f"{prefix}.weight"), cfg.norm_epsilon)
 
 
 class DecoderLayer(nn.Module):
@@ -189,18 +189,22 @@ class DecoderLayer(nn.Module):
 
 
 class TPDecoder(nn.Module):
-    """This rank's part of the canonical decoder."""
+    """This rank's part of the canonical decoder. Takes its tensors out of `weights` as it builds,
+    so each source tensor is freed once its layer holds its own (transposed / fused) copy."""
 
     def __init__(self, cfg: EngineConfig, rank: int, weights: dict, comm: Communicator, max_seq_len: int):
         super().__init__()
         self.cfg = cfg
-        self.embedding = Embedding(weights[ef.EMBEDDING])
+        self.embedding = Embedding(weights.pop(ef.EMBEDDING))
         self.layers = nn.ModuleList(DecoderLayer(cfg, rank, weights, i, comm) for i in range(cfg.num_hidden_layers))
         self.ln_f = make_norm(cfg, weights, ef.FINAL_NORM)
-        head = weights.get(ef.LM_HEAD)
+        head = weights.pop(ef.LM_HEAD, None)
         if head is None:  # tp=1 with tied embeddings: the head is the embedding itself
             head = self.embedding.weight.data
         self.lm_head = ParallelLMHead(head, cfg.vocab_size, comm)
+        if weights:
+            raise ValueError(f"rank {rank}'s file holds tensors the canonical decoder does not use: "
+                             f"{sorted(weights)[:5]}; the engine and this tp_runtime disagree")
         cos, sin = rope_tables(cfg, max_seq_len)
         dtype = self.embedding.weight.dtype
         self.register_buffer("cos", cos.to(dtype), persistent=False)
