@@ -12,6 +12,7 @@ checkpoint of many GB never sits in memory. `source_shapes` alone (no data) serv
 """
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -49,7 +50,7 @@ def _architecture(cfg: dict) -> str:
 def _transformers_shapes(cfg: dict) -> dict[str, tuple]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    clean = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "auto_map")}
+    clean = {k: copy.deepcopy(v) for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "auto_map")}
     pattern = clean.get("sliding_window_pattern")
     if isinstance(pattern, str) and not clean.get("layer_types"):  # "LLLG": transformers wants layer_types
         n = clean["num_hidden_layers"]
