@@ -30,12 +30,15 @@ def matmul_sweep_ms(engine: str, reps: int = 10) -> tuple[float, float]:
     from tp_runtime import LLM
 
     llm = LLM(engine, threads=torch.get_num_threads())
-    weights = [p for n, p in llm.model.named_parameters() if n.endswith("weight_t")]
-    vectors = {w.shape[0]: torch.randn(1, w.shape[0], dtype=w.dtype) for w in weights}
+    from tp_runtime.layers import matmul
+
+    mods = [m for m in llm.model.modules() if hasattr(m, "transposed")]
+    weights = [m.weight for m in mods]
+    vectors = [torch.randn(1, w.shape[0] if m.transposed else w.shape[1], dtype=w.dtype) for m, w in zip(mods, weights)]
 
     def step():
-        for w in weights:
-            vectors[w.shape[0]] @ w
+        for m, v in zip(mods, vectors):
+            matmul(v, m.weight, m.transposed)
 
     for _ in range(3):
         step()
