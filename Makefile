@@ -25,9 +25,14 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# Measurements, not tests (about 20 minutes on 2 cores; several GB of scratch space in /tmp).
 bench: setup
 	$(BIN)/python benchmarks/bench_decode.py --out benchmarks/results/decode.json
+	$(BIN)/tp-convert --model_dir "$$($(BIN)/python -m tp_runtime.assets smollm2 --hf)" \
+		--output_dir engines/smollm2-135m-tp1 --tp_size 1 --force --no_progress
+	$(BIN)/python benchmarks/roofline.py --engine engines/smollm2-135m-tp1 --out benchmarks/results/roofline.json
 	$(BIN)/python benchmarks/bench_convert_memory.py --out benchmarks/results/convert_memory.json
+	$(BIN)/python benchmarks/bench_20b_shapes.py --out benchmarks/results/20b_shapes.json
 
 clean:
 	rm -rf engines

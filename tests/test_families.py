@@ -138,6 +138,13 @@ def write_as_internlm2(llama_dir, out_dir, config: dict, rope_scaling=None):
             rows += [k[g * D:(g + 1) * D], v[g * D:(g + 1) * D]]
         out[f"{p}.attention.wqkv.weight"] = torch.cat(rows)
         out[f"{p}.attention.wo.weight"] = sd[f"{p}.self_attn.o_proj.weight"]
+        if f"{p}.self_attn.q_proj.bias" in sd:  # InternLM2's `bias: true`: wqkv and wo carry biases
+            qb, kb, vb = (sd[f"{p}.self_attn.{n}_proj.bias"] for n in "qkv")
+            brows = []
+            for g in range(K):
+                brows += [qb[g * G * D:(g + 1) * G * D], kb[g * D:(g + 1) * D], vb[g * D:(g + 1) * D]]
+            out[f"{p}.attention.wqkv.bias"] = torch.cat(brows)
+            out[f"{p}.attention.wo.bias"] = sd[f"{p}.self_attn.o_proj.bias"]
         out[f"{p}.feed_forward.w1.weight"] = sd[f"{p}.mlp.gate_proj.weight"]
         out[f"{p}.feed_forward.w3.weight"] = sd[f"{p}.mlp.up_proj.weight"]
         out[f"{p}.feed_forward.w2.weight"] = sd[f"{p}.mlp.down_proj.weight"]
@@ -151,17 +158,22 @@ def write_as_internlm2(llama_dir, out_dir, config: dict, rope_scaling=None):
            "num_hidden_layers": config["num_hidden_layers"], "num_attention_heads": H, "num_key_value_heads": K,
            "intermediate_size": config["intermediate_size"], "max_position_embeddings": config["max_position_embeddings"],
            "hidden_act": "silu", "rms_norm_eps": config["rms_norm_eps"], "rope_theta": 10000.0,
-           "rope_scaling": rope_scaling, "bias": False, "tie_word_embeddings": False, "bos_token_id": 1,
+           "rope_scaling": rope_scaling, "bias": bool(config.get("attention_bias")), "tie_word_embeddings": False,
+           "bos_token_id": 1,
            "eos_token_id": 2, "torch_dtype": "float32"}
     (out_dir / "config.json").write_text(json.dumps(cfg))
     return out_dir
 
 
-def test_internlm2(tmp_path):
-    kw = dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
+@pytest.mark.parametrize("bias,linear_rope", [(False, False), (True, True)])
+def test_internlm2(bias, linear_rope, tmp_path):
+    kw = dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64, attention_bias=bias)
+    if linear_rope:
+        kw["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
     model = build_checkpoint(str(tmp_path / "llama"), "llama", seed=14, **kw)
-    write_as_internlm2(tmp_path / "llama", tmp_path / "hf", model.config.to_dict())
-    check(model, tmp_path, (1, 2, 4), random_prompts(103, 8), label="internlm2")
+    write_as_internlm2(tmp_path / "llama", tmp_path / "hf", model.config.to_dict(),
+                       rope_scaling={"type": "linear", "factor": 2.0} if linear_rope else None)
+    check(model, tmp_path, (1, 2, 4), random_prompts(103, 8), label=f"internlm2 bias={bias} linear={linear_rope}")
 
 
 def test_internlm2_dynamic_ntk_beyond_max_positions(tmp_path):
