@@ -171,11 +171,13 @@ def test_bad_sampling_values(ckpt, flags, needle):
     expect_error(run([tool("tp-run"), "--engine", str(ckpt / "tp1"), "--input_ids", "1,2,3", *flags]), needle)
 
 
-def test_a_dead_rank_ends_the_job(ckpt):
+@pytest.mark.parametrize("comm,message", [("gloo", "another rank died or timed out"),
+                                          ("shm", "rank(s) [1] died during a shared-memory collective")])
+def test_a_dead_rank_ends_the_job(ckpt, comm, message):
     """Kill rank 1 in the middle of a long generation: rank 0 must stop within 60 s, in one line."""
     port = str(free_port())
     args = [tool("tp-run"), "--engine", str(ckpt / "tp2"), "--input_ids", "1,2,3", "--max_output_len", "4000",
-            "--max_seq_len", "4096", "--ignore_eos"]
+            "--max_seq_len", "4096", "--ignore_eos", "--comm", comm]
     procs = []
     for r in range(2):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
@@ -191,7 +193,7 @@ def test_a_dead_rank_ends_the_job(ckpt):
         _, err = procs[0].communicate(timeout=60)
         assert time.monotonic() - t0 < 60
         assert procs[0].returncode == 3
-        assert "another rank died or timed out" in err and "Traceback" not in err, err
+        assert message in err and "Traceback" not in err, err
     finally:
         for p in procs:
             p.kill()

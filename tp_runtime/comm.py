@@ -3,8 +3,8 @@
 Chosen once at start-up:
     world size 1   -> Communicator: every call returns at once, nothing is initialized
     CUDA           -> NCCL (with a gloo group beside it for Python objects)
-    CPU            -> gloo (a shared-memory communicator for ranks on one host comes later,
-                      behind this same interface)
+    CPU, one host  -> shared memory (shm_comm.py), gloo underneath for set-up and Python objects
+    CPU, hosts     -> gloo
 Every collective has a timeout (the process group's), so a dead rank ends the job instead of
 hanging it.
 """
@@ -118,7 +118,23 @@ class TorchDistCommunicator(Communicator):
             self.dist.destroy_process_group()
 
 
-def make_communicator(info: LaunchInfo, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Communicator:
+COMM_KINDS = ("auto", "shm", "gloo")
+
+
+def make_communicator(info: LaunchInfo, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S,
+                      kind: str = "auto") -> Communicator:
+    """kind: auto (shared memory when every rank is on this host's CPUs, else gloo; NCCL on CUDA),
+    shm (shared memory, an error if the ranks span hosts), gloo."""
+    if kind not in COMM_KINDS:
+        from tp_runtime.errors import UserError
+
+        raise UserError(f"--comm must be one of {', '.join(COMM_KINDS)}, got {kind!r}")
     if info.world_size == 1:
         return Communicator()
-    return TorchDistCommunicator(info, "nccl" if device.type == "cuda" else "gloo", timeout_s)
+    if device.type == "cuda":
+        return TorchDistCommunicator(info, "nccl", timeout_s)
+    if kind == "gloo":
+        return TorchDistCommunicator(info, "gloo", timeout_s)
+    from tp_runtime.shm_comm import ShmCommunicator  # it builds on this module
+
+    return ShmCommunicator(info, timeout_s, required=kind == "shm")

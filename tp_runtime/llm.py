@@ -95,7 +95,7 @@ def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device, progr
 class LLM:
     def __init__(self, engine_dir: str, device: str = "auto", threads: int | None = None,
                  max_batch_size: int | None = None, max_seq_len: int | None = None, dtype: str = "auto",
-                 tokenizer_dir: str | None = None, comm_timeout_s: float = DEFAULT_TIMEOUT_S):
+                 tokenizer_dir: str | None = None, comm_timeout_s: float = DEFAULT_TIMEOUT_S, comm: str = "auto"):
         self.engine_dir = engine_dir
         self.info = detect_launch()
         self.rank = self.info.rank
@@ -127,7 +127,7 @@ class LLM:
         self._tokenizer = None
 
         t0 = time.perf_counter()
-        self.comm = make_communicator(self.info, self.device, comm_timeout_s)
+        self.comm = make_communicator(self.info, self.device, comm_timeout_s, comm)
         show = self.rank == 0 and sys.stderr.isatty()  # rank 0 alone draws the bar
         weights = load_rank_weights(os.path.join(engine_dir, ef.rank_file(self.rank)), self.dtype, self.device, show)
         self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len).eval()

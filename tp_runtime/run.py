@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max_seq_len", type=int, default=None, help="KV cache length (default: the engine's)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto: the engine's, or float32 on CPUs without native bf16/fp16")
+    r.add_argument("--comm", default="auto", choices=["auto", "shm", "gloo"],
+                   help="CPU communicator: auto = shared memory when all ranks share this host, else gloo")
     r.add_argument("--comm_timeout", type=float, default=45.0, help="seconds before a collective gives up")
     return p
 
@@ -119,10 +121,11 @@ def main(argv=None):
         raise UserError(f"--max_input_length must be >= 1, got {args.max_input_length}")
     llm = LLM(args.engine, device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
               max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-              comm_timeout_s=args.comm_timeout)
+              comm_timeout_s=args.comm_timeout, comm=args.comm)
     lead = llm.rank == 0
     if lead:
         print(f"[tp-run] {llm.config.source_architecture} tp_size={llm.config.tp_size} device={llm.device} "
+              f"comm={llm.comm.backend} "
               f"dtype={str(llm.dtype).removeprefix('torch.')} threads/rank={llm.threads} "
               f"loaded in {llm.load_s:.2f}s", file=sys.stderr, flush=True)
     template = None if not args.no_prompt_template and not are_ids else False

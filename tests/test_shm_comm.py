@@ -1,0 +1,65 @@
+"""The shared-memory communicator: known sums, chosen per the rules, no /dev/shm leftovers, a dead
+rank detected, and engines that give the same tokens over shm as over gloo."""
+
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from helpers import build_checkpoint, run_ranks, tp_run_json
+from tp_runtime.convert import convert
+
+WORKER = os.path.join(os.path.dirname(__file__), "workers", "comm_worker.py")
+
+
+def shm_files():
+    return sorted(f for f in os.listdir("/dev/shm") if f.startswith("tp_runtime"))
+
+
+def report(res):
+    assert res.returncode == 0, res.stdout + res.stderr
+    line = next(x for x in res.stdout.splitlines() if x.startswith("REPORT "))
+    return json.loads(line[len("REPORT "):])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_known_sums_gathers_and_broadcasts(world):
+    before = shm_files()
+    rep = report(run_ranks(world, [sys.executable, WORKER, "sums"], timeout=300))
+    assert rep["backend"] == "shm" and rep["checked"] > 3000
+    assert rep["shm_files"] == [] and shm_files() == before  # unlinked once mapped, nothing left after
+
+
+def test_auto_picks_shm_on_one_host_and_gloo_when_asked():
+    assert report(run_ranks(2, [sys.executable, WORKER, "none", "auto"]))["backend"] == "shm"
+    assert report(run_ranks(2, [sys.executable, WORKER, "none", "gloo"]))["backend"] == "gloo"
+
+
+def test_a_rank_dying_mid_collective_fails_the_others_fast():
+    t0 = time.monotonic()
+    res = run_ranks(2, [sys.executable, WORKER, "die"], timeout=120)
+    assert res.returncode != 0
+    assert "died during a shared-memory collective" in res.stderr, res.stderr[-2000:]
+    assert time.monotonic() - t0 < 30  # well within the 20 s timeout + start-up
+    assert shm_files() == []
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_engine_over_shm_equals_gloo(tp, tmp_path):
+    """tp=2: bit for bit (a + b is the same sum in any order). tp=3: gloo may add in another order,
+    so log-probs agree within fp32 summation tolerance (1e-5) and greedy ids are equal."""
+    build_checkpoint(str(tmp_path / "hf"), "llama", seed=21, num_attention_heads=6, num_key_value_heads=3,
+                     hidden_size=96, intermediate_size=100)
+    convert(str(tmp_path / "hf"), str(tmp_path / "e"), tp, progress=False)
+    prompts = ["5,9,11,40,2,7", "3,3,80,12", "60,61,62,63,64,65,66,67,68"]
+    common = ["--input_ids", *prompts, "--max_output_len", "12", "--ignore_eos"]
+    shm = tp_run_json(str(tmp_path / "e"), tp, common + ["--comm", "shm"])
+    gloo = tp_run_json(str(tmp_path / "e"), tp, common + ["--comm", "gloo"])
+    for a, b in zip(shm["outputs"], gloo["outputs"]):
+        assert a["output_ids"] == b["output_ids"]
+        if tp == 2:
+            assert a["output_logprobs"] == b["output_logprobs"]
+        else:
+            assert max(abs(x - y) for x, y in zip(a["output_logprobs"], b["output_logprobs"])) < 1e-5

@@ -1,0 +1,52 @@
+"""One rank of the communicator tests: known, different tensors per rank; checks every result."""
+
+import json
+import os
+import sys
+
+import torch
+
+from tp_runtime.comm import make_communicator
+from tp_runtime.launch import detect_launch
+
+mode = sys.argv[1]
+info = detect_launch()
+comm = make_communicator(info, torch.device("cpu"), timeout_s=20, kind=sys.argv[2] if len(sys.argv) > 2 else "shm")
+r, W = comm.rank, comm.world_size
+report = {"backend": comm.backend, "shm_files": sorted(f for f in os.listdir("/dev/shm") if "tp_runtime" in f)}
+
+if mode == "sums":
+    checked = 0
+    # several sizes (odd ones, one element, bigger than a 4 MiB slot so it is chunked) and dtypes
+    for n in (1, 7, 576, 2048, 8192, 49152, 1_500_001):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            if dtype != torch.float32 and n > 100_000:
+                continue
+            base = torch.arange(n, dtype=torch.float64) % 97
+            mine = (base * (r + 1) + r).to(dtype)
+            expected = sum((base * (q + 1) + q).to(dtype).double() for q in range(W))
+            got = comm.all_reduce(mine.clone()).double()
+            tol = 0 if dtype == torch.float32 else 0.02 * expected.abs().max().item()
+            assert (got - expected).abs().max().item() <= tol, (n, dtype)
+            checked += 1
+    # many back-to-back calls, alternating kinds, each with a value known in advance
+    for step in range(3000):
+        x = torch.full((576,), float(step * (r + 1)))
+        assert comm.all_reduce(x)[0].item() == step * W * (W + 1) / 2
+        if step % 3 == 0:
+            g = comm.all_gather(torch.full((2, 5), float(r * 1000 + step)), dim=-1)
+            assert g.shape == (2, 5 * W) and all(g[0, 5 * q].item() == q * 1000 + step for q in range(W))
+        if step % 5 == 0:
+            p = torch.full((9,), float(step)) if r == 0 else torch.zeros(9)
+            assert comm.broadcast(p, src=0)[8].item() == step
+    checked += 3000
+    report["checked"] = checked
+elif mode == "die":
+    for step in range(10**9):
+        comm.all_reduce(torch.ones(576))
+        if r == W - 1 and step == 200:
+            os._exit(9)  # the last rank dies in the middle of the run
+
+if r == 0:
+    print("REPORT " + json.dumps(report), flush=True)
+comm.close()
