@@ -97,12 +97,3 @@ def _derived_address(info: LaunchInfo) -> tuple[str, int]:
         raise UserError("cannot agree on a rendezvous port without mpi4py; export MASTER_ADDR and MASTER_PORT")
     port = 20000 + int(hashlib.sha1(job.encode()).hexdigest(), 16) % 20000
     return "127.0.0.1", port
-
-
-def default_threads(info: LaunchInfo) -> int:
-    """The cores this process may use, divided among the ranks of this host."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, info.local_world_size))

@@ -21,7 +21,8 @@ from tp_runtime import engine_format as ef
 from tp_runtime.comm import DEFAULT_TIMEOUT_S, make_communicator
 from tp_runtime.errors import UserError
 from tp_runtime.generator import Generator, Request, Timings
-from tp_runtime.launch import default_threads, detect_launch
+from tp_runtime.binding import apply_binding, plan_binding, read_numa_nodes
+from tp_runtime.launch import detect_launch
 from tp_runtime.model import KVCache, TPDecoder
 from tp_runtime.sampling import SamplingParams
 
@@ -95,7 +96,8 @@ def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device, progr
 class LLM:
     def __init__(self, engine_dir: str, device: str = "auto", threads: int | None = None,
                  max_batch_size: int | None = None, max_seq_len: int | None = None, dtype: str = "auto",
-                 tokenizer_dir: str | None = None, comm_timeout_s: float = DEFAULT_TIMEOUT_S, comm: str = "auto"):
+                 tokenizer_dir: str | None = None, comm_timeout_s: float = DEFAULT_TIMEOUT_S, comm: str = "auto",
+                 bind: str = "auto", reserve_cores: int = 0):
         self.engine_dir = engine_dir
         self.info = detect_launch()
         self.rank = self.info.rank
@@ -116,10 +118,18 @@ class LLM:
             raise UserError(f"--max_batch_size must be >= 1 and --max_seq_len >= 2, got "
                             f"{self.max_batch_size} and {self.max_seq_len}")
         self.device = pick_device(device, self.info.local_rank)
-        self.threads = threads or default_threads(self.info)
-        if self.threads < 1:
+        if threads is not None and threads < 1:
             raise UserError(f"--threads must be >= 1, got {threads}")
+        if reserve_cores < 0:
+            raise UserError(f"--reserve_cores must be >= 0, got {reserve_cores}")
+        # Bind and set threads before any weight is touched: first-touch then places them near the cores.
+        self.allowed_cores, self.numa_nodes = tuple(sorted(os.sched_getaffinity(0))), read_numa_nodes()
+        self.bind_mode, self.reserve_cores = bind, reserve_cores
+        self.binding = plan_binding(self.allowed_cores, self.numa_nodes, self.info.local_rank,
+                                    self.info.local_world_size, bind, reserve_cores, threads)
+        self.threads = self.binding.threads
         if self.device.type == "cpu":
+            apply_binding(self.binding)
             torch.set_num_threads(self.threads)
         self.dtype = pick_compute_dtype(cfg.dtype, self.device, dtype)
         self.generation_config = self._read_generation_config()
@@ -252,6 +262,12 @@ class LLM:
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise UserError(f"prompt {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+
+    def binding_table(self) -> list[str]:
+        """How every local rank of this host is bound (the rule is deterministic, so rank 0 can tell)."""
+        return [plan_binding(self.allowed_cores, self.numa_nodes, r, self.info.local_world_size, self.bind_mode,
+                             self.reserve_cores, None if r != self.info.local_rank else self.threads).describe()
+                for r in range(self.info.local_world_size)]
 
     def close(self) -> None:
         self.comm.close()

@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--threads", type=int, default=None,
-                   help="torch threads per rank (default: this host's cores / ranks on this host)")
+                   help="torch threads per rank (default: the cores the rank is bound to, minus --reserve_cores)")
+    r.add_argument("--bind", default="auto", choices=["auto", "numa", "cores", "none"],
+                   help="CPU binding of each local rank: a NUMA node each, an even slice of the cores, or none")
+    r.add_argument("--reserve_cores", type=int, default=0, help="cores per rank left free of torch threads")
     r.add_argument("--max_batch_size", type=int, default=None, help="default: the engine's")
     r.add_argument("--max_seq_len", type=int, default=None, help="KV cache length (default: the engine's)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -121,13 +124,16 @@ def main(argv=None):
         raise UserError(f"--max_input_length must be >= 1, got {args.max_input_length}")
     llm = LLM(args.engine, device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
               max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-              comm_timeout_s=args.comm_timeout, comm=args.comm)
+              comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores)
     lead = llm.rank == 0
     if lead:
         print(f"[tp-run] {llm.config.source_architecture} tp_size={llm.config.tp_size} device={llm.device} "
               f"comm={llm.comm.backend} "
               f"dtype={str(llm.dtype).removeprefix('torch.')} threads/rank={llm.threads} "
               f"loaded in {llm.load_s:.2f}s", file=sys.stderr, flush=True)
+        if llm.device.type == "cpu":
+            for line in llm.binding_table():
+                print(f"[tp-run] bind {line}", file=sys.stderr, flush=True)
     template = None if not args.no_prompt_template and not are_ids else False
 
     on_text = None
