@@ -24,7 +24,7 @@ from tp_runtime.checkpoint import open_checkpoint
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.writer import StreamingSafetensorsWriter
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ef.DTYPES
 
 
 def shard_tensor(rule: str, tensor, plan: pt.RankPlan, head_dim: int):

@@ -18,6 +18,8 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+import torch
+
 from tp_runtime.errors import UserError
 
 FORMAT_VERSION = 1
@@ -35,6 +37,9 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+
+# Engine storage / compute dtypes by their config.json names.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Activations the runtime implements (model.py maps each to its function).
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")

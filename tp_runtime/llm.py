@@ -26,7 +26,7 @@ from tp_runtime.launch import detect_launch
 from tp_runtime.model import KVCache, TPDecoder
 from tp_runtime.sampling import SamplingParams
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ef.DTYPES
 
 
 @dataclass

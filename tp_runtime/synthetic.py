@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from tp_runtime import engine_format as ef
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.writer import StreamingSafetensorsWriter
 
@@ -133,7 +134,7 @@ def random_tensor(name: str, shape: tuple, dtype: torch.dtype, gen: torch.Genera
 def write_synthetic(cfg: dict, output_dir: str, num_layers: int | None = None, dtype: str = "bfloat16",
                     seed: int = 0, progress: bool = True) -> dict:
     """Write config.json + model.safetensors with random weights; returns the written config."""
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtypes = ef.DTYPES
     if dtype not in dtypes:
         raise UserError(f"--dtype must be one of {', '.join(dtypes)}")
     if os.path.exists(output_dir):
