@@ -74,3 +74,22 @@ def test_bf16_checkpoint_keeps_dtype_and_computes_in_fp32(tmp_path):
     assert o["output_ids"] == reference_greedy(model, prompt, 6)
     ref = reference_logprobs(model, prompt, o["output_ids"])
     assert max(abs(a - b) for a, b in zip(ref, o["output_logprobs"])) < 1e-3
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_vocab_parallel_embedding(tied, tmp_path):
+    """--use_parallel_embedding: the embedding split by vocab rows (101 rows: padded, uneven) and all-reduced;
+    a tied head is then stored once and shared with it."""
+    from helpers import assert_engine_matches, random_prompts
+    from safetensors import safe_open
+
+    model = build_checkpoint(str(tmp_path / "hf"), "llama", seed=31, vocab_size=101, tie_word_embeddings=tied,
+                             num_attention_heads=6, num_key_value_heads=3, hidden_size=48)
+    for tp in (2, 3):
+        engine = str(tmp_path / f"tp{tp}")
+        cfg = convert(str(tmp_path / "hf"), engine, tp, progress=False, parallel_embedding=True)
+        assert cfg.use_parallel_embedding
+        with safe_open(f"{engine}/rank{tp - 1}.safetensors", "pt") as f:
+            assert f.get_slice("transformer.vocab_embedding.weight").get_shape() == [cfg.vocab_size_padded // tp, 48]
+            assert ("lm_head.weight" in f.keys()) == (not tied)
+        assert_engine_matches(model, engine, tp, random_prompts(101, 32), label=f"parallel embedding tied={tied}")

@@ -19,7 +19,7 @@ import torch
 
 from tp_runtime import engine_format as ef
 from tp_runtime import partition as pt
-from tp_runtime.adapters import COLUMN, QKV, REPLICATE, ROW_ATTN, ROW_MLP, VOCAB, get_adapter
+from tp_runtime.adapters import COLUMN, QKV, REPLICATE, ROW_ATTN, ROW_MLP, VOCAB, CanonicalTensor, get_adapter
 from tp_runtime.checkpoint import open_checkpoint
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.writer import StreamingSafetensorsWriter
@@ -73,7 +73,8 @@ class EnginePlan:
 
 
 def plan_engine(ckpt, tp_size: int, dtype: str = "auto", model_name: str = "model",
-                max_seq_len: int | None = None, max_batch_size: int = 8) -> EnginePlan:
+                max_seq_len: int | None = None, max_batch_size: int = 8,
+                parallel_embedding: bool = False) -> EnginePlan:
     """Plan an engine from a checkpoint; works on a checkpoint of meta tensors too (tp-plan)."""
     if tp_size < 1:
         raise UserError(f"--tp_size must be >= 1, got {tp_size}")
@@ -88,8 +89,11 @@ def plan_engine(ckpt, tp_size: int, dtype: str = "auto", model_name: str = "mode
                           fields["intermediate_size"], tp_size, model=model_name)
     head_dim = fields["head_size"]
     tensors = adapter.tensors(fields)
-    # At tp=1 a tied lm_head is the embedding itself: store it once, the runtime ties them.
-    if tp_size == 1 and fields["tie_word_embeddings"]:
+    if parallel_embedding:  # the embedding split by vocab rows, exactly as lm_head
+        tensors = [CanonicalTensor(t.name, VOCAB, t.load) if t.name == ef.EMBEDDING else t for t in tensors]
+    # A tied lm_head sharded like the embedding (tp=1, or a vocab-parallel embedding) is the embedding
+    # itself: store it once, the runtime ties them.
+    if fields["tie_word_embeddings"] and (tp_size == 1 or parallel_embedding):
         tensors = [t for t in tensors if t.name != ef.LM_HEAD]
 
     specs = [[] for _ in range(tp_size)]
@@ -111,6 +115,7 @@ def plan_engine(ckpt, tp_size: int, dtype: str = "auto", model_name: str = "mode
         intermediate_size_per_rank=[p.mlp_size for p in plans],
         max_seq_len=max_seq_len or min(fields["max_position_embeddings"], 4096),
         max_batch_size=max_batch_size,
+        use_parallel_embedding=parallel_embedding,
         **fields,
     )
     return EnginePlan(cfg, adapter, plans, tensors, specs, out_dtype)
@@ -125,13 +130,14 @@ def convert(
     max_seq_len: int | None = None,
     max_batch_size: int = 8,
     progress: bool = True,
+    parallel_embedding: bool = False,
 ) -> ef.EngineConfig:
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not force:
         raise UserError(f"output directory {output_dir} exists; pass --force to replace it")
     ckpt = open_checkpoint(model_dir)
     model_name = os.path.basename(os.path.normpath(model_dir))
-    plan = plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size)
+    plan = plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding)
     cfg, plans, tensors, specs, out_dtype = plan.config, plan.plans, plan.tensors, plan.specs, plan.out_dtype
     head_dim = cfg.head_size
 
@@ -218,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_len", type=int, default=None,
                    help="default run-time sequence limit (default min(max_position_embeddings, 4096))")
     p.add_argument("--max_batch_size", type=int, default=8, help="default run-time batch limit (default 8)")
+    p.add_argument("--use_parallel_embedding", action="store_true",
+                   help="split the embedding by vocab rows across ranks (all-reduced after the lookup) "
+                        "instead of replicating it")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
@@ -227,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = convert(args.model_dir, args.output_dir, args.tp_size, args.dtype, args.force,
-                  args.max_seq_len, args.max_batch_size, progress=not args.no_progress)
+                  args.max_seq_len, args.max_batch_size, progress=not args.no_progress,
+                  parallel_embedding=args.use_parallel_embedding)
     print(f"wrote {args.output_dir}: {cfg.source_architecture}, tp_size={cfg.tp_size}, dtype={cfg.dtype}, "
           f"heads per rank {cfg.heads_per_rank}, kv heads per rank {cfg.kv_heads_per_rank}")
     return 0

@@ -81,6 +81,8 @@ class EngineConfig:
     rotary_scaling: dict | None = None
     rotary_pct: float = 1.0
     tie_word_embeddings: bool = False
+    use_parallel_embedding: bool = False  # TensorRT-LLM's flag: the embedding split by vocab rows like lm_head
+    embedding_sharding_dim: int = 0
     mapping: dict = field(default_factory=lambda: {"world_size": 1, "tp_size": 1, "pp_size": 1})
     quantization: dict = field(
         default_factory=lambda: {

@@ -64,6 +64,24 @@ class Embedding(nn.Module):
         return F.embedding(ids, self.weight)
 
 
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds vocab_padded / tp rows: ids outside this rank's rows look up zeros, and the
+    all-reduce assembles every token's row (the one other place activations are all-reduced)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, comm: Communicator):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # (vocab_padded / tp, hidden)
+        self.start = rank * weight.shape[0]
+        self.comm = comm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, hidden)
+        x = x.masked_fill(outside.unsqueeze(-1), 0)
+        return self.comm.all_reduce(x)
+
+
 class ParallelLMHead(nn.Module):
     """Vocab-parallel head: each rank holds vocab_padded / tp rows; padded rows are dropped."""
 

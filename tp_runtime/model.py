@@ -21,7 +21,8 @@ from torch import nn
 from tp_runtime import engine_format as ef
 from tp_runtime.comm import Communicator
 from tp_runtime.engine_format import EngineConfig
-from tp_runtime.layers import ColumnParallelLinear, Embedding, LayerNorm, ParallelLMHead, RMSNorm, RowParallelLinear
+from tp_runtime.layers import (ColumnParallelLinear, Embedding, LayerNorm, ParallelLMHead, RMSNorm, RowParallelLinear,
+                               VocabParallelEmbedding)
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -195,11 +196,12 @@ class TPDecoder(nn.Module):
     def __init__(self, cfg: EngineConfig, rank: int, weights: dict, comm: Communicator, max_seq_len: int):
         super().__init__()
         self.cfg = cfg
-        self.embedding = Embedding(weights.pop(ef.EMBEDDING))
+        emb = weights.pop(ef.EMBEDDING)
+        self.embedding = VocabParallelEmbedding(emb, rank, comm) if cfg.use_parallel_embedding else Embedding(emb)
         self.layers = nn.ModuleList(DecoderLayer(cfg, rank, weights, i, comm) for i in range(cfg.num_hidden_layers))
         self.ln_f = make_norm(cfg, weights, ef.FINAL_NORM)
         head = weights.pop(ef.LM_HEAD, None)
-        if head is None:  # tp=1 with tied embeddings: the head is the embedding itself
+        if head is None:  # tied, and sharded like the embedding: the head is the embedding itself
             head = self.embedding.weight.data
         self.lm_head = ParallelLMHead(head, cfg.vocab_size, comm)
         if weights:

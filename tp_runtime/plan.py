@@ -58,12 +58,14 @@ def weight_bytes(specs, precision: str | None, group_size: int) -> int:
 
 
 def plan(cfg: dict, tp_size: int, dtype: str = "auto", precision: str | None = None, group_size: int = 128,
-         max_batch_size: int = 1, max_seq_len: int | None = None, memory_per_rank: int | None = None) -> dict:
+         max_batch_size: int = 1, max_seq_len: int | None = None, memory_per_rank: int | None = None,
+         parallel_embedding: bool = False) -> dict:
     if precision not in (None, "int8", "int4"):
         raise UserError(f"--weight_only_precision must be int8 or int4, got {precision!r}")
     if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 1):
         raise UserError("--max_batch_size and --max_seq_len must be >= 1")
-    ep = plan_engine(meta_checkpoint(cfg), tp_size, dtype, cfg.get("_name", "model"), max_seq_len, max_batch_size)
+    ep = plan_engine(meta_checkpoint(cfg), tp_size, dtype, cfg.get("_name", "model"), max_seq_len, max_batch_size,
+                     parallel_embedding)
     ec = ep.config
     seq = ec.max_seq_len
     kv_elem = torch.empty((), dtype=ep.out_dtype).element_size()
@@ -109,13 +111,14 @@ def main(argv=None):
     p.add_argument("--max_batch_size", type=int, default=1)
     p.add_argument("--max_seq_len", type=int, default=None, help="default min(max_position_embeddings, 4096)")
     p.add_argument("--memory_per_rank", default=None, help="e.g. 24GiB, 80GB")
+    p.add_argument("--use_parallel_embedding", action="store_true", help="as tp-convert's: split the embedding")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     cfg = load_preset(args.config)
     cfg.setdefault("_name", args.config)
     mem = parse_bytes(args.memory_per_rank) if args.memory_per_rank else None
     report = plan(cfg, args.tp_size, args.dtype, args.weight_only_precision, args.group_size,
-                  args.max_batch_size, args.max_seq_len, mem)
+                  args.max_batch_size, args.max_seq_len, mem, args.use_parallel_embedding)
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0 if mem is None or all(r["fits"] for r in report["ranks"]) else 1
 
