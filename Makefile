@@ -27,6 +27,9 @@ test: setup
 
 # Measurements, not tests (about 20 minutes on 2 cores; several GB of scratch space in /tmp).
 bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/bench_cpu_tp.py --out benchmarks/results/cpu_tp.json
+	$(BIN)/python benchmarks/bench_allreduce.py --out benchmarks/results/allreduce.json
 	$(BIN)/python benchmarks/bench_decode.py --out benchmarks/results/decode.json
 	$(BIN)/tp-convert --model_dir "$$($(BIN)/python -m tp_runtime.assets smollm2 --hf)" \
 		--output_dir engines/smollm2-135m-tp1 --tp_size 1 --force --no_progress

@@ -1,0 +1,222 @@
+"""CPU tensor parallelism against one process and against ONNX Runtime GenAI, with the machine's roofline.
+
+SmolLM2-135M-Instruct (or --hf_dir), batch 1, the same 128 prompt ids for everyone, greedy, 128 new tokens,
+EOS ignored; a fresh process per configuration, one warm-up, median of 3:
+    tp_runtime tp=1 x 2 threads, tp=1 x 1 thread, tp=2 x 1 thread over shared memory, tp=2 x 1 thread over gloo
+    ONNX Runtime GenAI fp32 and int4 (built here with its own builder, 2 threads), transformers (2 threads)
+Roofline: the bytes of weights one decode step reads (the engine's rank files) over the read bandwidth of
+this machine (torch sum over 2 GiB, 2 threads); each result is given as a fraction of that ceiling.
+Prints a table and draws benchmarks/results/cpu_tp.png. Needs the `bench` extra (pip install -e '.[bench]').
+
+    .venv/bin/python benchmarks/bench_cpu_tp.py [--new_tokens 128] [--out benchmarks/results/cpu_tp.json]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.dirname(sys.executable)
+
+
+def worker_tp(engine: str, threads: int, comm: str, ids: list, new: int, out: str) -> None:
+    from tp_runtime import LLM, SamplingParams
+
+    llm = LLM(engine, threads=threads, comm=comm)
+    params = SamplingParams(max_tokens=new, ignore_eos=True)
+    llm.generate([ids], params)
+    runs = []
+    for _ in range(3):
+        llm.generate([ids], params)
+        runs.append(llm.last_timings)
+    if llm.rank == 0:
+        with open(out, "w") as f:
+            json.dump({"ttft_ms": statistics.median(t.ttft_ms for t in runs),
+                       "decode_tok_s": statistics.median(t.decode_tokens_per_s for t in runs)}, f)
+    llm.close()
+
+
+def worker_ort(model_dir: str, threads: int, ids: list, new: int, out: str) -> None:
+    import onnxruntime_genai as og
+
+    cfg_path = os.path.join(model_dir, "genai_config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    json.dump(cfg, open(cfg_path, "w"), indent=1)
+    model = og.Model(model_dir)
+
+    def once():
+        params = og.GeneratorParams(model)
+        total = len(ids) + new
+        params.set_search_options(do_sample=False, max_length=total, min_length=total)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        stamps = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            stamps.append(time.perf_counter())
+        return (stamps[0] - t0) * 1000, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    once()
+    runs = [once() for _ in range(3)]
+    with open(out, "w") as f:
+        json.dump({"ttft_ms": statistics.median(r[0] for r in runs),
+                   "decode_tok_s": statistics.median(r[1] for r in runs)}, f)
+
+
+def worker_hf(hf_dir: str, threads: int, ids: list, new: int, out: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    x = torch.tensor([ids])
+
+    class Stamps:
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def once():
+        s = Stamps()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, streamer=s)
+        tokens = s.t[1:]  # the first put is the prompt
+        return (tokens[0] - t0) * 1000, (len(tokens) - 1) / (tokens[-1] - tokens[0])
+
+    once()
+    runs = [once() for _ in range(3)]
+    with open(out, "w") as f:
+        json.dump({"ttft_ms": statistics.median(r[0] for r in runs),
+                   "decode_tok_s": statistics.median(r[1] for r in runs)}, f)
+
+
+def run_worker(args: list, ranks: int = 1) -> dict:
+    out = tempfile.mktemp(suffix=".json")
+    cmd = [sys.executable, __file__, "--worker", json.dumps(args + [out])]
+    if ranks > 1:
+        cmd = [os.path.join(BIN, "mpirun"), "-n", str(ranks)] + cmd
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"failed: {args[0]}\n{res.stderr[-3000:]}")
+    with open(out) as f:
+        data = json.load(f)
+    os.unlink(out)
+    return data
+
+
+def read_bandwidth_gbs() -> float:
+    code = ("import torch,time; torch.set_num_threads(2); x=torch.ones(1<<29); x.sum(); t=time.perf_counter();"
+            "[x.sum() for _ in range(5)]; print(x.numel()*4*5/(time.perf_counter()-t)/1e9)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def engine_bytes(engine: str) -> int:
+    from tp_runtime import engine_format as ef
+
+    total = 0
+    for name in sorted(os.listdir(engine)):
+        if name.startswith("rank") and name.endswith(".safetensors"):
+            path = os.path.join(engine, name)
+            total += os.path.getsize(path) - ef.read_safetensors_header(path)[1]
+    return total
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hf_dir", default=None, help="default: SmolLM2-135M-Instruct from tp_runtime.assets")
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "cpu_tp.json"))
+    p.add_argument("--skip_ort", action="store_true")
+    args = p.parse_args()
+    from tp_runtime.assets import smollm2_hf_dir
+    from tp_runtime.convert import convert
+
+    hf = args.hf_dir or smollm2_hf_dir()
+    from transformers import AutoTokenizer
+
+    text = open(os.path.join(HERE, "bench_decode.py")).read()
+    ids = AutoTokenizer.from_pretrained(hf)(text)["input_ids"][:128]
+    work = tempfile.mkdtemp(prefix="bench_cpu_tp-")
+    rows = []
+    try:
+        e1, e2 = os.path.join(work, "tp1"), os.path.join(work, "tp2")
+        convert(hf, e1, 1, progress=False)
+        convert(hf, e2, 2, progress=False)
+        n = args.new_tokens
+        configs = [("tp_runtime tp=1 x 2 threads", ["tp", e1, 2, "auto", ids, n], 1, e1),
+                   ("tp_runtime tp=1 x 1 thread", ["tp", e1, 1, "auto", ids, n], 1, e1),
+                   ("tp_runtime tp=2 x 1 thread, shm", ["tp", e2, 1, "shm", ids, n], 2, e1),
+                   ("tp_runtime tp=2 x 1 thread, gloo", ["tp", e2, 1, "gloo", ids, n], 2, e1),
+                   ("transformers, 2 threads", ["hf", hf, 2, ids, n], 1, e1)]
+        if not args.skip_ort:
+            for precision in ("fp32", "int4"):
+                out_dir = os.path.join(work, f"ort_{precision}")
+                env = dict(os.environ, HF_HUB_OFFLINE="1")
+                subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", out_dir,
+                                "-p", precision, "-e", "cpu"], check=True, capture_output=True, env=env)
+                configs.append((f"ONNX Runtime GenAI {precision}, 2 threads", ["ort", out_dir, 2, ids, n], 1,
+                                out_dir))
+        bandwidth = read_bandwidth_gbs()
+        for label, wargs, ranks, weights in configs:
+            print(f"[bench_cpu_tp] {label}", file=sys.stderr, flush=True)
+            r = run_worker(wargs, ranks)
+            nbytes = engine_bytes(weights) if weights in (e1, e2) else sum(
+                os.path.getsize(os.path.join(weights, f)) for f in os.listdir(weights) if f.startswith("model.onnx"))
+            ceiling = bandwidth * 1e9 / nbytes
+            rows.append({"config": label, **r, "weight_bytes": nbytes, "ceiling_tok_s": ceiling,
+                         "fraction_of_ceiling": r["decode_tok_s"] / ceiling})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"SmolLM2-135M-Instruct, 128 prompt ids, {args.new_tokens} new, greedy, batch 1; read bandwidth "
+          f"{bandwidth:.1f} GB/s (2 threads)\n")
+    print("| configuration | TTFT ms | decode tok/s | weights MB read per token | roofline tok/s | fraction |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} | {r['weight_bytes'] / 1e6:.0f} | "
+              f"{r['ceiling_tok_s']:.0f} | {r['fraction_of_ceiling']:.2f} |")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"read_bandwidth_gbs": bandwidth, "rows": rows}, f, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        labels = [r["config"] for r in rows]
+        ax.barh(labels, [r["decode_tok_s"] for r in rows], color="#4477aa", label="decode tok/s")
+        ax.scatter([r["ceiling_tok_s"] for r in rows], labels, color="#cc3311", marker="|", s=300,
+                   label="bandwidth roofline")
+        ax.set_xlabel("decode tokens/s, batch 1")
+        ax.invert_yaxis()
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(os.path.splitext(args.out)[0] + ".png", dpi=110)
+    except ImportError:
+        print("(matplotlib not installed: no plot)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        a = json.loads(sys.argv[2])
+        kind, rest = a[0], a[1:]
+        {"tp": worker_tp, "ort": worker_ort, "hf": worker_hf}[kind](*rest)
+        sys.exit(0)
+    sys.exit(main())
