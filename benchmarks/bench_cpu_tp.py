@@ -25,6 +25,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 
 
+def write_medians(once, out: str) -> None:
+    """One warm-up, then the median (ttft_ms, decode_tok_s) of 3 runs of once() to `out`."""
+    once()
+    runs = [once() for _ in range(3)]
+    with open(out, "w") as f:
+        json.dump({"ttft_ms": statistics.median(r[0] for r in runs),
+                   "decode_tok_s": statistics.median(r[1] for r in runs)}, f)
+
+
 def worker_tp(engine: str, threads: int, comm: str, ids: list, new: int, out: str) -> None:
     from tp_runtime import LLM, SamplingParams
 
@@ -64,11 +73,7 @@ def worker_ort(model_dir: str, threads: int, ids: list, new: int, out: str) -> N
             stamps.append(time.perf_counter())
         return (stamps[0] - t0) * 1000, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
-    once()
-    runs = [once() for _ in range(3)]
-    with open(out, "w") as f:
-        json.dump({"ttft_ms": statistics.median(r[0] for r in runs),
-                   "decode_tok_s": statistics.median(r[1] for r in runs)}, f)
+    write_medians(once, out)
 
 
 def worker_hf(hf_dir: str, threads: int, ids: list, new: int, out: str) -> None:
@@ -98,11 +103,7 @@ def worker_hf(hf_dir: str, threads: int, ids: list, new: int, out: str) -> None:
         tokens = s.t[1:]  # the first put is the prompt
         return (tokens[0] - t0) * 1000, (len(tokens) - 1) / (tokens[-1] - tokens[0])
 
-    once()
-    runs = [once() for _ in range(3)]
-    with open(out, "w") as f:
-        json.dump({"ttft_ms": statistics.median(r[0] for r in runs),
-                   "decode_tok_s": statistics.median(r[1] for r in runs)}, f)
+    write_medians(once, out)
 
 
 def run_worker(args: list, ranks: int = 1) -> dict:
