@@ -9,7 +9,7 @@ Switches from the engine config (norm kind and placement, parallel residual, bia
 activation, gated or plain MLP, rotary fraction and scaling, per-layer sliding window and RoPE)
 select the math; the model never asks which family it runs.
 The KV cache is static: (max_batch, kv_heads_per_rank, max_seq, head_dim) per layer; batch row b
-lives in cache slot b, and its tokens at positions 0..len_b-1.
+lives in cache slot b (or slots[b]), and its tokens at positions 0..len_b-1.
 """
 
 import math
@@ -105,7 +105,7 @@ class Attention(nn.Module):
             self.qk_norm_weight = nn.Parameter(both.contiguous(), requires_grad=False)
             self.eps = cfg.norm_epsilon
 
-    def forward(self, x, cos, sin, cache_k, cache_v, batch_idx, positions, mask):
+    def forward(self, x, cos, sin, cache_k, cache_v, batch_idx, slots, positions, mask):
         """cos/sin None: this layer has no RoPE."""
         B, T, _ = x.shape
         hq, hkv, D = self.num_heads_per_rank, self.num_kv_heads_per_rank, self.head_dim
@@ -119,7 +119,10 @@ class Attention(nn.Module):
         cache_k[batch_idx, :, positions] = qk[:, :, hq:]  # slots (B, T) <- (B, T, kv_heads_per_rank, D)
         cache_v[batch_idx, :, positions] = v.view(B, T, hkv, D)
         S = mask.shape[-1]
-        keys, values = cache_k[:B, :, :S], cache_v[:B, :, :S]  # (B, kv_heads_per_rank, S, D)
+        if slots is None:  # rows are slots 0..B-1: a view, no copy
+            keys, values = cache_k[:B, :, :S], cache_v[:B, :, :S]  # (B, kv_heads_per_rank, S, D)
+        else:
+            keys, values = cache_k[slots, :, :S], cache_v[slots, :, :S]
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
         o = o.transpose(1, 2).reshape(B, T, hq * D)  # (B, T, heads_per_rank * D)
         return self.dense(o)
@@ -177,9 +180,9 @@ class DecoderLayer(nn.Module):
         self.window = windows[i] if windows else None
         self.rope = cfg.rope_per_layer[i] if cfg.rope_per_layer else True
 
-    def forward(self, x, cos, sin, cache_k, cache_v, batch_idx, positions, masks):
+    def forward(self, x, cos, sin, cache_k, cache_v, batch_idx, slots, positions, masks):
         rope = (cos, sin) if self.rope else (None, None)
-        args = (*rope, cache_k, cache_v, batch_idx, positions, masks[self.window])
+        args = (*rope, cache_k, cache_v, batch_idx, slots, positions, masks[self.window])
         if self.placement == "post":
             h = x + self.norm1(self.attention(x, *args))
             return h + self.norm2(self.mlp(h))
@@ -213,11 +216,15 @@ class TPDecoder(nn.Module):
         self.register_buffer("sin", sin.to(dtype), persistent=False)
         self.windows = sorted({layer.window for layer in self.layers}, key=lambda w: (w is not None, w or 0))
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor) -> torch.Tensor:
-        """ids, positions: (B, T); rows are cache slots 0..B-1. last: (B,) index in T of the token
-        whose next-token logits are wanted. Returns logits (B, vocab) on every rank."""
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        """ids, positions: (B, T). last: (B,) index in T of the token whose next-token logits are
+        wanted. slots: (B,) the cache slot of each row (None: rows are slots 0..B-1, as in a batch
+        that starts together; a continuous batch passes the slots its requests hold).
+        Returns logits (B, vocab) on every rank."""
         B, T = ids.shape
-        batch_idx = torch.arange(B, device=ids.device).unsqueeze(1).expand(B, T)  # (B, T) cache slot per token
+        rows = torch.arange(B, device=ids.device) if slots is None else slots
+        batch_idx = rows.unsqueeze(1).expand(B, T)  # (B, T) cache slot per token
         S = int(positions.max()) + 1
         kpos = torch.arange(S, device=ids.device).view(1, 1, 1, S)
         qpos = positions.view(B, 1, T, 1)
@@ -230,6 +237,6 @@ class TPDecoder(nn.Module):
         sin = sin_table[positions].unsqueeze(2)
         x = self.embedding(ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], batch_idx, positions, masks)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], batch_idx, slots, positions, masks)
         x = x[torch.arange(B, device=ids.device), last]  # (B, hidden)
         return self.lm_head(self.ln_f(x))
