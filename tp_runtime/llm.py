@@ -11,6 +11,7 @@ communicator -> load this rank's file -> build the model and the KV cache.
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -93,11 +94,30 @@ def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device, progr
     return out
 
 
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def pick_compile(requested: str, device: torch.device) -> bool:
+    """Whether to compile the decode step. auto: $TP_RUNTIME_COMPILE (on/off) if set, else on where
+    Inductor can build its code (CUDA, or a CPU with a C++ compiler on PATH)."""
+    if requested not in COMPILE_MODES:
+        raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
+    if requested == "auto":
+        requested = os.environ.get("TP_RUNTIME_COMPILE", "auto")
+        if requested not in COMPILE_MODES:
+            raise UserError(f"TP_RUNTIME_COMPILE must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
+    has_compiler = device.type == "cuda" or any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    if requested == "on" and not has_compiler:
+        raise UserError("--compile on needs a C++ compiler on PATH for torch.compile on CPU (install g++), "
+                        "or use --compile off")
+    return requested == "on" or (requested == "auto" and has_compiler)
+
+
 class LLM:
     def __init__(self, engine_dir: str, device: str = "auto", threads: int | None = None,
                  max_batch_size: int | None = None, max_seq_len: int | None = None, dtype: str = "auto",
                  tokenizer_dir: str | None = None, comm_timeout_s: float = DEFAULT_TIMEOUT_S, comm: str = "auto",
-                 bind: str = "auto", reserve_cores: int = 0):
+                 bind: str = "auto", reserve_cores: int = 0, compile: str = "auto"):
         self.engine_dir = engine_dir
         self.info = detect_launch()
         self.rank = self.info.rank
@@ -147,6 +167,8 @@ class LLM:
         eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id or [])
         self.generator = Generator(self.model, self.cache, self.comm, self.device, eos)
         self.load_s = time.perf_counter() - t0
+        self.compiled = pick_compile(compile, self.device)
+        self.compile_s = self.model.compile_decode(self.cache) if self.compiled else 0.0
         self.last_timings = Timings()
 
     # --- set-up helpers ---

@@ -13,6 +13,7 @@ lives in cache slot b (or slots[b]), and its tokens at positions 0..len_b-1.
 """
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([out, x[..., rot:]], dim=-1) if rot < x.shape[-1] else out
 
 
+def decode_attention(q, keys, values, mask):
+    """Attention of one new token per row, as plain matmuls (cheaper than SDPA's kernels at T == 1).
+
+    q: (B, heads, 1, D); keys, values: (B, kv_heads, S, D); mask: (B, 1, 1, S), True = visible."""
+    B, H, _, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    q = q.reshape(B, Hkv, H // Hkv, D)  # (B, kv_heads, group, D): a group shares its KV head
+    if torch.compiler.is_compiling():  # broadcast-multiply-sum: Inductor fuses each into one loop over the cache
+        scores = (q.unsqueeze(3) * keys.unsqueeze(2)).sum(-1)  # (B, kv_heads, group, S)
+    else:  # eagerly that would materialize (B, kv_heads, group, S, D): batched matmuls instead
+        scores = q @ keys.transpose(-1, -2)  # (B, kv_heads, group, S)
+    scores = (scores.float() * D ** -0.5).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    if torch.compiler.is_compiling():
+        out = (probs.unsqueeze(-1) * values.unsqueeze(2)).sum(3)  # (B, kv_heads, group, D)
+    else:
+        out = probs @ values
+    return out.reshape(B, H, 1, D)  # (B, heads, 1, D)
+
+
 class KVCache:
     """Static per-layer key/value buffers for this rank's KV heads."""
 
@@ -123,7 +144,10 @@ class Attention(nn.Module):
             keys, values = cache_k[:B, :, :S], cache_v[:B, :, :S]  # (B, kv_heads_per_rank, S, D)
         else:
             keys, values = cache_k[slots, :, :S], cache_v[slots, :, :S]
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
+        if T == 1:
+            o = decode_attention(q, keys, values, mask)
+        else:
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
         o = o.transpose(1, 2).reshape(B, T, hq * D)  # (B, T, heads_per_rank * D)
         return self.dense(o)
 
@@ -221,7 +245,11 @@ class TPDecoder(nn.Module):
         """ids, positions: (B, T). last: (B,) index in T of the token whose next-token logits are
         wanted. slots: (B,) the cache slot of each row (None: rows are slots 0..B-1, as in a batch
         that starts together; a continuous batch passes the slots its requests hold).
-        Returns logits (B, vocab) on every rank."""
+        Returns logits (B, vocab) on every rank.
+
+        The step is split in two: the part that depends on Python values (the attention span, the
+        masks, RoPE rows) runs eagerly here, and `_body`, a pure function of tensors, runs either
+        eagerly or compiled (decode steps, T == 1, once `compile_decode` was called)."""
         B, T = ids.shape
         rows = torch.arange(B, device=ids.device) if slots is None else slots
         batch_idx = rows.unsqueeze(1).expand(B, T)  # (B, T) cache slot per token
@@ -235,8 +263,35 @@ class TPDecoder(nn.Module):
             cos_table, sin_table = (t.to(self.cos.dtype) for t in rope_tables(self.cfg, self.cos.shape[0], S))
         cos = cos_table[positions].unsqueeze(2)  # (B, T, 1, rot_dim)
         sin = sin_table[positions].unsqueeze(2)
+        if T == 1 and self._compiled_body is not None:  # one graph: slots always given (a gather fused into attention)
+            return self._compiled_body(ids, cos, sin, cache.k, cache.v, batch_idx, rows, positions, masks, last)
+        return self._body(ids, cos, sin, cache.k, cache.v, batch_idx, slots, positions, masks, last)
+
+    def _body(self, ids, cos, sin, cache_k, cache_v, batch_idx, slots, positions, masks, last):
         x = self.embedding(ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], batch_idx, slots, positions, masks)
-        x = x[torch.arange(B, device=ids.device), last]  # (B, hidden)
+            x = layer(x, cos, sin, cache_k[i], cache_v[i], batch_idx, slots, positions, masks)
+        x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, hidden)
         return self.lm_head(self.ln_f(x))
+
+    _compiled_body = None
+
+    def compile_decode(self, cache: KVCache) -> float:
+        """Compile the decode step's body with torch.compile (Inductor; a C++ wrapper on CPU, so no
+        Python runs between its kernels) and run it once; returns the seconds that took.
+
+        One graph serves every attention span (dynamic shapes); batch size 1 gets its own graph at
+        once, larger batches one more on first use. The collectives are custom ops inside the graph
+        (comm.py). Inductor caches the generated code on disk (TORCHINDUCTOR_CACHE_DIR), so a later
+        run of the same engine skips most of the compile."""
+        import torch._inductor.config as inductor_config
+
+        t0 = time.perf_counter()
+        if self.embedding.weight.device.type == "cpu":
+            inductor_config.cpp_wrapper = True
+        self._compiled_body = torch.compile(self._body, dynamic=True, fullgraph=True)
+        dev = self.embedding.weight.device
+        with torch.inference_mode():  # a dummy token at position 1 of slot 0, which a prefill overwrites
+            one = torch.ones(1, 1, dtype=torch.long, device=dev)
+            self(one, one, cache, torch.zeros(1, dtype=torch.long, device=dev))
+        return time.perf_counter() - t0

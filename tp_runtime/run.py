@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--comm", default="auto", choices=["auto", "shm", "gloo"],
                    help="CPU communicator: auto = shared memory when all ranks share this host, else gloo")
     r.add_argument("--comm_timeout", type=float, default=45.0, help="seconds before a collective gives up")
+    r.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the decode step (auto: on where a C++ compiler or CUDA is present, "
+                        "or as $TP_RUNTIME_COMPILE says); the compiled code is cached on disk between runs")
     return p
 
 
@@ -124,13 +127,16 @@ def main(argv=None):
         raise UserError(f"--max_input_length must be >= 1, got {args.max_input_length}")
     llm = LLM(args.engine, device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
               max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-              comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores)
+              comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores,
+              compile=args.compile)
     lead = llm.rank == 0
     if lead:
         print(f"[tp-run] {llm.config.source_architecture} tp_size={llm.config.tp_size} device={llm.device} "
               f"comm={llm.comm.backend} "
               f"dtype={str(llm.dtype).removeprefix('torch.')} threads/rank={llm.threads} "
-              f"loaded in {llm.load_s:.2f}s", file=sys.stderr, flush=True)
+              f"loaded in {llm.load_s:.2f}s"
+              + (f", decode step compiled in {llm.compile_s:.1f}s" if llm.compiled else ", eager decode"),
+              file=sys.stderr, flush=True)
         if llm.device.type == "cpu":
             for line in llm.binding_table():
                 print(f"[tp-run] bind {line}", file=sys.stderr, flush=True)
