@@ -216,12 +216,25 @@ class TPDecoder(nn.Module):
         self.register_buffer("sin", sin.to(dtype), persistent=False)
         self.windows = sorted({layer.window for layer in self.layers}, key=lambda w: (w is not None, w or 0))
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor,
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor | None = None,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions: (B, T). last: (B,) index in T of the token whose next-token logits are
-        wanted. slots: (B,) the cache slot of each row (None: rows are slots 0..B-1, as in a batch
-        that starts together; a continuous batch passes the slots its requests hold).
-        Returns logits (B, vocab) on every rank."""
+        wanted (None: every position's). slots: (B,) the cache slot of each row (None: rows are slots
+        0..B-1, as in a batch that starts together; a continuous batch passes the slots its requests hold).
+        Returns logits (B, vocab), or (B, T, vocab) when last is None, on every rank."""
+        x = self.hidden_states(ids, positions, cache, slots)  # (B, T, hidden)
+        if last is not None:
+            x = x[torch.arange(ids.shape[0], device=ids.device), last]  # (B, hidden)
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head of hidden states (..., hidden) -> (..., vocab), gathered to every rank."""
+        return self.lm_head(self.ln_f(x))
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                      slots: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder body, before the final norm: (B, T, hidden). Writes the rows' keys and values
+        into the cache like forward; a scorer calls it, then `logits` on chunks of positions."""
         B, T = ids.shape
         rows = torch.arange(B, device=ids.device) if slots is None else slots
         batch_idx = rows.unsqueeze(1).expand(B, T)  # (B, T) cache slot per token
@@ -238,5 +251,4 @@ class TPDecoder(nn.Module):
         x = self.embedding(ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], batch_idx, slots, positions, masks)
-        x = x[torch.arange(B, device=ids.device), last]  # (B, hidden)
-        return self.lm_head(self.ln_f(x))
+        return x
