@@ -3,8 +3,9 @@
     log p(ids[i] | ids[:i])  for i = start .. len-1,  an fp32 log-softmax of the logits at i - 1
 
 One prefill per batch of sequences (right-padded like the generator's batches: the causal mask keeps
-the padding out of every real token's view), then the final norm and the LM head run on chunks of
-positions, so a window of T tokens never holds (T, vocab) logits at once: SmolLM2's vocab is 49152,
+the padding out of every real token's view), then the final norm and the LM head run row by row on
+chunks of the positions that score a wanted token (a window's overlap with the previous one costs
+no head work), so a window of T tokens never holds (T, vocab) logits at once: SmolLM2's vocab is 49152,
 and 2048 positions of it in fp32 are 400 MB. Every rank runs the same forward (the head gathers its
 logits to every rank); rank 0 alone takes the log-softmax and returns the scores.
 """
@@ -14,12 +15,12 @@ import torch
 from tp_runtime.comm import Communicator
 from tp_runtime.model import KVCache, TPDecoder
 
-LOGITS_CHUNK_BYTES = 64 << 20  # fp32 logits held at once per head call, over the whole batch
+LOGITS_CHUNK_BYTES = 64 << 20  # fp32 logits held at once per head call
 
 
-def head_chunk(batch: int, vocab: int) -> int:
-    """Positions per LM-head call so that (batch, chunk, vocab) fp32 logits stay near LOGITS_CHUNK_BYTES."""
-    return max(1, LOGITS_CHUNK_BYTES // (4 * batch * vocab))
+def head_chunk(vocab: int) -> int:
+    """Positions per LM-head call so that (chunk, vocab) fp32 logits stay near LOGITS_CHUNK_BYTES."""
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab))
 
 
 @torch.inference_mode()
@@ -40,15 +41,15 @@ def score_batch(model: TPDecoder, cache: KVCache, comm: Communicator, device: to
     hidden = model.hidden_states(ids, positions, cache)  # (B, T, hidden)
 
     lead = comm.rank == 0
-    first, last = min(starts) - 1, max(lens) - 2  # the positions whose logits score some token
-    step = head_chunk(B, model.cfg.vocab_size)
+    step = head_chunk(model.cfg.vocab_size)
     picked = torch.zeros(B, T, dtype=torch.float32)  # picked[b, i]: log p(ids[b, i] | ids[b, :i])
-    for p0 in range(first, last + 1, step):
-        p1 = min(p0 + step, last + 1)
-        logits = model.logits(hidden[:, p0:p1])  # (B, p1 - p0, vocab) on every rank
-        if lead:
-            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-            picked[:, p0 + 1 : p1 + 1] = logp.gather(-1, targets[:, p0 + 1 : p1 + 1].unsqueeze(-1)).squeeze(-1)
+    for b in range(B):  # row by row: only the positions that score one of the row's tokens
+        for p0 in range(starts[b] - 1, lens[b] - 1, step):
+            p1 = min(p0 + step, lens[b] - 1)
+            logits = model.logits(hidden[b, p0:p1])  # (p1 - p0, vocab) on every rank
+            if lead:
+                logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+                picked[b, p0 + 1 : p1 + 1] = logp.gather(-1, targets[b, p0 + 1 : p1 + 1].unsqueeze(-1)).squeeze(-1)
     if not lead:
         return [[] for _ in sequences]
     return [picked[b, starts[b] : lens[b]].tolist() for b in range(B)]
