@@ -246,6 +246,47 @@ class LLM:
                        for i, (r, c) in enumerate(zip(requests, completions))]
         return self.comm.broadcast_object(results)
 
+    def score(self, sequences: list[list[int]], start: int | list[int] = 1) -> list[list[float]]:
+        """Natural log-probability (fp32 log-softmax) of each token of each sequence given the tokens
+        before it: for sequence s, [log p(s[i] | s[:i]) for i in start..len(s)-1] (start: one value or
+        one per sequence, >= 1). Rank 0's arguments are used; every rank gets the results."""
+        from tp_runtime.scoring import score_batch
+
+        job = None
+        if self.rank == 0:
+            try:
+                job = self._check_scoring(sequences, start)
+            except UserError as e:
+                job = str(e)
+        job = self.comm.broadcast_object(job)
+        if isinstance(job, str):
+            raise UserError(job)
+        seqs, starts = job
+        out, B_max = [], self.cache.max_batch_size
+        for i in range(0, len(seqs), B_max):
+            out += score_batch(self.model, self.cache, self.comm, self.device, seqs[i : i + B_max],
+                               starts[i : i + B_max])
+        return self.comm.broadcast_object(out if self.rank == 0 else None)
+
+    def _check_scoring(self, sequences, start) -> tuple[list[list[int]], list[int]]:
+        if not sequences or isinstance(sequences[0], int):
+            raise UserError("score takes a non-empty list of token-id lists")
+        seqs = [[int(t) for t in s] for s in sequences]
+        starts = list(start) if isinstance(start, (list, tuple)) else [start] * len(seqs)
+        if len(starts) != len(seqs):
+            raise UserError(f"{len(starts)} start indices for {len(seqs)} sequences")
+        for i, (s, k) in enumerate(zip(seqs, starts)):
+            if not 1 <= k < len(s):
+                raise UserError(f"sequence {i} has {len(s)} tokens; scoring from index {k} needs 1 <= start < length")
+            if len(s) > self.max_seq_len:
+                raise UserError(f"sequence {i} has {len(s)} tokens, more than max_seq_len {self.max_seq_len}; "
+                                f"shorten it or raise --max_seq_len")
+            bad = [t for t in s if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise UserError(f"sequence {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): "
+                                f"{bad[:5]}")
+        return seqs, [int(k) for k in starts]
+
     def _prepare(self, prompts, sampling_params, chat_template, max_input_length):
         """Rank 0: tokenize and check. Returns (requests, texts), or an error message for all ranks."""
         try:

@@ -240,18 +240,42 @@ class TPDecoder(nn.Module):
         self.register_buffer("sin", sin.to(dtype), persistent=False)
         self.windows = sorted({layer.window for layer in self.layers}, key=lambda w: (w is not None, w or 0))
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor,
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor | None = None,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions: (B, T). last: (B,) index in T of the token whose next-token logits are
-        wanted. slots: (B,) the cache slot of each row (None: rows are slots 0..B-1, as in a batch
-        that starts together; a continuous batch passes the slots its requests hold).
-        Returns logits (B, vocab) on every rank.
+        wanted (None: every position's). slots: (B,) the cache slot of each row (None: rows are slots
+        0..B-1, as in a batch that starts together; a continuous batch passes the slots its requests hold).
+        Returns logits (B, vocab), or (B, T, vocab) when last is None, on every rank.
 
-        The step is split in two: the part that depends on Python values (the attention span, the
-        masks, RoPE rows) runs eagerly here, and `_body`, a pure function of tensors, runs either
-        eagerly or compiled (decode steps, T == 1, once `compile_decode` was called)."""
+        A step is split in two: what depends on Python values (the attention span, the masks, RoPE
+        rows) runs eagerly in `_prepare`; the rest is a pure function of tensors, run eagerly or, for
+        decode steps (T == 1) once `compile_decode` was called, compiled."""
+        B, T = ids.shape
+        if T == 1 and last is not None and self._compiled_body is not None:
+            rows = torch.arange(B, device=ids.device) if slots is None else slots  # one graph: slots always given
+            return self._compiled_body(ids, *self._prepare(ids, positions, rows), positions, cache.k, cache.v, rows,
+                                       last)
+        x = self.hidden_states(ids, positions, cache, slots)  # (B, T, hidden)
+        if last is not None:
+            x = x[torch.arange(B, device=ids.device), last]  # (B, hidden)
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head of hidden states (..., hidden) -> (..., vocab), gathered to every rank."""
+        return self.lm_head(self.ln_f(x))
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                      slots: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder body, before the final norm: (B, T, hidden). Writes the rows' keys and values
+        into the cache like forward; a scorer calls it, then `logits` on chunks of positions."""
         B, T = ids.shape
         rows = torch.arange(B, device=ids.device) if slots is None else slots
+        return self._layers(ids, *self._prepare(ids, positions, rows), positions, cache.k, cache.v, slots)
+
+    def _prepare(self, ids, positions, rows):
+        """(batch_idx, masks, cos, sin) of a step: the cache slot of every token, the attention masks
+        per sliding window, and the RoPE rows of the positions."""
+        B, T = ids.shape
         batch_idx = rows.unsqueeze(1).expand(B, T)  # (B, T) cache slot per token
         S = int(positions.max()) + 1
         kpos = torch.arange(S, device=ids.device).view(1, 1, 1, S)
@@ -263,16 +287,18 @@ class TPDecoder(nn.Module):
             cos_table, sin_table = (t.to(self.cos.dtype) for t in rope_tables(self.cfg, self.cos.shape[0], S))
         cos = cos_table[positions].unsqueeze(2)  # (B, T, 1, rot_dim)
         sin = sin_table[positions].unsqueeze(2)
-        if T == 1 and self._compiled_body is not None:  # one graph: slots always given (a gather fused into attention)
-            return self._compiled_body(ids, cos, sin, cache.k, cache.v, batch_idx, rows, positions, masks, last)
-        return self._body(ids, cos, sin, cache.k, cache.v, batch_idx, slots, positions, masks, last)
+        return batch_idx, masks, cos, sin
 
-    def _body(self, ids, cos, sin, cache_k, cache_v, batch_idx, slots, positions, masks, last):
+    def _layers(self, ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots):
         x = self.embedding(ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache_k[i], cache_v[i], batch_idx, slots, positions, masks)
+        return x
+
+    def _decode_body(self, ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots, last):
+        x = self._layers(ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots)
         x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, hidden)
-        return self.lm_head(self.ln_f(x))
+        return self.logits(x)
 
     _compiled_body = None
 
@@ -289,7 +315,7 @@ class TPDecoder(nn.Module):
         t0 = time.perf_counter()
         if self.embedding.weight.device.type == "cpu":
             inductor_config.cpp_wrapper = True
-        self._compiled_body = torch.compile(self._body, dynamic=True, fullgraph=True)
+        self._compiled_body = torch.compile(self._decode_body, dynamic=True, fullgraph=True)
         dev = self.embedding.weight.device
         with torch.inference_mode():  # a dummy token at position 1 of slot 0, which a prefill overwrites
             one = torch.ones(1, 1, dtype=torch.long, device=dev)
