@@ -70,7 +70,7 @@ def read_text(path: str | None) -> tuple[str, str]:
 
 def tokenize(tokenizer, text: str, max_tokens: int | None) -> list[int]:
     """The text's token ids as the tokenizer gives them by default (its BOS, if it adds one), cut to max_tokens."""
-    ids = list(tokenizer(text)["input_ids"])
+    ids = list(tokenizer(text, verbose=False)["input_ids"])  # no warning about the model's length: windows cut it
     return ids[:max_tokens] if max_tokens else ids
 
 
