@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import torch
 
 from tp_runtime import partition as pt
+from tp_runtime.engine_format import pack_int4, unpack_int4
 from tp_runtime.errors import UserError
 
 PRECISIONS = ("int8", "int4")
 ALGOS = ("rtn", "awq")
 GROUP_SIZES = (32, 64, 128)
-SCALE_SUFFIXES = ("per_channel_scale", "weights_scaling_factor", "zero", "prequant_scaling_factor")
 # The linears that are quantized (the attention and MLP matrices); lm_head only when asked.
 QUANTIZED_SUFFIXES = ("attention.qkv.weight", "attention.dense.weight", "mlp.fc.weight", "mlp.gate.weight",
                       "mlp.proj.weight")
@@ -164,18 +164,6 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     if qw.pre_scale is not None:  # y = (x * f) W^T = x (W * f)^T
         w = w * qw.pre_scale.float()
     return w
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(out, in) codes 0..15 -> (out, in / 2) uint8, input 2j in the low nibble, 2j+1 in the high one."""
-    q = q.to(torch.uint8)
-    return q[:, 0::2] | (q[:, 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """(out, in / 2) uint8 -> (out, in) uint8 codes 0..15."""
-    out = torch.stack([packed & 0x0F, packed >> 4], dim=-1)  # (out, in / 2, 2)
-    return out.reshape(packed.shape[0], packed.shape[1] * 2)
 
 
 # ---------------------------------------------------------------------------

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype; auto: the engine's, or float32 on CPUs without native bf16/fp16")
     r.add_argument("--comm", default="auto", choices=["auto", "shm", "gloo"],
                    help="CPU communicator: auto = shared memory when all ranks share this host, else gloo")
+    r.add_argument("--woq_kernel", default="auto",
+                   help="weight-only quantized engines: the matmul kernel (auto: timed per layer shape at load, "
+                        "cached; or one of aten_int8, fbgemm_int8, dequant_int8, aten_int4_cpu, aten_int4_cuda, "
+                        "dequant_int4)")
     r.add_argument("--comm_timeout", type=float, default=45.0, help="seconds before a collective gives up")
     return p
 
@@ -124,7 +128,8 @@ def main(argv=None):
         raise UserError(f"--max_input_length must be >= 1, got {args.max_input_length}")
     llm = LLM(args.engine, device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
               max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-              comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores)
+              comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores,
+              woq_kernel=args.woq_kernel)
     lead = llm.rank == 0
     if lead:
         print(f"[tp-run] {llm.config.source_architecture} tp_size={llm.config.tp_size} device={llm.device} "
