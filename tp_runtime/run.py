@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU communicator: auto = shared memory when all ranks share this host, else gloo")
     r.add_argument("--woq_kernel", default="auto",
                    help="weight-only quantized engines: the matmul kernel (auto: timed per layer shape at load, "
-                        "cached; or one of aten_int8, fbgemm_int8, dequant_int8, aten_int4_cpu, aten_int4_cuda, "
-                        "dequant_int4)")
+                        "cached; or one of aten_int8, aten_int8_bf16, fbgemm_int8, dequant_int8, aten_int4_cpu, "
+                        "aten_int4_cpu_bf16, aten_int4_cuda, dequant_int4)")
     r.add_argument("--comm_timeout", type=float, default=45.0, help="seconds before a collective gives up")
     return p
 
