@@ -2,7 +2,8 @@
 
 tp=1 x 2 threads, batch 1, the same 128 prompt ids for everyone, greedy, 128 new tokens, EOS ignored; a fresh
 process per configuration, one warm-up, median of 3 (bench_cpu_tp's protocol and its ORT GenAI worker):
-    fp32 | int8 | int8 + int8 lm_head | int4 g64 | int4 g64 + int8 lm_head | int4 g32 | ORT GenAI int4 (its builder)
+    fp32 | int8 | int8 + int8 lm_head | int4 g64 (+ int8 lm_head) | int4 g32 (+ int8 lm_head) | int4 g64 AWQ
+    | ORT GenAI int4 (its builder)
 Per configuration: decode tok/s, TTFT, the bytes on disk of the quantized linears beside the same linears in
 fp16, and the rank's RSS after the runs; then the issue's ratios (int8 / our fp32, int4 / ORT GenAI int4).
 
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -25,13 +27,15 @@ import bench_cpu_tp  # noqa: E402  (its ORT GenAI worker, engine_bytes and run_w
 
 LINEAR = re.compile(r"\.(attention\.(qkv|dense)|mlp\.(fc|gate|proj))\.|^lm_head\.")
 
-CONFIGS = [  # label, tp-convert quantization flags
-    ("fp32", []),
-    ("int8", ["int8"]),
-    ("int8 + int8 lm_head", ["int8", None, True]),
-    ("int4 g64", ["int4", 64]),
-    ("int4 g64 + int8 lm_head", ["int4", 64, True]),
-    ("int4 g32", ["int4", 32]),
+CONFIGS = [  # label, quantize.parse_scheme arguments (tp-convert's flags)
+    ("fp32", None),
+    ("int8", dict(precision="int8")),
+    ("int8 + int8 lm_head", dict(precision="int8", quantize_lm_head=True)),
+    ("int4 g64", dict(precision="int4", group_size=64)),
+    ("int4 g64 + int8 lm_head", dict(precision="int4", group_size=64, quantize_lm_head=True)),
+    ("int4 g32", dict(precision="int4", group_size=32)),
+    ("int4 g32 + int8 lm_head", dict(precision="int4", group_size=32, quantize_lm_head=True)),
+    ("int4 g64 AWQ", dict(precision="int4", group_size=64, algo="awq")),
 ]
 
 
@@ -95,8 +99,10 @@ def main() -> int:
     try:
         for label, flags in CONFIGS:
             engine = os.path.join(work, re.sub(r"\W+", "_", label))
-            quant = qz.parse_scheme(*flags) if flags else None
+            quant = qz.parse_scheme(**flags) if flags else None
+            t0 = time.perf_counter()
             convert(hf, engine, 1, progress=False, quant=quant)
+            convert_s = time.perf_counter() - t0
             print(f"[bench_quant] {label}", file=sys.stderr, flush=True)
             out = tempfile.mktemp(suffix=".json")
             res = subprocess.run([sys.executable, __file__, "--worker",
@@ -108,7 +114,7 @@ def main() -> int:
                 r = json.load(f)
             os.unlink(out)
             on_disk, fp16 = linear_bytes(engine)
-            rows.append({"config": label, **r, "engine_bytes": bench_cpu_tp.engine_bytes(engine),
+            rows.append({"config": label, **r, "convert_s": convert_s, "engine_bytes": bench_cpu_tp.engine_bytes(engine),
                          "linear_bytes": on_disk, "linear_fp16_bytes": fp16})
             shutil.rmtree(engine)
         if not args.skip_ort:
@@ -125,13 +131,15 @@ def main() -> int:
 
     print(f"\nSmolLM2-135M-Instruct, tp=1 x {args.threads} threads, batch 1, 128 prompt ids, {args.new_tokens} new, "
           "greedy\n")
-    print("| configuration | decode tok/s | TTFT ms | linears on disk MB | vs fp16 | engine MB | RSS MB | kernels |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| configuration | decode tok/s | TTFT ms | linears on disk MB | vs fp16 | engine MB | RSS MB | convert s "
+          "| kernels |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         lin = f"{r['linear_bytes'] / 1e6:.1f} | {r['linear_bytes'] / r['linear_fp16_bytes']:.2f}" if "linear_bytes" in r else " | "
         rss = f"{r['rss_mb']:.0f}" if "rss_mb" in r else ""
+        conv = f"{r['convert_s']:.0f}" if "convert_s" in r else ""
         print(f"| {r['config']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} | {lin} | {r['engine_bytes'] / 1e6:.0f} | "
-              f"{rss} | {', '.join(r.get('kernels', []))} |")
+              f"{rss} | {conv} | {', '.join(r.get('kernels', []))} |")
     by = {r["config"]: r for r in rows}
     fp32 = by["fp32"]["decode_tok_s"]
     print()
@@ -139,7 +147,7 @@ def main() -> int:
         print(f"{label} / our fp32 decode: {by[label]['decode_tok_s'] / fp32:.2f}x (goal >= 1.5x)")
     if "ONNX Runtime GenAI int4" in by:
         ort = by["ONNX Runtime GenAI int4"]["decode_tok_s"]
-        for label in ("int4 g64", "int4 g64 + int8 lm_head", "int4 g32"):
+        for label in ("int4 g64", "int4 g64 + int8 lm_head", "int4 g32", "int4 g32 + int8 lm_head"):
             print(f"{label} / ORT GenAI int4 decode: {by[label]['decode_tok_s'] / ort:.2f}x (goal >= 0.7x)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

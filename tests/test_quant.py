@@ -239,3 +239,200 @@ def test_bad_quantization_input(ckpt, tmp_path):
     res = run_ranks(1, [tool("tp-run"), "--engine", engine, "--input_ids", "5,6", "--woq_kernel", "aten_int4_cpu",
                         "--max_output_len", "2"], timeout=120)
     assert res.returncode == 0  # an int4 kernel forced on an int8 engine serves nothing and changes nothing
+
+
+# ---------------------------------------------------------------------------
+# AWQ
+
+
+def test_awq_search_lowers_the_reconstruction_error_of_its_calibration_rows():
+    from tp_runtime import awq
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(96, 128, generator=g) * 0.05
+    x = torch.randn(400, 128, generator=g)
+    x[:, [3, 50, 77]] *= 25  # the outlier input channels real activations have
+    scheme = qz.QuantScheme("int4", 32)
+    s, alpha, err_rtn, err_awq = awq.search_scale(w, x.abs().mean(0), x, scheme)
+    assert alpha > 0 and s.shape == (128,) and (s > 0).all()
+    # recomputed here, from the scheme's own functions: RTN of w, and RTN of w * s with x / s
+    y = x @ w.t()
+    rtn = ((y - x @ qz.dequantize(qz.quantize_rtn(w, scheme)).t()) ** 2).sum() / x.shape[0]
+    aw = ((y - (x / s) @ qz.dequantize(qz.quantize_rtn(w * s, scheme)).t()) ** 2).sum() / x.shape[0]
+    assert abs(rtn.item() - err_rtn) < 1e-3 * err_rtn and abs(aw.item() - err_awq) < 1e-3 * err_awq
+    assert aw < 0.7 * rtn, (aw, rtn)
+
+
+def save_char_tokenizer(path):
+    """A character-level tokenizer (ids 3..97) for a tiny checkpoint: AWQ reads calibration text."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(string.printable[:95])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(path)
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def awq_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("awq")
+    model = build_checkpoint(str(root / "hf"), "llama", intermediate_size=128)
+    with torch.no_grad():  # activation outliers, as real LLMs have: a few large norm channels
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17, 40]] *= 20
+            layer.post_attention_layernorm.weight[[5, 22]] *= 20
+    model.save_pretrained(str(root / "hf"))
+    save_char_tokenizer(str(root / "hf"))
+    return root, model
+
+
+def test_awq_engine_is_closer_to_the_float_model_than_rtn(awq_ckpt, tmp_path):
+    from pydoc_data.topics import topics
+    from transformers import AutoTokenizer
+
+    root, model = awq_ckpt
+    tok = AutoTokenizer.from_pretrained(str(root / "hf"))
+    ids = tok(topics["if"])["input_ids"]
+    prompts = [ids[i * 40:(i + 1) * 40] for i in range(4)]
+    gaps = {}
+    for algo in ("rtn", "awq"):
+        engine = str(tmp_path / algo)
+        cfg = convert(str(root / "hf"), engine, 2, progress=False, calib_samples=8, calib_seq_len=64,
+                      quant=qz.parse_scheme("int4", 32, zero_point=True, algo=algo))
+        assert cfg.quantization["quant_algo"] == ("W4A16_AWQ" if algo == "awq" else "W4A16")
+        out = run_engine(engine, 2, prompts, ["--max_output_len", "8"])
+        diffs = [abs(a - b) for p, o in zip(prompts, out["outputs"])
+                 for a, b in zip(reference_logprobs(model, p, o["output_ids"]), o["output_logprobs"])]
+        gaps[algo] = sum(diffs) / len(diffs)
+    assert gaps["awq"] < 0.8 * gaps["rtn"], gaps
+    # qkv's and fc/gate's scales went into the norms (no prequant factor for them); with GQA (4 heads,
+    # 2 KV heads) dense's could only be a prequant factor
+    from safetensors.torch import load_file
+
+    awq_r1, rtn_r1 = (load_file(os.path.join(str(tmp_path / a), "rank1.safetensors")) for a in ("awq", "rtn"))
+    norm = "transformer.layers.0.input_layernorm.weight"
+    assert not torch.equal(awq_r1[norm], rtn_r1[norm])
+    assert not any(n.endswith(("qkv.prequant_scaling_factor", "fc.prequant_scaling_factor")) for n in awq_r1)
+    assert all(n.endswith("dense.prequant_scaling_factor") for n in awq_r1 if n.endswith("prequant_scaling_factor"))
+
+
+def test_awq_bad_calibration_input(awq_ckpt, tmp_path):
+    root, _ = awq_ckpt
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("  \n")
+    short.write_text("too short")
+
+    def convert_cli(*flags):
+        res = run_ranks(1, [tool("tp-convert"), "--model_dir", str(root / "hf"), "--output_dir", str(tmp_path / "x"),
+                            "--no_progress", *flags], timeout=120)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (res.returncode, res.stderr)
+        return res.stderr
+
+    awq_flags = ["--use_weight_only", "--weight_only_precision", "int4", "--group_size", "32", "--quant_algo", "awq"]
+    assert "is empty" in convert_cli(*awq_flags, "--calib_file", str(empty))
+    err = convert_cli(*awq_flags, "--calib_file", str(short), "--calib_seq_len", "64")
+    assert "has 9 tokens, shorter than one sample of --calib_seq_len 64" in err
+    assert "does not exist" in convert_cli(*awq_flags, "--calib_file", str(tmp_path / "nope.txt"))
+    assert "are for --quant_algo awq" in convert_cli("--use_weight_only", "--calib_samples", "4")
+    assert "int4" in convert_cli("--use_weight_only", "--quant_algo", "awq")
+    assert not os.path.exists(tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------
+# pre-quantized checkpoints, packed here from the formats' descriptions (see prequantized.py)
+
+
+def _int32(t):
+    """Unsigned 32-bit patterns (in int64) as int32, as the formats store them."""
+    t = t & 0xFFFFFFFF
+    return (t - (t >= 2**31).long() * 2**32).to(torch.int32)
+
+
+def _quantize_asym(w, group, min_zero):
+    """(out, in) -> codes (out, in), zeros (out, groups), fp16 scales (out, groups)."""
+    out_f, in_f = w.shape
+    wg = w.view(out_f, in_f // group, group)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).half()
+    zero = torch.round(-lo / scale.float()).clamp(min_zero, 15)
+    codes = (torch.round(wg / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, 15)
+    return codes.view(out_f, in_f).long(), zero.long(), scale
+
+
+def _pack_awq(codes_t):
+    """(rows, cols) -> (rows, cols / 8): nibble i of int32 c holds column 8c + [0, 2, 4, 6, 1, 3, 5, 7][i]."""
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+    rows, cols = codes_t.shape
+    packed = torch.zeros(rows, cols // 8, dtype=torch.long)
+    for i, o in enumerate(order):
+        packed |= codes_t[:, o::8] << (4 * i)
+    return _int32(packed)
+
+
+def _gptq_tensors(codes, zero, scale, group):
+    in_f = codes.shape[1]
+    ct = codes.t()  # (in, out)
+    qweight = torch.zeros(in_f // 8, ct.shape[1], dtype=torch.long)
+    for j in range(8):
+        qweight |= ct[j::8] << (4 * j)  # nibble j of row r: input 8r + j
+    zt = (zero.t() - 1) & 0xF  # (groups, out), stored as zero - 1
+    qzeros = torch.zeros(zt.shape[0], zt.shape[1] // 8, dtype=torch.long)
+    for j in range(8):
+        qzeros |= zt[:, j::8] << (4 * j)
+    return {"qweight": _int32(qweight), "qzeros": _int32(qzeros), "scales": scale.t().contiguous(),
+            "g_idx": (torch.arange(in_f) // group).to(torch.int32)}
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_prequantized_checkpoint_shards_and_matches_its_dequantized_weights(method, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+
+    group = 32
+    model = build_checkpoint(str(tmp_path / "hf"), "llama", intermediate_size=128)
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    linears = [n for n in sd if n.endswith(("_proj.weight",))]
+    for name in linears:
+        prefix = name[: -len(".weight")]
+        codes, zero, scale = _quantize_asym(sd.pop(name).float(), group, 0 if method == "awq" else 1)
+        deq = ((codes.view(codes.shape[0], -1, group) - zero.unsqueeze(-1)) * scale.float().unsqueeze(-1))
+        with torch.no_grad():  # the reference model holds exactly the weights the codes stand for
+            model.get_submodule(prefix).weight.copy_(deq.view(codes.shape))
+        if method == "awq":
+            parts = {"qweight": _pack_awq(codes.t()), "qzeros": _pack_awq(zero.t()), "scales": scale.t().contiguous()}
+        else:
+            parts = _gptq_tensors(codes, zero, scale, group)
+        sd.update({f"{prefix}.{k}": v for k, v in parts.items()})
+    save_file(sd, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                   "version": "gemm"} if method == "awq" else
+                                  {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
+                                   "sym": False})
+    cfg_path.write_text(json.dumps(cfg))
+
+    engine = str(tmp_path / "e")
+    ec = convert(str(tmp_path / "hf"), engine, 2, progress=False)
+    assert ec.quantization["quant_algo"] == ("W4A16_AWQ" if method == "awq" else "W4A16_GPTQ")
+    assert ec.quantization["group_size"] == group and ec.quantization["has_zero_point"]
+    # rank 1's down_proj slice (row-parallel) and q/k/v (its heads) are the dequantized weights' slices
+    r1 = load_file(os.path.join(engine, "rank1.safetensors"))
+    proj = qz.dequantize(qz.from_engine_tensors("transformer.layers.1.mlp.proj.weight", r1, "int4"))
+    assert torch.equal(proj, model.model.layers[1].mlp.down_proj.weight[:, 64:].float())
+    qkv = qz.dequantize(qz.from_engine_tensors("transformer.layers.0.attention.qkv.weight", r1, "int4"))
+    attn = model.model.layers[0].self_attn
+    D = 16
+    expect = torch.cat([attn.q_proj.weight[2 * D:], attn.k_proj.weight[D:], attn.v_proj.weight[D:]])
+    assert torch.equal(qkv, expect.float())
+    prompts = random_prompts(103, seed=9)
+    out = run_engine(engine, 2, prompts, ["--woq_kernel", "dequant_int4"])
+    assert logprob_gap(model, out, prompts) < 1e-3
+    with pytest.raises(UserError, match="already quantized"):
+        convert(str(tmp_path / "hf"), str(tmp_path / "e2"), 1, progress=False, quant=qz.parse_scheme("int8"))

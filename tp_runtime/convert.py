@@ -9,6 +9,7 @@ renamed into place at the end, so an interrupted conversion never leaves an engi
 """
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -22,6 +23,7 @@ from tp_runtime import partition as pt
 from tp_runtime import quantize as qz
 from tp_runtime.adapters import COLUMN, QKV, REPLICATE, ROW_ATTN, ROW_MLP, VOCAB, CanonicalTensor, get_adapter
 from tp_runtime.checkpoint import open_checkpoint
+from tp_runtime.prequantized import open_prequantized
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.writer import StreamingSafetensorsWriter
 
@@ -58,10 +60,28 @@ def prepare_tensor(ct: CanonicalTensor, full, quant: "qz.QuantScheme | None"):
     covers it (each of q, k, v on its own), else unchanged."""
     if quant is None or not quant.quantizes(ct.name):
         return full
+    if isinstance(full[0] if isinstance(full, tuple) else full, qz.QuantizedWeight):
+        return full  # read from a pre-quantized checkpoint: its own codes and scales
     scheme = quant.for_tensor(ct.name)
     if ct.rule == QKV:
-        return tuple(qz.quantize_rtn(t, scheme, ct.name) for t in full)
-    return qz.quantize_rtn(full, scheme, ct.name)
+        parts = tuple(qz.quantize_rtn(t, scheme, ct.name) for t in full)
+        meta = full[0].is_meta
+    else:
+        parts = (qz.quantize_rtn(full, scheme, ct.name),)
+        meta = full.is_meta
+    for qw in parts:
+        qw.pre_scale = quant.prequant(ct.name, meta)
+    return parts if ct.rule == QKV else parts[0]
+
+
+def with_awq(tensors: list, res) -> list:
+    """The canonical tensors with AWQ's scales applied as each is loaded (shapes unchanged)."""
+    from tp_runtime import awq
+
+    def wrap(ct):
+        return lambda meta: ct.load(True) if meta else awq.transform(ct.name, ct.load(False), res)
+
+    return [CanonicalTensor(ct.name, ct.rule, wrap(ct)) for ct in tensors]
 
 
 def rank_tensors(ct: CanonicalTensor, prepared, plan: pt.RankPlan, head_dim: int, out_dtype: torch.dtype):
@@ -127,6 +147,8 @@ def plan_engine(ckpt, tp_size: int, dtype: str = "auto", model_name: str = "mode
                           fields["intermediate_size"], tp_size, model=model_name)
     head_dim = fields["head_size"]
     tensors = adapter.tensors(fields)
+    if quant is not None and quant.awq is not None:
+        tensors = with_awq(tensors, quant.awq)
     if parallel_embedding:  # the embedding split by vocab rows, exactly as lm_head
         tensors = [CanonicalTensor(t.name, VOCAB, t.load) if t.name == ef.EMBEDDING else t for t in tensors]
     # A tied lm_head sharded like the embedding (tp=1, or a vocab-parallel embedding) is the embedding
@@ -177,12 +199,24 @@ def convert(
     progress: bool = True,
     parallel_embedding: bool = False,
     quant: "qz.QuantScheme | None" = None,
+    calib_file: str | None = None,
+    calib_samples: int = 32,
+    calib_seq_len: int = 256,
 ) -> ef.EngineConfig:
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not force:
         raise UserError(f"output directory {output_dir} exists; pass --force to replace it")
-    ckpt = open_checkpoint(model_dir)
+    ckpt, prequant = open_prequantized(open_checkpoint(model_dir))
     model_name = os.path.basename(os.path.normpath(model_dir))
+    if prequant is not None:
+        if quant is not None:
+            raise UserError(f"{model_dir} is already quantized ({prequant.quant_algo}, group {prequant.group_size}); "
+                            "convert it without --use_weight_only")
+        quant = prequant
+    if quant is not None and quant.algo == "awq" and not quant.prequantized and quant.awq is None:
+        plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)  # checks first
+        quant = dataclasses.replace(quant, awq=search_awq(ckpt, model_dir, quant, calib_file, calib_samples,
+                                                          calib_seq_len, progress))
     plan = plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)
     cfg, plans, tensors, specs, out_dtype = plan.config, plan.plans, plan.tensors, plan.specs, plan.out_dtype
     head_dim = cfg.head_size
@@ -218,6 +252,15 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return cfg
+
+
+def search_awq(ckpt, model_dir: str, quant, calib_file, calib_samples: int, calib_seq_len: int, progress: bool):
+    from tp_runtime import awq
+
+    adapter = get_adapter(ckpt)
+    fields = adapter.config()
+    tensors = {ct.name: ct for ct in adapter.tensors(fields)}
+    return awq.search(model_dir, tensors, fields, quant, calib_file, calib_samples, calib_seq_len, progress)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -283,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--zero_point", action="store_true", help="asymmetric codes with a zero point per group")
     q.add_argument("--quant_algo", default="rtn", help="rtn (round to nearest, default) or awq (int4)")
     q.add_argument("--quantize_lm_head", action="store_true", help="also quantize lm_head (int8, per channel)")
+    q.add_argument("--calib_file", default=None,
+                   help="awq: calibration text file (default: the documentation topics shipped with CPython)")
+    q.add_argument("--calib_samples", type=int, default=None, help="awq: calibration samples (default 32)")
+    q.add_argument("--calib_seq_len", type=int, default=None, help="awq: tokens per sample (default 256)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
@@ -303,9 +350,14 @@ def scheme_from_args(args) -> "qz.QuantScheme | None":
 @exit_on_user_error
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    quant = scheme_from_args(args)
+    calib = (args.calib_file, args.calib_samples, args.calib_seq_len)
+    if (quant is None or quant.algo != "awq") and any(c is not None for c in calib):
+        raise UserError("--calib_file / --calib_samples / --calib_seq_len are for --quant_algo awq")
     cfg = convert(args.model_dir, args.output_dir, args.tp_size, args.dtype, args.force,
                   args.max_seq_len, args.max_batch_size, progress=not args.no_progress,
-                  parallel_embedding=args.use_parallel_embedding, quant=scheme_from_args(args))
+                  parallel_embedding=args.use_parallel_embedding, quant=quant, calib_file=args.calib_file,
+                  calib_samples=args.calib_samples or 32, calib_seq_len=args.calib_seq_len or 256)
     print(f"wrote {args.output_dir}: {cfg.source_architecture}, tp_size={cfg.tp_size}, dtype={cfg.dtype}, "
           f"heads per rank {cfg.heads_per_rank}, kv heads per rank {cfg.kv_heads_per_rank}"
           + (f", weights {cfg.quantization['quant_algo']}" if cfg.quantization.get("quant_algo") else ""))

@@ -25,8 +25,7 @@ Sharding (DESIGN "Quantized weights"): codes, scales and zeros are cut with the 
 with the input columns. Row-parallel int4 therefore needs each rank's input slice in whole groups.
 """
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +49,8 @@ class QuantScheme:
     zero_point: bool = False
     algo: str = "rtn"  # rtn | awq | gptq (read pre-quantized)
     quantize_lm_head: bool = False
+    prequantized: bool = False  # read as they are from an AWQ / GPTQ checkpoint (prequantized.py)
+    awq: object = field(default=None, compare=False, repr=False)  # awq.AwqResult once searched
 
     @property
     def quant_algo(self) -> str:
@@ -59,7 +60,7 @@ class QuantScheme:
 
     def config(self) -> dict:
         return {"quant_algo": self.quant_algo, "group_size": self.group_size, "has_zero_point": self.zero_point,
-                "exclude_modules": None if self.quantize_lm_head else ["lm_head", "transformer.vocab_embedding"],
+                "exclude_modules": ["transformer.vocab_embedding"] + ([] if self.quantize_lm_head else ["lm_head"]),
                 "weight_only_precision": self.precision, "lm_head_precision": "int8" if self.quantize_lm_head else None}
 
     def quantizes(self, name: str) -> bool:
@@ -70,6 +71,11 @@ class QuantScheme:
         if name == LM_HEAD:
             return QuantScheme("int8", -1, self.zero_point, "rtn", True)
         return self
+
+    def prequant(self, name: str, meta: bool = False) -> torch.Tensor | None:
+        """The AWQ prequant factor of weight `name`, if its scale could not be folded."""
+        f = self.awq.prequant.get(name) if self.awq is not None else None
+        return None if f is None else (torch.empty_like(f, device="meta") if meta else f)
 
 
 def parse_scheme(precision: str | None, group_size: int | None = None, zero_point: bool = False,
