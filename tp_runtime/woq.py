@@ -26,6 +26,7 @@ Zero points: the int4 aten kernels take them as part of their (scale, zero) pair
 which have none, y -= sum_i x[n, i] * (scale * zero)[o] is added after the matmul.
 """
 
+import functools
 import json
 import os
 import tempfile
@@ -274,6 +275,7 @@ class DequantInt4(Kernel):
         return F.linear(x, w)
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_has_bf16() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
