@@ -27,10 +27,12 @@ import bench_cpu_tp  # noqa: E402  (its ORT GenAI worker, engine_bytes and run_w
 
 LINEAR = re.compile(r"\.(attention\.(qkv|dense)|mlp\.(fc|gate|proj))\.|^lm_head\.")
 
-CONFIGS = [  # label, quantize.parse_scheme arguments (tp-convert's flags)
+CONFIGS = [  # label, quantize.parse_scheme arguments (tp-convert's flags)[, --woq_kernel]
     ("fp32", None),
     ("int8", dict(precision="int8")),
     ("int8 + int8 lm_head", dict(precision="int8", quantize_lm_head=True)),
+    ("int8, fbgemm_int8", dict(precision="int8"), "fbgemm_int8"),
+    ("int8 + int8 lm_head, fbgemm_int8", dict(precision="int8", quantize_lm_head=True), "fbgemm_int8"),
     ("int4 g64", dict(precision="int4", group_size=64)),
     ("int4 g64 + int8 lm_head", dict(precision="int4", group_size=64, quantize_lm_head=True)),
     ("int4 g32", dict(precision="int4", group_size=32)),
@@ -39,11 +41,12 @@ CONFIGS = [  # label, quantize.parse_scheme arguments (tp-convert's flags)
 ]
 
 
-def worker(engine: str, threads: int, ids: list, new: int, out: str) -> None:
+def worker(engine: str, threads: int, ids: list, new: int, out: str, kernel: str = "auto") -> None:
     from tp_runtime import LLM, SamplingParams
 
     # KV cache for this one request only, so RSS shows the weights (the default 8 x 4096 cache is 1.5 GB)
-    llm = LLM(engine, threads=threads, max_batch_size=1, max_seq_len=len(ids) + new + 1)
+    llm = LLM(engine, threads=threads, max_batch_size=1, max_seq_len=len(ids) + new + 1,
+              woq_kernel=kernel)
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     llm.generate([ids], params)
     runs = []
@@ -100,7 +103,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="bench_quant-")
     rows = []
     try:
-        for label, flags in CONFIGS:
+        for label, flags, *kernel in CONFIGS:
             if args.configs and label not in args.configs:
                 continue
             engine = os.path.join(work, re.sub(r"\W+", "_", label))
@@ -111,7 +114,7 @@ def main() -> int:
             print(f"[bench_quant] {label}", file=sys.stderr, flush=True)
             out = tempfile.mktemp(suffix=".json")
             res = subprocess.run([sys.executable, __file__, "--worker",
-                                  json.dumps([engine, args.threads, ids, args.new_tokens, out])],
+                                  json.dumps([engine, args.threads, ids, args.new_tokens, out, *kernel])],
                                  capture_output=True, text=True)
             if res.returncode:
                 raise SystemExit(f"failed: {label}\n{res.stderr[-3000:]}")
@@ -148,12 +151,12 @@ def main() -> int:
     by = {r["config"]: r for r in rows}
     print()
     if "fp32" in by:
-        for label in [c for c in ("int8", "int8 + int8 lm_head") if c in by]:
+        for label in [c for c, *_ in CONFIGS if c.startswith("int8") and c in by]:
             print(f"{label} / our fp32 decode: {by[label]['decode_tok_s'] / by['fp32']['decode_tok_s']:.2f}x "
                   "(goal >= 1.5x)")
     if "ONNX Runtime GenAI int4" in by:
         ort = by["ONNX Runtime GenAI int4"]["decode_tok_s"]
-        for label in [c for c, _ in CONFIGS if c.startswith("int4") and c in by]:
+        for label in [c for c, *_ in CONFIGS if c.startswith("int4") and c in by]:
             print(f"{label} / ORT GenAI int4 decode: {by[label]['decode_tok_s'] / ort:.2f}x (goal >= 0.7x)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -131,10 +131,21 @@ def quantize_rtn(w: torch.Tensor, scheme: QuantScheme, name: str = "weight") -> 
     if scheme.precision == "int4" and in_f % 2:
         raise UserError(f"{name}: int4 packs two inputs a byte, but its width {in_f} is odd; use int8")
     wg = _group(w.float(), scheme.group_size)  # (out, groups, group)
+    q, scale, zero = _round(wg, scheme)
+    code_dtype = torch.int8 if scheme.precision == "int8" else torch.uint8
+    out_f, in_f = w.shape
+    return QuantizedWeight(q.reshape(out_f, in_f).to(code_dtype), scale,
+                           zero.to(code_dtype) if scheme.zero_point else None, None, scheme.precision)
+
+
+def _round(wg: torch.Tensor, scheme: QuantScheme):
+    """Codes (as floats), scale and zero of grouped weights (out, groups, group). The full range is kept:
+    shrinking it per group to the lowest squared error (llama.cpp's k-quant search) was tried and raised
+    SmolLM2's perplexity (int8 12.55 -> 12.62, int4 g64 16.90 -> 17.34): the clipped large weights matter."""
     if scheme.precision == "int8":
-        lo_code, hi_code, code_dtype = -128, 127, torch.int8
+        lo_code, hi_code = -128, 127
     else:
-        lo_code, hi_code, code_dtype = 0, 15, torch.uint8
+        lo_code, hi_code = 0, 15
     if scheme.zero_point:
         lo = wg.amin(-1).clamp(max=0)
         hi = wg.amax(-1).clamp(min=0)
@@ -150,8 +161,7 @@ def quantize_rtn(w: torch.Tensor, scheme: QuantScheme, name: str = "weight") -> 
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero = torch.full_like(scale, 0 if scheme.precision == "int8" else 8)
     q = (torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(lo_code, hi_code)
-    return QuantizedWeight(q.reshape(out_f, in_f).to(code_dtype), scale,
-                           zero.to(code_dtype) if scheme.zero_point else None, None, scheme.precision)
+    return q, scale, zero
 
 
 def implied_zero(qw: QuantizedWeight) -> torch.Tensor:

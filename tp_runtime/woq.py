@@ -15,7 +15,7 @@ once at load among the kernels that can serve it, and the winner is cached on di
           aten_int8_bf16  the same fed bf16 activations from an fp32 model (its only fast CPU path)
           fbgemm_int8     FBGEMM's dynamic linear (quantized.linear_dynamic on a prepacked per-channel
                           weight): the activation is quantized to 8 bits per call too, so it is W8A8 in
-                          effect, less exact than the others (CPU)
+                          effect, less exact than the others (CPU); only when named, never by auto
           dequant_int8    F.linear on the codes cast to the compute dtype, then the scales (fallback)
     int4  aten_int4_cpu   torch.ops.aten._weight_int4pack_mm_for_cpu on _convert_weight_to_int4pack_for_cpu
           aten_int4_cpu_bf16  the same fed bf16 activations from an fp32 model
@@ -128,6 +128,7 @@ def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto") -> dict:
 class Kernel:
     name = ""
     precision = ""
+    auto = True  # a candidate of --woq_kernel auto (False: only when named)
 
     @staticmethod
     def supports(w: QuantWeight, dtype: torch.dtype) -> bool:
@@ -173,7 +174,12 @@ class AtenInt8(_Int8Kernel):
 
 
 class FbgemmInt8(_Int8Kernel):
+    """Fast, but W8A8 in effect: one 8-bit scale for the whole activation row loses SmolLM2's small channels
+    beside its outliers (perplexity 12.44 -> 12.99 on CPython doc text, against 12.55 for aten_int8_bf16),
+    so `auto` never picks it; --woq_kernel fbgemm_int8 trades that for speed."""
+
     name = "fbgemm_int8"
+    auto = False
 
     @staticmethod
     def supports(w, dtype):
@@ -313,8 +319,10 @@ KERNELS = {k.name: k for k in (AtenInt8, bf16_variant(AtenInt8), FbgemmInt8, Deq
                                AtenInt4Cpu, bf16_variant(AtenInt4Cpu), AtenInt4Cuda, DequantInt4)}
 
 
-def candidates(w: QuantWeight, dtype: torch.dtype) -> list[str]:
-    return [n for n, k in KERNELS.items() if k.precision == w.precision and k.supports(w, dtype)]
+def candidates(w: QuantWeight, dtype: torch.dtype, auto: bool = False) -> list[str]:
+    """Kernels that can serve w (with auto: those `--woq_kernel auto` may pick)."""
+    return [n for n, k in KERNELS.items()
+            if k.precision == w.precision and k.supports(w, dtype) and (k.auto or not auto)]
 
 
 # ---------------------------------------------------------------------------
@@ -397,6 +405,7 @@ def choose(w: QuantWeight, dtype: torch.dtype) -> str:
                                 f"{w.in_features} weight (group {w.group_size}) on {w.q.device.type} in "
                                 f"{str(dtype).removeprefix('torch.')}; it can use: {', '.join(names)}")
             return w.kernel
+    names = candidates(w, dtype, auto=True)
     if len(names) == 1:
         return names[0]
     key = cache_key(w, dtype)
