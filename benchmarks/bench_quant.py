@@ -5,7 +5,8 @@ process per configuration, one warm-up, median of 3 (bench_cpu_tp's protocol and
     fp32 | int8 | int8 + int8 lm_head | int4 g64 (+ int8 lm_head) | int4 g32 (+ int8 lm_head) | int4 g64 AWQ
     | ORT GenAI int4 (its builder)
 Per configuration: decode tok/s, TTFT, the bytes on disk of the quantized linears beside the same linears in
-fp16, and the rank's RSS after the runs (KV cache sized for this one request); then the issue's ratios (int8 / our fp32, int4 / ORT GenAI int4).
+fp16, and the rank's RSS after the runs (KV cache sized for this one request); then the issue's ratios
+(int8 / our fp32, int4 / ORT GenAI int4).
 
     .venv/bin/python benchmarks/bench_quant.py [--new_tokens 128] [--skip_ort] [--out benchmarks/results/quant.json]
 """
@@ -75,7 +76,8 @@ def linear_bytes(engine: str) -> tuple[int, int]:
         on_disk += meta["data_offsets"][1] - meta["data_offsets"][0]
         if name.endswith(".weight"):
             rows, cols = meta["shape"]
-            if meta["dtype"] == "U8" and "lm_head" not in name and cfg.quantization.get("weight_only_precision") == "int4":
+            int4 = cfg.quantization.get("weight_only_precision") == "int4"
+            if meta["dtype"] == "U8" and "lm_head" not in name and int4:
                 cols *= 2  # two int4 codes a byte
             fp16 += rows * cols * 2
     return on_disk, fp16
@@ -122,7 +124,8 @@ def main() -> int:
                 r = json.load(f)
             os.unlink(out)
             on_disk, fp16 = linear_bytes(engine)
-            rows.append({"config": label, **r, "convert_s": convert_s, "engine_bytes": bench_cpu_tp.engine_bytes(engine),
+            rows.append({"config": label, **r, "convert_s": convert_s,
+                         "engine_bytes": bench_cpu_tp.engine_bytes(engine),
                          "linear_bytes": on_disk, "linear_fp16_bytes": fp16})
             shutil.rmtree(engine)
         if not args.skip_ort:
@@ -132,7 +135,8 @@ def main() -> int:
                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
             print("[bench_quant] ONNX Runtime GenAI int4", file=sys.stderr, flush=True)
             r = bench_cpu_tp.run_worker(["ort", out_dir, args.threads, ids, args.new_tokens])
-            size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir) if f.startswith("model.onnx"))
+            size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir)
+                       if f.startswith("model.onnx"))
             rows.append({"config": "ONNX Runtime GenAI int4", **r, "engine_bytes": size})
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -143,11 +147,13 @@ def main() -> int:
           "| kernels |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        lin = f"{r['linear_bytes'] / 1e6:.1f} | {r['linear_bytes'] / r['linear_fp16_bytes']:.2f}" if "linear_bytes" in r else " | "
+        lin = " | "
+        if "linear_bytes" in r:
+            lin = f"{r['linear_bytes'] / 1e6:.1f} | {r['linear_bytes'] / r['linear_fp16_bytes']:.2f}"
         rss = f"{r['rss_mb']:.0f}" if "rss_mb" in r else ""
         conv = f"{r['convert_s']:.0f}" if "convert_s" in r else ""
-        print(f"| {r['config']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} | {lin} | {r['engine_bytes'] / 1e6:.0f} | "
-              f"{rss} | {conv} | {', '.join(r.get('kernels', []))} |")
+        print(f"| {r['config']} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.0f} | {lin} | "
+              f"{r['engine_bytes'] / 1e6:.0f} | {rss} | {conv} | {', '.join(r.get('kernels', []))} |")
     by = {r["config"]: r for r in rows}
     print()
     if "fp32" in by:

@@ -13,7 +13,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from tp_runtime import woq
 from tp_runtime.layers import matmul, pack_weight

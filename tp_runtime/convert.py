@@ -214,7 +214,8 @@ def convert(
                             "convert it without --use_weight_only")
         quant = prequant
     if quant is not None and quant.algo == "awq" and not quant.prequantized and quant.awq is None:
-        plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)  # checks first
+        # plan first: a flag or group-size mistake is reported before the calibration run
+        plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)
         quant = dataclasses.replace(quant, awq=search_awq(ckpt, model_dir, quant, calib_file, calib_samples,
                                                           calib_seq_len, progress))
     plan = plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)

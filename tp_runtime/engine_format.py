@@ -65,7 +65,8 @@ def layer_prefix(i: int) -> str:
 # P.weights_scaling_factor (out, in / group) [, P.zero uint8 (out, in / group)]. Symmetric zeros: 0 / 8.
 # AWQ scales that could not be folded: P.prequant_scaling_factor (in,), multiplies the activation first.
 # Scales stay float32 whatever the engine dtype.
-INT8_SCALE, INT4_SCALE, ZERO, PREQUANT = "per_channel_scale", "weights_scaling_factor", "zero", "prequant_scaling_factor"
+INT8_SCALE, INT4_SCALE = "per_channel_scale", "weights_scaling_factor"
+ZERO, PREQUANT = "zero", "prequant_scaling_factor"
 QUANT_SUFFIXES = tuple(f".{s}" for s in (INT8_SCALE, INT4_SCALE, ZERO, PREQUANT))
 
 
