@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_runtime import engine_format as ef
+from tp_runtime import woq
 from tp_runtime.comm import Communicator
 from tp_runtime.engine_format import EngineConfig
-from tp_runtime import woq
 from tp_runtime.layers import (ColumnParallelLinear, Embedding, LayerNorm, ParallelLMHead, RMSNorm, RowParallelLinear,
                                VocabParallelEmbedding)
 
