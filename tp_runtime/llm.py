@@ -88,7 +88,7 @@ def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device, progr
     with safe_open(path, framework="pt", device="cpu") as f:
         for name in tqdm(list(f.keys()), desc="loading", unit="tensor", disable=not progress, leave=False):
             t = f.get_tensor(name)
-            if t.is_floating_point() and t.dtype != dtype:
+            if t.is_floating_point() and t.dtype != dtype and not name.endswith(ef.QUANT_SUFFIXES):
                 t = t.to(dtype)
             out[name] = t.to(device)
     return out
@@ -117,7 +117,7 @@ class LLM:
     def __init__(self, engine_dir: str, device: str = "auto", threads: int | None = None,
                  max_batch_size: int | None = None, max_seq_len: int | None = None, dtype: str = "auto",
                  tokenizer_dir: str | None = None, comm_timeout_s: float = DEFAULT_TIMEOUT_S, comm: str = "auto",
-                 bind: str = "auto", reserve_cores: int = 0, compile: str = "auto"):
+                 bind: str = "auto", reserve_cores: int = 0, compile: str = "auto", woq_kernel: str = "auto"):
         self.engine_dir = engine_dir
         self.info = detect_launch()
         self.rank = self.info.rank
@@ -160,7 +160,7 @@ class LLM:
         self.comm = make_communicator(self.info, self.device, comm_timeout_s, comm)
         show = self.rank == 0 and sys.stderr.isatty()  # rank 0 alone draws the bar
         weights = load_rank_weights(os.path.join(engine_dir, ef.rank_file(self.rank)), self.dtype, self.device, show)
-        self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len).eval()
+        self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len, woq_kernel).eval()
         del weights
         self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
         eos = self.generation_config.get("eos_token_id", cfg.eos_token_id)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_runtime import engine_format as ef
+from tp_runtime import woq
 from tp_runtime.comm import Communicator
 from tp_runtime.engine_format import EngineConfig
 from tp_runtime.layers import (ColumnParallelLinear, Embedding, LayerNorm, ParallelLMHead, RMSNorm, RowParallelLinear,
@@ -159,7 +160,8 @@ class GatedMLP(nn.Module):
         super().__init__()
         fc_b, gate_b = w.pop(f"{prefix}.fc.bias", None), w.pop(f"{prefix}.gate.bias", None)
         fused_b = torch.cat([fc_b, gate_b]) if fc_b is not None else None
-        self.fc_gate = ColumnParallelLinear(torch.cat([w.pop(f"{prefix}.fc.weight"), w.pop(f"{prefix}.gate.weight")]), fused_b)
+        fused = woq.cat_out([w.pop(f"{prefix}.fc.weight"), w.pop(f"{prefix}.gate.weight")])
+        self.fc_gate = ColumnParallelLinear(fused, fused_b)
         self.proj = RowParallelLinear(w.pop(f"{prefix}.proj.weight"), w.pop(f"{prefix}.proj.bias", None), comm)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
@@ -220,10 +222,12 @@ class TPDecoder(nn.Module):
     """This rank's part of the canonical decoder. Takes its tensors out of `weights` as it builds,
     so each source tensor is freed once its layer holds its own (transposed / fused) copy."""
 
-    def __init__(self, cfg: EngineConfig, rank: int, weights: dict, comm: Communicator, max_seq_len: int):
+    def __init__(self, cfg: EngineConfig, rank: int, weights: dict, comm: Communicator, max_seq_len: int,
+                 woq_kernel: str = "auto"):
         super().__init__()
         self.cfg = cfg
         emb = weights.pop(ef.EMBEDDING)
+        woq.collect(weights, emb.dtype, woq_kernel)  # weight-only quantized linears, if the engine has any
         self.embedding = VocabParallelEmbedding(emb, rank, comm) if cfg.use_parallel_embedding else Embedding(emb)
         self.layers = nn.ModuleList(DecoderLayer(cfg, rank, weights, i, comm) for i in range(cfg.num_hidden_layers))
         self.ln_f = make_norm(cfg, weights, ef.FINAL_NORM)

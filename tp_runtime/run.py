@@ -62,6 +62,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype; auto: the engine's, or float32 on CPUs without native bf16/fp16")
     r.add_argument("--comm", default="auto", choices=["auto", "shm", "gloo"],
                    help="CPU communicator: auto = shared memory when all ranks share this host, else gloo")
+    r.add_argument("--woq_kernel", default="auto",
+                   help="weight-only quantized engines: the matmul kernel (auto: timed per layer shape at load, "
+                        "cached; or one of aten_int8, aten_int8_bf16, fbgemm_int8, dequant_int8, aten_int4_cpu, "
+                        "aten_int4_cpu_bf16, aten_int4_cuda, dequant_int4)")
     r.add_argument("--comm_timeout", type=float, default=45.0, help="seconds before a collective gives up")
     r.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the decode step (auto: on where a C++ compiler or CUDA is present, "
@@ -73,7 +77,7 @@ def llm_from_args(args, **overrides) -> LLM:
     kw = dict(device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
               max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
               comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores,
-              compile=args.compile)
+              compile=args.compile, woq_kernel=args.woq_kernel)
     kw.update(overrides)
     return LLM(args.engine, **kw)
 
