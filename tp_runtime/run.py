@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streaming", action="store_true", help="print text as it is generated (rank 0)")
     p.add_argument("--run_profiling", action="store_true", help="repeat the generation 3 times and report timings")
     p.add_argument("--output_json", default=None, help="write outputs and timings to this file (rank 0)")
+    add_runtime_args(p)
+    return p
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The run-time flags tp-run and tp-serve share."""
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--threads", type=int, default=None,
@@ -57,7 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--comm", default="auto", choices=["auto", "shm", "gloo"],
                    help="CPU communicator: auto = shared memory when all ranks share this host, else gloo")
     r.add_argument("--comm_timeout", type=float, default=45.0, help="seconds before a collective gives up")
-    return p
+
+
+def llm_from_args(args) -> LLM:
+    """The LLM the runtime flags (and --engine, --tokenizer_dir) describe."""
+    return LLM(args.engine, device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
+               max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
+               comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores)
 
 
 def read_inputs(args) -> tuple[list, bool]:
@@ -122,9 +134,7 @@ def main(argv=None):
     params = sampling_from_args(args)
     if args.max_input_length is not None and args.max_input_length < 1:
         raise UserError(f"--max_input_length must be >= 1, got {args.max_input_length}")
-    llm = LLM(args.engine, device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
-              max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-              comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores)
+    llm = llm_from_args(args)
     lead = llm.rank == 0
     if lead:
         print(f"[tp-run] {llm.config.source_architecture} tp_size={llm.config.tp_size} device={llm.device} "

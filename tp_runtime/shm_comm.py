@@ -35,6 +35,8 @@ from tp_runtime.launch import LaunchInfo
 SLOT_BYTES = 4 << 20
 FLAG_STRIDE = 8  # int64 entries between two ranks' flags: one 64-byte cache line each
 SPINS_PER_CHECK = 2000
+BACKOFF_AFTER_S = 0.05  # a wait longer than this is no collective in flight but an idle peer
+MAX_SLEEP_S = 0.005
 
 
 def _alive(pid: int) -> bool:
@@ -99,8 +101,10 @@ class ShmCommunicator(TorchDistCommunicator):
         return rows
 
     def _wait(self, ranks, s: int) -> None:
+        """Spin (with sched_yield) until the flags reach s; after BACKOFF_AFTER_S, sleep between looks
+        (1% of the time waited so far, at most MAX_SLEEP_S), so an idle rank costs no core."""
         flags = self.flags
-        spins, deadline = 0, None
+        spins, start, deadline = 0, None, None
         while True:
             for r in ranks:
                 if flags[r * FLAG_STRIDE] < s:
@@ -108,9 +112,12 @@ class ShmCommunicator(TorchDistCommunicator):
             else:
                 return
             spins += 1
-            if spins % SPINS_PER_CHECK == 0:
+            if spins % SPINS_PER_CHECK == 0 or (start is not None and now - start > BACKOFF_AFTER_S):
                 now = time.monotonic()
+                start = start or now
                 deadline = deadline or now + self.timeout_s
+                if now - start > BACKOFF_AFTER_S:
+                    time.sleep(min(MAX_SLEEP_S, (now - start) * 0.01))
                 late = [r for r in ranks if flags[r * FLAG_STRIDE] < s]
                 gone = [r for r in late if not _alive(self.pids[r])]
                 if gone:
