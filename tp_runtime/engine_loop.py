@@ -133,8 +133,11 @@ class Scheduler:
     step() / run() / stop() run on the engine thread."""
 
     def __init__(self, model: TPDecoder, cache: KVCache, comm: Communicator, device: torch.device,
-                 eos_ids: list[int] | set[int], decode=None):
+                 eos_ids: list[int] | set[int], decode=None, on_step=None):
+        """decode(ids) -> str: the tokenizer (for text and stop words). on_step(kind, rows, seconds): called
+        after every PREFILL / DECODE step (metrics)."""
         self.model, self.cache, self.comm, self.device = model, cache, comm, device
+        self.on_step = on_step
         self.eos_ids, self.decode = set(eos_ids or []), decode
         self.vocab_size = model.cfg.vocab_size
         self.inbox: queue.Queue = queue.Queue()
@@ -222,22 +225,30 @@ class Scheduler:
         for b, r in enumerate(new):
             ids[b, : lens[b]] = torch.tensor(r.req.request.prompt_ids, dtype=torch.long)
         slots = torch.tensor([r.slot for r in new], dtype=torch.long)
+        t0 = time.perf_counter()
         step = self._broadcast(Step(PREFILL, slots, ids, torch.tensor(lens, dtype=torch.long)))
         logits = run_step(self.model, self.cache, step)
         self.running += new
         self.running.sort(key=lambda r: r.slot)
         self._sample(new, logits)
+        self._count("prefill", B, t0)
 
     def _decode(self) -> None:
         rows = self.running
         slots = torch.tensor([r.slot for r in rows], dtype=torch.long)
         ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
         positions = torch.tensor([r.pos for r in rows], dtype=torch.long)
+        t0 = time.perf_counter()
         step = self._broadcast(Step(DECODE, slots, ids, positions))
         logits = run_step(self.model, self.cache, step)
         for r in rows:
             r.pos += 1
         self._sample(list(rows), logits)
+        self._count("decode", len(slots), t0)
+
+    def _count(self, kind: str, rows: int, t0: float) -> None:
+        if self.on_step is not None:
+            self.on_step(kind, rows, time.perf_counter() - t0)
 
     def _sample(self, rows: list[_Running], logits: torch.Tensor) -> None:
         host = logits.float().cpu()

@@ -44,8 +44,20 @@ class Metrics:
                               buckets=LATENCY_BUCKETS)
         self.itl = Histogram("tp_serve_inter_token_latency_seconds", "time between two tokens of a request",
                              registry=r, buckets=LATENCY_BUCKETS)
+        self.steps = Counter("tp_serve_engine_steps", "engine steps by kind (prefill, decode)", ["kind"], registry=r)
+        self.step_rows = Counter("tp_serve_engine_step_rows", "rows summed over the engine steps (rows / steps: the "
+                                 "mean batch)", ["kind"], registry=r)
+        self.step_time = Histogram("tp_serve_engine_step_seconds", "duration of one engine step (forward + sampling)",
+                                   ["kind"], registry=r, buckets=LATENCY_BUCKETS)
         self.e2e = Histogram("tp_serve_request_duration_seconds", "arrival to last token", registry=r,
                              buckets=LATENCY_BUCKETS)
+
+
+    def on_step(self, kind: str, rows: int, seconds: float) -> None:
+        """The scheduler's step hook (engine thread)."""
+        self.steps.labels(kind).inc()
+        self.step_rows.labels(kind).inc(rows)
+        self.step_time.labels(kind).observe(seconds)
 
 
 class ServerState:
@@ -61,6 +73,7 @@ class ServerState:
         self.api_key, self.max_body_bytes = api_key, max_body_bytes
         self.engine_alive = engine_alive
         self.metrics = Metrics(scheduler)
+        scheduler.on_step = self.metrics.on_step
 
     def encode(self, text: str) -> list[int]:
         with self.lock:
