@@ -9,8 +9,8 @@ once. One iteration of the loop on rank 0:
        positions 0..len-1 of their slots (the causal mask keeps the padding out of every real
        token's view); rank 0 samples each one's first token
     3. DECODE every running request together: one token per row at its own position in its slot
-    4. nothing to do: wait for a request; after HEARTBEAT_S of quiet, broadcast an IDLE step so the
-       followers' collectives never reach their timeout
+    4. nothing to do: wait for a request; after a few seconds of quiet (HEARTBEAT_S, or a quarter of the
+       communicator's timeout), broadcast an IDLE step so the followers' waits never reach their timeout
 
 Every step is broadcast by rank 0 as a fixed-size header, then (unless it is IDLE or STOP) a payload;
 all ranks run the same forward in lockstep; the logits reach every rank and rank 0 alone samples,
@@ -38,7 +38,7 @@ from tp_runtime.model import KVCache, TPDecoder
 
 HEADER_LEN = 4
 IDLE, PREFILL, DECODE, STOP = 0, 1, 2, 3
-HEARTBEAT_S = 1.0
+HEARTBEAT_S = 5.0  # at most; a quarter of the communicator's timeout when that is shorter
 
 
 # --- the step protocol (every rank) ---
@@ -146,6 +146,7 @@ class Scheduler:
         self.free_slots = list(range(cache.max_batch_size))  # lowest first: rows then tend to be slots 0..B-1
         self.steps = 0
         self.last_broadcast = time.monotonic()
+        self.heartbeat_s = min(HEARTBEAT_S, getattr(comm, "timeout_s", HEARTBEAT_S * 4) / 4)
         self.stopped = False
 
     # --- any thread ---
@@ -214,7 +215,7 @@ class Scheduler:
             did = True
         if not did:
             self._drain_inbox(block_s)
-            if not self.waiting and time.monotonic() - self.last_broadcast >= HEARTBEAT_S:
+            if not self.waiting and time.monotonic() - self.last_broadcast >= self.heartbeat_s:
                 self._broadcast(Step(IDLE))
         return did
 
