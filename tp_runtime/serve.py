@@ -3,8 +3,8 @@
     tp-serve --engine ENGINE [--host 127.0.0.1] [--port 8000] [--api_key KEY] [--max_batch_size B]
              [--launcher auto|local|mpirun|torchrun|ray] [runtime flags of tp-run]
 
-Rank 0 serves HTTP (server.py) and runs the scheduler (engine_loop.py) on an engine thread; the other
-ranks follow its steps. Who starts the ranks:
+Rank 0 runs the scheduler (engine_loop.py) on its main thread and serves HTTP (server.py) on a second
+thread; the other ranks follow its steps. Who starts the ranks:
     this process is already a rank (mpirun, torchrun, a Ray actor: launcher variables are set)
                     -> serve as that rank
     --launcher local, or auto with tp_size > 1 -> start tp_size rank processes here (local_launch.py)
@@ -121,36 +121,48 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def _serve(llm, scheduler, tokenizer, lock, sock, args, api_key, name) -> int:
+    """The engine loop runs on the main thread (torch runs its parallel regions ~1.7x slower from another
+    thread here); uvicorn runs on a second thread. SIGINT / SIGTERM end the HTTP server (its in-flight
+    requests get a few seconds), and its end stops the engine loop."""
     import uvicorn
 
     from tp_runtime.server import ServerState, create_app
 
     stop = threading.Event()
     failure = []
-
-    def engine():
-        try:
-            scheduler.run(stop)
-        except BaseException as e:  # a failed forward: no request can be served any more
-            failure.append(e)
-            server.should_exit = True
-
-    engine_thread = threading.Thread(target=engine, name="tp-serve-engine", daemon=True)
     state = ServerState(scheduler, tokenizer, name, llm.max_seq_len, api_key, args.max_body_bytes, lock,
-                        llm.generation_config, engine_alive=lambda: engine_thread.is_alive() and not failure)
+                        llm.generation_config, engine_alive=lambda: not stop.is_set() and not failure)
     config = uvicorn.Config(create_app(state), log_level=args.log_level, access_log=args.access_log,
                             timeout_graceful_shutdown=5, lifespan="off")
     server = _Server(config)
-    engine_thread.start()
+
+    def http():
+        try:
+            server.run(sockets=[sock])
+        finally:
+            stop.set()
+
+    def on_signal(sig, frame):
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    http_thread = threading.Thread(target=http, name="tp-serve-http", daemon=True)
+    http_thread.start()
     host, port = sock.getsockname()[:2]
     print(f"[tp-serve] serving {name!r} at http://{host}:{port}/v1 (tp_size={llm.config.tp_size}, device="
           f"{llm.device}, comm={llm.comm.backend}, max_batch_size={llm.max_batch_size}, "
           f"max_seq_len={llm.max_seq_len}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     try:
-        server.run(sockets=[sock])
+        scheduler.run(stop)
+    except Exception as e:  # a failed forward: no request can be served any more
+        failure.append(e)
     finally:
-        stop.set()
-        engine_thread.join(timeout=args.comm_timeout + 10)
+        server.should_exit = True
+        http_thread.join(timeout=30)
+        for s, h in old.items():
+            signal.signal(s, h)
         llm.close()
     if failure:
         print(f"[tp-serve] the engine failed: {failure[0]}", file=sys.stderr, flush=True)
@@ -160,8 +172,8 @@ def _serve(llm, scheduler, tokenizer, lock, sock, args, api_key, name) -> int:
 
 
 class _Server:
-    """uvicorn.Server whose signal handling ends in a normal return (uvicorn re-raises the signal
-    once it has shut down, which would kill rank 0 before it stops the other ranks)."""
+    """uvicorn.Server on a thread of its own: the main thread handles the signals (uvicorn would only
+    install its handlers on the main thread, and re-raise the signal once it has shut down)."""
 
     def __new__(cls, config):
         import uvicorn
@@ -169,15 +181,7 @@ class _Server:
         class Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self):
-                if threading.current_thread() is not threading.main_thread():
-                    yield
-                    return
-                old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
-                try:
-                    yield
-                finally:
-                    for s, h in old.items():
-                        signal.signal(s, h)
+                yield
 
         return Server(config)
 

@@ -2,7 +2,7 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (stream true: `data: {...}` events, then
 `data: [DONE]`), GET /v1/models, GET /health (no key), GET /metrics (Prometheus text format).
-The engine runs on its own thread (engine_loop.Scheduler); a request hands it a ServeRequest whose
+The engine loop (engine_loop.Scheduler) runs on another thread; a request hands it a ServeRequest whose
 events come back to the request's asyncio queue. A request whose client goes away is cancelled, which
 frees its cache slot at the next step. Every error answers in OpenAI's shape
 {"error": {"message", "type", "param", "code"}}.
