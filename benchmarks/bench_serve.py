@@ -10,7 +10,8 @@ ignore_eos, so each produces exactly that many. Per level:
     TTFT p50 / p99          send -> first chunk with text (ms)
     ITL p50 / p99           gaps between chunks with text, over all requests (ms)
     errors                  non-200 answers, broken streams, wrong token counts (goal: 0)
-Server RSS (all ranks) is read before the first level and after the last (goal: flat).
+Server RSS (all ranks) is read after a warm-up at the highest concurrency (which touches every cache slot
+once), after each level, and after the last (goal: flat).
 
     .venv/bin/python benchmarks/bench_serve.py        # table, results/serve.json, results/serve.png
 """
@@ -145,7 +146,10 @@ def bench_tp(engine: str, tp: int, args) -> dict:
                              "--max_seq_len", str(args.max_seq_len)], env=env)
     try:
         wait_healthy(url, proc)
-        asyncio.run(run_level(url, 1, 2, args.max_tokens, 60))  # warm-up
+        # Warm-up at the highest concurrency: every cache slot and the allocator's large-batch buffers get
+        # touched once, so "RSS before" holds them and a growth after it would be a leak.
+        top = max(args.concurrency)
+        asyncio.run(run_level(url, top, top, args.max_tokens, args.level_s))
         time.sleep(1.0)
         c0, t0 = cpu_s(proc), time.perf_counter()
         time.sleep(args.idle_s)
@@ -156,6 +160,7 @@ def bench_tp(engine: str, tp: int, args) -> dict:
             level = asyncio.run(run_level(url, c, max(8, 2 * c), args.max_tokens, args.level_s))
             print(f"  tp={tp} c={c}: {level['req_per_s']:.2f} req/s, {level['output_tok_per_s']:.1f} tok/s, "
                   f"errors {level['errors']}", file=sys.stderr, flush=True)
+            level["rss_after_mb"] = rss_mb(proc)
             levels.append(level)
         rss_after = rss_mb(proc)
     finally:
@@ -177,8 +182,10 @@ def table(results: list[dict]) -> str:
             rows.append(f"| {r['tp']} | {lv['concurrency']} | {lv['requests']} | {lv['req_per_s']:.2f} | "
                         f"{lv['output_tok_per_s']:.1f} | {lv['ttft_p50_ms']:.0f} / {lv['ttft_p99_ms']:.0f} | "
                         f"{lv['itl_p50_ms']:.1f} / {lv['itl_p99_ms']:.1f} | {lv['errors']} |")
-    mem = "\n".join(f"tp={r['tp']}: server RSS {r['rss_before_mb']:.0f} MiB before, {r['rss_after_mb']:.0f} MiB "
-                    f"after; idle CPU {r['idle_cpu_cores'] * 100:.1f}% of a core; exit code {r['exit_code']}"
+    mem = "\n".join(f"tp={r['tp']}: server RSS {r['rss_before_mb']:.0f} MiB before, "
+                    + ", ".join(f"{lv['rss_after_mb']:.0f}" for lv in r["levels"])
+                    + f" MiB after each level; idle CPU {r['idle_cpu_cores'] * 100:.1f}% of a core; "
+                      f"exit code {r['exit_code']}"
                     for r in results)
     return "\n".join([head, *rows]) + "\n\n" + mem
 
