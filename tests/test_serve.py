@@ -106,6 +106,22 @@ def test_scheduler_cancel_frees_the_slot(tiny_llm):
     assert other == llm.generate([[8, 9]], _params(5))[0].output_ids
 
 
+def test_presence_and_frequency_penalties():
+    """OpenAI's rule: logit - count * frequency_penalty - (count > 0) * presence_penalty, over generated tokens."""
+    import torch
+
+    from tp_runtime.sampling import RowSampler
+
+    logits = torch.tensor([1.0, 0.9, 0.0, -1.0])
+    plain = RowSampler(SamplingParams(greedy=True).resolved({}), [2], 4)
+    assert [plain(logits) for _ in range(4)] == [0, 0, 0, 0]
+    # counts (0, 1, 2) of token 0 -> 1, 0.75, 0.55; of token 1 -> 0.9, 0.65: picks alternate
+    pen = RowSampler(SamplingParams(greedy=True, frequency_penalty=0.2, presence_penalty=0.05).resolved({}), [2], 4)
+    assert [pen(logits) for _ in range(4)] == [0, 1, 0, 1]
+    presence = RowSampler(SamplingParams(greedy=True, presence_penalty=1.5).resolved({}), [2], 4)
+    assert [presence(logits) for _ in range(3)] == [0, 1, 2]  # each token once, then the next best
+
+
 # --- the server, SmolLM2 at tp=2 under mpirun ---
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",
