@@ -106,6 +106,19 @@ def test_scheduler_cancel_frees_the_slot(tiny_llm):
     assert other == llm.generate([[8, 9]], _params(5))[0].output_ids
 
 
+def test_scheduler_a_failing_request_fails_alone(tiny_llm):
+    llm = tiny_llm
+    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.generator.eos_ids)
+    bad, good = [], []
+    bad_params = SamplingParams(max_tokens=4, temperature=0.5, seed=2**70).resolved({})  # torch refuses the seed
+    sched.submit(ServeRequest(Request([4, 5], _params(6).resolved({})), lambda ev: good.extend(ev.token_ids)))
+    sched.submit(ServeRequest(Request([6, 7], bad_params), bad.append))
+    while sched.step():
+        pass
+    assert len(bad) == 1 and bad[0].finish_reason == "abort" and "Overflow" in bad[0].error
+    assert good == llm.generate([[4, 5]], _params(6))[0].output_ids and sorted(sched.free_slots) == [0, 1, 2]
+
+
 def test_presence_and_frequency_penalties():
     """OpenAI's rule: logit - count * frequency_penalty - (count > 0) * presence_penalty, over generated tokens."""
     import torch
@@ -345,6 +358,7 @@ BAD = [
      "only allowed with stream"),
     ("echo", "/v1/completions", dict(body={"prompt": "a", "echo": True}), 400, "'echo' is not supported"),
     ("seed type", "/v1/completions", dict(body={"prompt": "a", "seed": "x"}), 400, "'seed' must be an integer"),
+    ("seed range", "/v1/completions", dict(body={"prompt": "a", "seed": 2**64}), 400, "'seed' must be in"),
     ("unknown route", "/v1/embeddings", dict(body={}), 404, "Not Found"),
 ]
 

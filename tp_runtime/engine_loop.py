@@ -206,10 +206,15 @@ class Scheduler:
             new = []
             while self.waiting and self.free_slots:
                 req = self.waiting.popleft()
-                new.append(_Running(req, self.free_slots.pop(0), RowState(req.request, self.vocab_size, self.decode,
-                                                                        self.eos_ids)))
-            self._prefill(new)
-            did = True
+                try:
+                    row = RowState(req.request, self.vocab_size, self.decode, self.eos_ids)
+                except Exception as e:  # e.g. a seed torch refuses: this request fails alone
+                    self._emit(req, Event(finish_reason="abort", error=f"{type(e).__name__}: {e}"))
+                    continue
+                new.append(_Running(req, self.free_slots.pop(0), row))
+            if new:
+                self._prefill(new)
+                did = True
         if self.running:
             self._decode()
             did = True

@@ -100,7 +100,7 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...]) -> tuple[SamplingPa
         repetition_penalty=_get(body, "repetition_penalty", (int, float), None),
         presence_penalty=float(_get(body, "presence_penalty", (int, float), 0.0, lo=-2, hi=2)),
         frequency_penalty=float(_get(body, "frequency_penalty", (int, float), 0.0, lo=-2, hi=2)),
-        seed=_get(body, "seed", (int,), None),
+        seed=_get(body, "seed", (int,), None, lo=-(2**63), hi=2**64 - 1),
         stop=stop,
         ignore_eos=_get(body, "ignore_eos", (bool,), False),
     )
