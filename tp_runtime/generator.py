@@ -41,8 +41,8 @@ class Timings:
     total_s: float = 0.0
 
 
-class _RowState:
-    """Rank 0's book-keeping for one sequence."""
+class RowState:
+    """Rank 0's book-keeping for one sequence (shared with the continuous-batching loop, engine_loop.py)."""
 
     def __init__(self, req: Request, vocab_size: int, decode, eos_ids: set[int]):
         self.req, self.decode, self.out = req, decode, Completion()
@@ -130,7 +130,7 @@ class Generator:
         positions = torch.arange(T, device=dev).unsqueeze(0).expand(B, T)  # (B, T)
         last = torch.tensor(lens, device=dev) - 1
         lead = self.comm.rank == 0
-        rows = [_RowState(r, self.vocab_size, decode, self.eos_ids) for r in batch] if lead else []
+        rows = [RowState(r, self.vocab_size, decode, self.eos_ids) for r in batch] if lead else []
         if lead:
             timing["prefill_tokens"] += sum(lens)
 

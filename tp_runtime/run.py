@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
-    """The run-time flags every engine-driving command shares (tp-run, tp-eval)."""
+    """The run-time flags every engine-driving command shares (tp-run, tp-eval, tp-serve)."""
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--threads", type=int, default=None,

@@ -3,7 +3,8 @@
 Defaults come from the engine's generation_config.json (its do_sample, temperature, top_k,
 top_p, repetition_penalty and EOS ids); a value given by the caller overrides it. Greedy when
 do_sample is off, when temperature is 0, or when top_k is 1 (TensorRT-LLM's run.py default).
-Order, as in transformers: repetition penalty, temperature, top-k, top-p, then a draw.
+Order, as in transformers: repetition penalty, presence / frequency penalties (OpenAI's, over the
+tokens generated so far), temperature, top-k, top-p, then a draw.
 Log-probs are taken from the raw logits, before any of these.
 """
 
@@ -21,6 +22,8 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
@@ -37,6 +40,9 @@ class SamplingParams:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise UserError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -96,12 +102,17 @@ class RowSampler:
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
             self.seen[torch.tensor(prompt_ids, dtype=torch.long)] = True
+        self.counts = None  # how often each token was generated, for the presence / frequency penalties
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32)
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: (vocab,) float32 on the CPU."""
         p = self.params
         if self.seen is not None:
             logits = apply_repetition_penalty(logits.clone(), self.seen, p.repetition_penalty)
+        if self.counts is not None:  # OpenAI's rule: logit - count * frequency - (count > 0) * presence
+            logits = logits - self.counts * p.frequency_penalty - (self.counts > 0).float() * p.presence_penalty
         if p.greedy:
             token = int(torch.argmax(logits))
         else:
@@ -110,4 +121,6 @@ class RowSampler:
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
         return token

@@ -35,6 +35,9 @@ from tp_runtime.launch import LaunchInfo
 SLOT_BYTES = 4 << 20
 FLAG_STRIDE = 8  # int64 entries between two ranks' flags: one 64-byte cache line each
 SPINS_PER_CHECK = 2000
+BACKOFF_AFTER_S = 0.005  # see _wait
+MAX_SLEEP_S = 0.005
+LOOK_EVERY_S = 0.05
 
 
 def _alive(pid: int) -> bool:
@@ -99,8 +102,12 @@ class ShmCommunicator(TorchDistCommunicator):
         return rows
 
     def _wait(self, ranks, s: int) -> None:
+        """Spin until the flags of `ranks` reach s, with a sched_yield every SPINS_PER_CHECK spins. A wait
+        longer than BACKOFF_AFTER_S is no collective in flight but an idle peer (a server between
+        requests): then sleep between looks, 1% of the time waited so far and at most MAX_SLEEP_S, so
+        an idle rank costs no core. Dead peers and the timeout are checked every LOOK_EVERY_S."""
         flags = self.flags
-        spins, deadline = 0, None
+        spins, start, next_look, sleeping = 0, None, 0.0, False
         while True:
             for r in ranks:
                 if flags[r * FLAG_STRIDE] < s:
@@ -108,16 +115,23 @@ class ShmCommunicator(TorchDistCommunicator):
             else:
                 return
             spins += 1
-            if spins % SPINS_PER_CHECK == 0:
-                now = time.monotonic()
-                deadline = deadline or now + self.timeout_s
+            if not sleeping and spins % SPINS_PER_CHECK:
+                continue
+            now = time.monotonic()
+            start = start or now
+            sleeping = now - start > BACKOFF_AFTER_S
+            if now >= next_look:
+                next_look = now + LOOK_EVERY_S
                 late = [r for r in ranks if flags[r * FLAG_STRIDE] < s]
                 gone = [r for r in late if not _alive(self.pids[r])]
-                if gone:
+                if gone and any(flags[r * FLAG_STRIDE] < s for r in ranks):  # (it may have posted, then left)
                     raise CommError(f"rank {self.rank}: rank(s) {gone} died during a shared-memory collective")
-                if now > deadline:
+                if late and now > start + self.timeout_s:
                     raise CommError(f"rank {self.rank}: rank(s) {late} did not reach shared-memory collective {s} "
                                     f"within {self.timeout_s:.0f}s")
+            if sleeping:
+                time.sleep(min(MAX_SLEEP_S, (now - start) * 0.01))
+            else:
                 os.sched_yield()
 
     def _begin(self) -> tuple[int, int]:
