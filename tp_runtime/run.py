@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--comm", default="auto", choices=["auto", "shm", "gloo"],
                    help="CPU communicator: auto = shared memory when all ranks share this host, else gloo")
     r.add_argument("--comm_timeout", type=float, default=45.0, help="seconds before a collective gives up")
+    la = p.add_argument_group("launcher")
+    la.add_argument("--launcher", default="auto", choices=["auto", "ray"],
+                    help="auto: this process is a rank of mpirun/torchrun (or alone); ray: start the ranks as Ray actors")
+    la.add_argument("--placement", default="pack", choices=["pack", "spread"],
+                    help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD)")
+    la.add_argument("--ray_address", default=None,
+                    help='--launcher ray: the Ray cluster ("auto": a running one; default: Ray\'s rule, else a new local one)')
     return p
 
 
@@ -122,6 +129,11 @@ def main(argv=None):
     params = sampling_from_args(args)
     if args.max_input_length is not None and args.max_input_length < 1:
         raise UserError(f"--max_input_length must be >= 1, got {args.max_input_length}")
+    if args.launcher == "ray":  # this process drives; the ranks run this main in Ray actors
+        from tp_runtime.ray_engine import launch_console_script
+
+        return launch_console_script(main, sys.argv[1:] if argv is None else list(argv), args.engine, args.device,
+                                     args.threads, args.placement, args.ray_address)
     llm = LLM(args.engine, device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
               max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
               comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores)
