@@ -251,7 +251,8 @@ class RankGroup:
     # --- running on every rank ---
 
     def _gather(self, refs: list, what: str) -> list:
-        """Results of one call per rank, in rank order. A failing rank ends the call for all (see module doc)."""
+        """Results of one call per rank, in rank order. When every rank raises a UserError (LLM checks a request
+        alike on every rank) it is raised and the ranks stay up; any other failure stops them all (module doc)."""
         ray = self.ray
         index = {ref: r for r, ref in enumerate(refs)}
         results, failures = {}, {}
@@ -265,16 +266,20 @@ class RankGroup:
                 r = index[ref]
                 try:
                     results[r] = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                except ray.exceptions.RayError as e:
                     failures[r] = e
                     deadline = deadline or time.monotonic() + GRACE_S
             if deadline is not None and time.monotonic() >= deadline:
                 break
         self._forward_output()
-        if failures:
-            self.shutdown()
-            raise _rank_failure(ray, what, failures)
-        return [results[r] for r in range(len(refs))]
+        if not failures:
+            return [results[r] for r in range(len(refs))]
+        agreed = len(failures) == len(refs) and all(isinstance(getattr(e, "cause", None), UserError)
+                                                    for e in failures.values())
+        if agreed:  # every rank refused the same request: the engine is intact
+            raise UserError(str(failures[0].cause))
+        self.shutdown()  # a rank is gone, or the ranks no longer agree: stop them all
+        raise _rank_failure(ray, what, failures)
 
     def _forward_output(self):
         if not self.capture or not self.actors:
