@@ -196,6 +196,7 @@ class RankGroup:
         self.ray = ray = import_ray()
         self.tp_size, self.capture = tp_size, capture
         self.actors, self.pg = [], None
+        self.lock = threading.RLock()  # one call at a time: every rank must run the same calls in the same order
         self.connected = connect(address)
         try:
             self._start(placement, use_gpu, cpus_per_rank, placement_timeout_s, env or {})
@@ -225,17 +226,16 @@ class RankGroup:
         remote = ray.remote(RankActor)
         self.actors = [
             remote.options(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), max_concurrency=2,
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-                           name=None).remote()
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)).remote()
             for r in range(self.tp_size)
         ]
-        self.nodes = self._gather([a.node.remote() for a in self.actors], "start")
-        addr, port = self.nodes[0]["ip"], self._gather([self.actors[0].free_port.remote()], "start")[0]
+        self.nodes = self._gather(lambda: [a.node.remote() for a in self.actors], "start")
+        addr, port = self.nodes[0]["ip"], self._gather(lambda: [self.actors[0].free_port.remote()], "start")[0]
         gpus_by_node = {}
         for n in self.nodes:
             gpus_by_node.setdefault(n["node_id"], []).extend(n["gpu_ids"])
-        setups = []
-        for r, (actor, (local_rank, local_world)) in enumerate(zip(self.actors, local_ranks(self.nodes, use_gpu))):
+        envs = []
+        for r, (local_rank, local_world) in enumerate(local_ranks(self.nodes, use_gpu)):
             rank_env = dict(env, RANK=str(r), WORLD_SIZE=str(self.tp_size), LOCAL_RANK=str(local_rank),
                             LOCAL_WORLD_SIZE=str(local_world), MASTER_ADDR=addr, MASTER_PORT=str(port),
                             TP_RUNTIME_LAUNCHER="ray", TP_RUNTIME_RANK_CPUS=str(bundle["CPU"]),
@@ -243,16 +243,22 @@ class RankGroup:
             if use_gpu:  # every rank of a node sees the node's GPUs of this group, so NCCL can reach its peers
                 ids = sorted(gpus_by_node[self.nodes[r]["node_id"]], key=lambda g: int(g) if g.isdigit() else g)
                 rank_env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
-            setups.append(actor.setup.remote(rank_env, os.getcwd(), self.capture and r == 0))
-        self._gather(setups, "start")
+            envs.append(rank_env)
+        cwd = os.getcwd()
+        self._gather(lambda: [a.setup.remote(e, cwd, self.capture and r == 0)
+                              for r, (a, e) in enumerate(zip(self.actors, envs))], "start")
         self.master = (addr, port)
         self.start_s = time.perf_counter() - t0
 
     # --- running on every rank ---
 
-    def _gather(self, refs: list, what: str) -> list:
+    def _gather(self, submit, what: str) -> list:
         """Results of one call per rank, in rank order. When every rank raises a UserError (LLM checks a request
         alike on every rank) it is raised and the ranks stay up; any other failure stops them all (module doc)."""
+        with self.lock:  # submitted and awaited under the lock, so the ranks see the calls in one order
+            return self._wait(submit(), what)
+
+    def _wait(self, refs: list, what: str) -> list:
         ray = self.ray
         index = {ref: r for r, ref in enumerate(refs)}
         results, failures = {}, {}
@@ -297,23 +303,23 @@ class RankGroup:
 
     def run(self, entry, argv: list[str]) -> list:
         """entry(argv) on every rank (entry must be importable where the actors run); returns the results."""
-        return self._gather([a.run.remote(entry, list(argv)) for a in self.actors], "run")
+        return self._gather(lambda: [a.run.remote(entry, list(argv)) for a in self.actors], "run")
 
     def start(self, factory, *args, **kwargs) -> None:
         """obj = factory(*args, **kwargs) on every rank, kept in the actor for call()."""
-        self._gather([a.start.remote(factory, args, kwargs) for a in self.actors], "start")
+        self._gather(lambda: [a.start.remote(factory, args, kwargs) for a in self.actors], "start")
 
     def call(self, method: str, *args, **kwargs) -> list:
         """obj.method(*args, **kwargs) on every rank at once; the results in rank order."""
         if not self.actors:
             raise UserError("the Ray ranks were shut down (after a failure or shutdown()); start a new engine")
-        return self._gather([a.call.remote(method, args, kwargs) for a in self.actors], method)
+        return self._gather(lambda: [a.call.remote(method, args, kwargs) for a in self.actors], method)
 
     def attr(self, name: str, rank: int = 0):
         """An attribute of rank `rank`'s object."""
         if not self.actors:
             raise UserError("the Ray ranks were shut down (after a failure or shutdown()); start a new engine")
-        return self._gather([self.actors[rank].attr.remote(name)], name)[0]
+        return self._gather(lambda: [self.actors[rank].attr.remote(name)], name)[0]
 
     def shutdown(self) -> None:
         """Stop the actors, remove the placement group, and leave a cluster this group joined."""

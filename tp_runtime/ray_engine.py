@@ -53,9 +53,10 @@ class RayEngine:
     def generate(self, prompts, sampling_params=None, chat_template: bool | None = False,
                  max_input_length: int | None = None):
         """As LLM.generate (without streaming): one RequestOutput per prompt, from rank 0."""
-        results = self.group.call("generate", prompts, sampling_params, chat_template=chat_template,
-                                  max_input_length=max_input_length)
-        self.last_timings = self.group.attr("last_timings")
+        with self.group.lock:  # safe to call from several threads: the calls queue up
+            results = self.group.call("generate", prompts, sampling_params, chat_template=chat_template,
+                                      max_input_length=max_input_length)
+            self.last_timings = self.group.attr("last_timings")
         return results[0]
 
     def shutdown(self) -> None:
