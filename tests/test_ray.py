@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import build_checkpoint, random_prompts, tool, tp_run_json
+from helpers import build_checkpoint, free_port, random_prompts, tool, tp_run_json
 from tp_runtime import SamplingParams
 from tp_runtime.comm import CommError
 from tp_runtime.errors import UserError
@@ -94,7 +94,7 @@ def test_dead_rank_is_reported(ray_local, engine, prompts):
 
     from tp_runtime import RayEngine
 
-    eng = RayEngine(engine, comm_timeout_s=20)
+    eng = RayEngine(engine, placement="spread", comm_timeout_s=20)  # SPREAD on one node: both bundles there
     try:
         ray.kill(eng.group.actors[1])
         t0 = time.monotonic()
@@ -130,3 +130,8 @@ def test_tp_run_launcher_ray(ray_local, engine, prompts, mpirun_outputs, tmp_pat
                           "--input_ids", "1,2", "--threads", "2"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2, bad.stderr
     assert "error: tp_size=2 needs 2 x (2 CPU) on one node" in bad.stderr and "Traceback" not in bad.stderr
+    # no cluster at the address: one line at once (ray.init alone would retry for minutes)
+    gone = subprocess.run([tool("tp-run"), "--launcher", "ray", "--ray_address", f"127.0.0.1:{free_port()}",
+                           "--engine", engine, "--input_ids", "1,2"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert gone.returncode == 2 and "error: no Ray cluster answers at 127.0.0.1:" in gone.stderr, gone.stderr

@@ -47,12 +47,28 @@ def connect(address: str | None = None) -> bool:
     ray = import_ray()
     if ray.is_initialized():
         return False
+    given = address if address not in (None, "auto", "local") else os.environ.get("RAY_ADDRESS")
+    if address != "local" and given and "://" not in given and not _reachable(given):
+        # ray.init would retry an unreachable GCS for minutes
+        raise UserError(f"no Ray cluster answers at {given} (nothing listens there); start one with "
+                        "`ray start --head`, or leave out --ray_address for a local one")
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
     except ConnectionError as e:
         raise UserError(f"cannot reach a Ray cluster at {address!r} ({e}); start one with `ray start --head`, "
                         "or leave out --ray_address for a local one") from None
     return True
+
+
+def _reachable(address: str, timeout_s: float = 5.0) -> bool:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return True  # not host:port: let Ray judge it
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 # --- inside each actor ---
