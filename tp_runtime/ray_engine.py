@@ -14,6 +14,7 @@ import sys
 
 from tp_runtime import engine_format as ef
 from tp_runtime.errors import UserError
+from tp_runtime.launch import detect_launch
 from tp_runtime.ray_cluster import DEFAULT_PLACEMENT_TIMEOUT_S, RankGroup, launch_ranks
 
 
@@ -80,6 +81,8 @@ def launch_console_script(main, argv: list[str], engine_dir: str, device: str = 
                           placement: str = "pack", address: str | None = None) -> int:
     """Run a console script's main(argv) on tp_size Ray actors (argv with `--launcher auto` appended, so the ranks
     run it as under torchrun); rank 0's output is printed here. Returns rank 0's exit status."""
+    if detect_launch().world_size > 1:
+        raise UserError("--launcher ray starts the ranks itself: run the command once, not under mpirun or torchrun")
     cfg = ef.EngineConfig.load(engine_dir)
     ef.check_rank_files(engine_dir, cfg.tp_size)
     results = launch_ranks(cfg.tp_size, main, [*argv, "--launcher", "auto"], placement=placement, address=address,
