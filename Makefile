@@ -36,6 +36,8 @@ bench: setup
 	$(BIN)/python benchmarks/roofline.py --engine engines/smollm2-135m-tp1 --out benchmarks/results/roofline.json
 	$(BIN)/python benchmarks/bench_convert_memory.py --out benchmarks/results/convert_memory.json
 	$(BIN)/python benchmarks/bench_20b_shapes.py --out benchmarks/results/20b_shapes.json
+	$(BIN)/python benchmarks/bench_woq_kernels.py --json benchmarks/results/woq_kernels.json
+	$(BIN)/python benchmarks/bench_quant.py --out benchmarks/results/quant.json
 	$(BIN)/python benchmarks/bench_ray.py --out benchmarks/results/ray.json
 
 clean:

@@ -1,9 +1,11 @@
 """CPU tensor parallelism against one process and against ONNX Runtime GenAI, with the machine's roofline.
 
-SmolLM2-135M-Instruct (or --hf_dir), batch 1, the same 128 prompt ids for everyone, greedy, 128 new tokens,
+SmolLM2-135M-Instruct (or --hf_dir, or --model llama-1b: the 1B-class random-weight Llama of configs/
+llama-1b-bench.json, fp32), batch 1, the same 128 prompt ids for everyone, greedy, 128 new tokens,
 EOS ignored; a fresh process per configuration, one warm-up, median of 3:
-    tp_runtime tp=1 x 2 threads, tp=1 x 1 thread, tp=2 x 1 thread over shared memory, tp=2 x 1 thread over gloo
-    ONNX Runtime GenAI fp32 and int4 (built here with its own builder, 2 threads), transformers (2 threads)
+    tp_runtime tp=1 x 2 threads, tp=1 x 1 thread, tp=2 x 1 thread over shared memory, tp=2 x 1 thread over gloo,
+        each with the compiled decode step (--compile on), and tp=1 x 2 / tp=2 x 1 shm with the eager step
+    ONNX Runtime GenAI fp32 and int4 (built here with its own builder, 2 threads; SmolLM2 only), transformers
 Roofline: the bytes of weights one decode step reads (the engine's rank files) over the read bandwidth of
 this machine (torch sum over 2 GiB, 2 threads); each result is given as a fraction of that ceiling.
 Prints a table and draws benchmarks/results/cpu_tp.png. Needs the `bench` extra (pip install -e '.[bench]').
@@ -34,10 +36,10 @@ def write_medians(once, out: str) -> None:
                    "decode_tok_s": statistics.median(r[1] for r in runs)}, f)
 
 
-def worker_tp(engine: str, threads: int, comm: str, ids: list, new: int, out: str) -> None:
+def worker_tp(engine: str, threads: int, comm: str, compile: str, ids: list, new: int, out: str) -> None:
     from tp_runtime import LLM, SamplingParams
 
-    llm = LLM(engine, threads=threads, comm=comm)
+    llm = LLM(engine, threads=threads, comm=comm, compile=compile)
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     llm.generate([ids], params)
     runs = []
@@ -140,6 +142,8 @@ def engine_bytes(engine: str) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hf_dir", default=None, help="default: SmolLM2-135M-Instruct from tp_runtime.assets")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "llama-1b"],
+                   help="llama-1b: random weights at configs/llama-1b-bench.json's shape (no ONNX Runtime rows)")
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--out", default=os.path.join(HERE, "results", "cpu_tp.json"))
     p.add_argument("--skip_ort", action="store_true")
@@ -147,22 +151,32 @@ def main() -> int:
     from tp_runtime.assets import smollm2_hf_dir
     from tp_runtime.convert import convert
 
-    hf = args.hf_dir or smollm2_hf_dir()
     from transformers import AutoTokenizer
 
     text = open(os.path.join(HERE, "bench_decode.py")).read()
-    ids = AutoTokenizer.from_pretrained(hf)(text)["input_ids"][:128]
+    ids = AutoTokenizer.from_pretrained(smollm2_hf_dir())(text)["input_ids"][:128]
     work = tempfile.mkdtemp(prefix="bench_cpu_tp-")
+    hf = args.hf_dir or smollm2_hf_dir()
+    if args.model == "llama-1b":
+        from tp_runtime.synthetic import load_preset, write_synthetic
+
+        hf = os.path.join(work, "llama-1b")
+        write_synthetic(load_preset("llama-1b-bench"), hf, dtype="float32", progress=False)
+        ids = [i % 32000 for i in ids]
+        args.skip_ort = True
+    model_name = "SmolLM2-135M-Instruct" if args.model == "smollm2" else "1B-class Llama (random weights)"
     rows = []
     try:
         e1, e2 = os.path.join(work, "tp1"), os.path.join(work, "tp2")
         convert(hf, e1, 1, progress=False)
         convert(hf, e2, 2, progress=False)
         n = args.new_tokens
-        configs = [("tp_runtime tp=1 x 2 threads", ["tp", e1, 2, "auto", ids, n], 1, e1),
-                   ("tp_runtime tp=1 x 1 thread", ["tp", e1, 1, "auto", ids, n], 1, e1),
-                   ("tp_runtime tp=2 x 1 thread, shm", ["tp", e2, 1, "shm", ids, n], 2, e1),
-                   ("tp_runtime tp=2 x 1 thread, gloo", ["tp", e2, 1, "gloo", ids, n], 2, e1),
+        configs = [("tp_runtime tp=1 x 2 threads", ["tp", e1, 2, "auto", "on", ids, n], 1, e1),
+                   ("tp_runtime tp=1 x 1 thread", ["tp", e1, 1, "auto", "on", ids, n], 1, e1),
+                   ("tp_runtime tp=2 x 1 thread, shm", ["tp", e2, 1, "shm", "on", ids, n], 2, e1),
+                   ("tp_runtime tp=2 x 1 thread, gloo", ["tp", e2, 1, "gloo", "on", ids, n], 2, e1),
+                   ("tp_runtime tp=1 x 2 threads, eager", ["tp", e1, 2, "auto", "off", ids, n], 1, e1),
+                   ("tp_runtime tp=2 x 1 thread, shm, eager", ["tp", e2, 1, "shm", "off", ids, n], 2, e1),
                    ("transformers, 2 threads", ["hf", hf, 2, ids, n], 1, e1)]
         if not args.skip_ort:
             for precision in ("fp32", "int4"):
@@ -183,7 +197,7 @@ def main() -> int:
                          "fraction_of_ceiling": r["decode_tok_s"] / ceiling})
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"SmolLM2-135M-Instruct, 128 prompt ids, {args.new_tokens} new, greedy, batch 1; read bandwidth "
+    print(f"{model_name}, fp32, 128 prompt ids, {args.new_tokens} new, greedy, batch 1; read bandwidth "
           f"{bandwidth:.1f} GB/s (2 threads)\n")
     print("| configuration | TTFT ms | decode tok/s | weights MB read per token | roofline tok/s | fraction |")
     print("|---|---|---|---|---|---|")
@@ -192,7 +206,7 @@ def main() -> int:
               f"{r['ceiling_tok_s']:.0f} | {r['fraction_of_ceiling']:.2f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"read_bandwidth_gbs": bandwidth, "rows": rows}, f, indent=1)
+        json.dump({"model": model_name, "read_bandwidth_gbs": bandwidth, "rows": rows}, f, indent=1)
     try:
         import matplotlib
 

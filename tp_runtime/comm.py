@@ -7,6 +7,10 @@ Chosen once at start-up:
     CPU, hosts     -> gloo
 Every collective has a timeout (the process group's), so a dead rank ends the job instead of
 hanging it.
+
+Inside a torch.compile'd step the two activation collectives (all_reduce, all_gather) are custom
+ops (tp_runtime::all_reduce_, tp_runtime::all_gather), opaque to the compiler, so a compiled decode
+step is one graph with the communication in it; outside compiled code they are plain calls.
 """
 
 import datetime
@@ -30,7 +34,7 @@ def _guard(fn):
             raise
         except Exception as e:  # gloo/NCCL raise RuntimeError or DistBackendError subclasses
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CommError(f"rank {self.rank}: {fn.__name__} failed, another rank died or timed out "
+            raise CommError(f"rank {self.rank}: {fn.__name__.lstrip('_')} failed, another rank died or timed out "
                             f"after {self.timeout_s:.0f}s ({first})") from None
 
     wrapped.__name__ = fn.__name__
@@ -65,10 +69,32 @@ class Communicator:
         pass
 
 
+_LIVE: list[Communicator] = []  # communicators by op id, for the custom ops below
+
+
+@torch.library.custom_op("tp_runtime::all_reduce_", mutates_args=("tensor",))
+def _all_reduce_op(tensor: torch.Tensor, comm_id: int) -> None:
+    _LIVE[comm_id]._all_reduce(tensor)
+
+
+@torch.library.custom_op("tp_runtime::all_gather", mutates_args=())
+def _all_gather_op(tensor: torch.Tensor, comm_id: int, world_size: int, dim: int) -> torch.Tensor:
+    return _LIVE[comm_id]._all_gather(tensor, dim)
+
+
+@_all_gather_op.register_fake
+def _(tensor, comm_id, world_size, dim):
+    shape = list(tensor.shape)
+    shape[dim] *= world_size
+    return tensor.new_empty(shape)
+
+
 class TorchDistCommunicator(Communicator):
     def __init__(self, info: LaunchInfo, backend: str, timeout_s: float = DEFAULT_TIMEOUT_S):
         import torch.distributed as dist
 
+        self.op_id = len(_LIVE)
+        _LIVE.append(self)
         self.dist = dist
         self.rank, self.world_size, self.backend = info.rank, info.world_size, backend
         self.timeout_s = timeout_s
@@ -83,13 +109,24 @@ class TorchDistCommunicator(Communicator):
         # Python objects travel over gloo even when tensors use NCCL.
         self.object_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
 
-    @_guard
     def all_reduce(self, tensor):
+        if torch.compiler.is_compiling():
+            torch.ops.tp_runtime.all_reduce_(tensor, self.op_id)
+            return tensor
+        return self._all_reduce(tensor)
+
+    def all_gather(self, tensor, dim=-1):
+        if torch.compiler.is_compiling():
+            return torch.ops.tp_runtime.all_gather(tensor, self.op_id, self.world_size, dim)
+        return self._all_gather(tensor, dim)
+
+    @_guard
+    def _all_reduce(self, tensor):
         self.dist.all_reduce(tensor)
         return tensor
 
     @_guard
-    def all_gather(self, tensor, dim=-1):
+    def _all_gather(self, tensor, dim=-1):
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         self.dist.all_gather(parts, tensor)

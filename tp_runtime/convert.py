@@ -9,6 +9,7 @@ renamed into place at the end, so an interrupted conversion never leaves an engi
 """
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -19,8 +20,10 @@ import torch
 
 from tp_runtime import engine_format as ef
 from tp_runtime import partition as pt
+from tp_runtime import quantize as qz
 from tp_runtime.adapters import COLUMN, QKV, REPLICATE, ROW_ATTN, ROW_MLP, VOCAB, CanonicalTensor, get_adapter
 from tp_runtime.checkpoint import open_checkpoint
+from tp_runtime.prequantized import open_prequantized
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.writer import StreamingSafetensorsWriter
 
@@ -35,14 +38,68 @@ def shard_tensor(rule: str, tensor, plan: pt.RankPlan, head_dim: int):
         return pt.shard_qkv(*tensor, plan.heads, head_dim)
     if rule == COLUMN:
         return pt.shard_column(tensor, plan.mlp_span)
-    if rule == ROW_ATTN:
-        q0, q1 = plan.heads.q_heads
-        return pt.shard_row(tensor, (q0 * head_dim, q1 * head_dim))
-    if rule == ROW_MLP:
-        return pt.shard_row(tensor, plan.mlp_span)
+    if rule in (ROW_ATTN, ROW_MLP):
+        return pt.shard_row(tensor, row_span(rule, plan, head_dim))
     if rule == VOCAB:
         return pt.shard_vocab(tensor, plan.rank, plan.tp)
     raise ValueError(f"unknown partition rule {rule}")
+
+
+def row_span(rule: str, plan: pt.RankPlan, head_dim: int) -> tuple[int, int] | None:
+    """[start, end) of the inputs a row-parallel weight keeps on this rank (None for other rules)."""
+    if rule == ROW_ATTN:
+        q0, q1 = plan.heads.q_heads
+        return q0 * head_dim, q1 * head_dim
+    if rule == ROW_MLP:
+        return plan.mlp_span
+    return None
+
+
+def prepare_tensor(ct: CanonicalTensor, full, quant: "qz.QuantScheme | None"):
+    """The unsharded tensor as the rank files will slice it: quantized once here when the scheme
+    covers it (each of q, k, v on its own), else unchanged."""
+    if quant is None or not quant.quantizes(ct.name):
+        return full
+    if isinstance(full[0] if isinstance(full, tuple) else full, qz.QuantizedWeight):
+        return full  # read from a pre-quantized checkpoint: its own codes and scales
+    scheme = quant.for_tensor(ct.name)
+    if ct.rule == QKV:
+        parts = tuple(qz.quantize_rtn(t, scheme, ct.name) for t in full)
+        meta = full[0].is_meta
+    else:
+        parts = (qz.quantize_rtn(full, scheme, ct.name),)
+        meta = full.is_meta
+    for qw in parts:
+        qw.pre_scale = quant.prequant(ct.name, meta)
+    return parts if ct.rule == QKV else parts[0]
+
+
+def with_awq(tensors: list, res) -> list:
+    """The canonical tensors with AWQ's scales applied as each is loaded (shapes unchanged)."""
+    from tp_runtime import awq
+
+    def wrap(ct):
+        return lambda meta: ct.load(True) if meta else awq.transform(ct.name, ct.load(False), res)
+
+    return [CanonicalTensor(ct.name, ct.rule, wrap(ct)) for ct in tensors]
+
+
+def rank_tensors(ct: CanonicalTensor, prepared, plan: pt.RankPlan, head_dim: int, out_dtype: torch.dtype):
+    """[(engine name, tensor)] of one canonical tensor for one rank: its slice in the engine dtype, or the
+    slices of its codes, scales and zeros."""
+    first = prepared[0] if isinstance(prepared, tuple) else prepared
+    if isinstance(first, qz.QuantizedWeight):
+        part = qz.shard_quantized(ct.rule, prepared, plan, head_dim, row_span(ct.rule, plan, head_dim))
+        return qz.engine_tensors(ct.name, part)
+    s = shard_tensor(ct.rule, prepared, plan, head_dim)
+    return [(ct.name, s.to(out_dtype) if s.dtype.is_floating_point else s)]
+
+
+def check_quantized_slices(quant: "qz.QuantScheme", ct: CanonicalTensor, meta, plans, head_dim: int,
+                           model: str) -> None:
+    in_features = (meta[0] if isinstance(meta, tuple) else meta).shape[1]
+    spans = [row_span(ct.rule, p, head_dim) for p in plans]
+    qz.check_slices(quant, ct.name, in_features, spans if spans[0] is not None else None, len(plans), model)
 
 
 def _checkpoint_dtype(ckpt) -> torch.dtype:
@@ -74,8 +131,9 @@ class EnginePlan:
 
 def plan_engine(ckpt, tp_size: int, dtype: str = "auto", model_name: str = "model",
                 max_seq_len: int | None = None, max_batch_size: int = 8,
-                parallel_embedding: bool = False) -> EnginePlan:
-    """Plan an engine from a checkpoint; works on a checkpoint of meta tensors too (tp-plan)."""
+                parallel_embedding: bool = False, quant: "qz.QuantScheme | None" = None) -> EnginePlan:
+    """Plan an engine from a checkpoint; works on a checkpoint of meta tensors too (tp-plan).
+    quant: weight-only quantization of the attention / MLP linears (and lm_head when it says so)."""
     if tp_size < 1:
         raise UserError(f"--tp_size must be >= 1, got {tp_size}")
     if dtype != "auto" and dtype not in DTYPES:
@@ -89,19 +147,26 @@ def plan_engine(ckpt, tp_size: int, dtype: str = "auto", model_name: str = "mode
                           fields["intermediate_size"], tp_size, model=model_name)
     head_dim = fields["head_size"]
     tensors = adapter.tensors(fields)
+    if quant is not None and quant.awq is not None:
+        tensors = with_awq(tensors, quant.awq)
     if parallel_embedding:  # the embedding split by vocab rows, exactly as lm_head
         tensors = [CanonicalTensor(t.name, VOCAB, t.load) if t.name == ef.EMBEDDING else t for t in tensors]
     # A tied lm_head sharded like the embedding (tp=1, or a vocab-parallel embedding) is the embedding
     # itself: store it once, the runtime ties them.
-    if fields["tie_word_embeddings"] and (tp_size == 1 or parallel_embedding):
+    # A quantized head is never the (float) embedding: it is stored on its own.
+    quant_head = quant is not None and quant.quantize_lm_head
+    if fields["tie_word_embeddings"] and (tp_size == 1 or parallel_embedding) and not quant_head:
         tensors = [t for t in tensors if t.name != ef.LM_HEAD]
 
     specs = [[] for _ in range(tp_size)]
     for ct in tensors:
         meta = ct.load(True)
+        if quant is not None and quant.quantizes(ct.name):
+            check_quantized_slices(quant, ct, meta, plans, head_dim, model_name)
+        prepared = prepare_tensor(ct, meta, quant)
         for p in plans:
-            s = shard_tensor(ct.rule, meta, p, head_dim)
-            specs[p.rank].append((ct.name, out_dtype if s.dtype.is_floating_point else s.dtype, tuple(s.shape)))
+            for name, s in rank_tensors(ct, prepared, p, head_dim, out_dtype):
+                specs[p.rank].append((name, s.dtype, tuple(s.shape)))
 
     if fields["hidden_act"] not in ef.ACTIVATIONS:
         raise UserError(f"{model_name}: activation {fields['hidden_act']!r} is not supported; "
@@ -118,6 +183,8 @@ def plan_engine(ckpt, tp_size: int, dtype: str = "auto", model_name: str = "mode
         use_parallel_embedding=parallel_embedding,
         **fields,
     )
+    if quant is not None:
+        cfg.quantization = quant.config()
     return EnginePlan(cfg, adapter, plans, tensors, specs, out_dtype)
 
 
@@ -131,13 +198,27 @@ def convert(
     max_batch_size: int = 8,
     progress: bool = True,
     parallel_embedding: bool = False,
+    quant: "qz.QuantScheme | None" = None,
+    calib_file: str | None = None,
+    calib_samples: int = 32,
+    calib_seq_len: int = 256,
 ) -> ef.EngineConfig:
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not force:
         raise UserError(f"output directory {output_dir} exists; pass --force to replace it")
-    ckpt = open_checkpoint(model_dir)
+    ckpt, prequant = open_prequantized(open_checkpoint(model_dir))
     model_name = os.path.basename(os.path.normpath(model_dir))
-    plan = plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding)
+    if prequant is not None:
+        if quant is not None:
+            raise UserError(f"{model_dir} is already quantized ({prequant.quant_algo}, group {prequant.group_size}); "
+                            "convert it without --use_weight_only")
+        quant = prequant
+    if quant is not None and quant.algo == "awq" and not quant.prequantized and quant.awq is None:
+        # plan first: a flag or group-size mistake is reported before the calibration run
+        plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)
+        quant = dataclasses.replace(quant, awq=search_awq(ckpt, model_dir, quant, calib_file, calib_samples,
+                                                          calib_seq_len, progress))
+    plan = plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)
     cfg, plans, tensors, specs, out_dtype = plan.config, plan.plans, plan.tensors, plan.specs, plan.out_dtype
     head_dim = cfg.head_size
 
@@ -150,10 +231,10 @@ def convert(
                    for r in range(tp_size)]
         bar = _progress(len(tensors), progress, "converting")
         for ct in tensors:
-            full = ct.load(False)
+            full = prepare_tensor(ct, ct.load(False), quant)
             for p in plans:
-                s = shard_tensor(ct.rule, full, p, head_dim)
-                writers[p.rank].write(ct.name, s.to(out_dtype) if s.dtype.is_floating_point else s)
+                for name, s in rank_tensors(ct, full, p, head_dim, out_dtype):
+                    writers[p.rank].write(name, s)
                 del s
             del full
             bar.update(1)
@@ -172,6 +253,15 @@ def convert(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return cfg
+
+
+def search_awq(ckpt, model_dir: str, quant, calib_file, calib_samples: int, calib_seq_len: int, progress: bool):
+    from tp_runtime import awq
+
+    adapter = get_adapter(ckpt)
+    fields = adapter.config()
+    tensors = {ct.name: ct for ct in adapter.tensors(fields)}
+    return awq.search(model_dir, tensors, fields, quant, calib_file, calib_samples, calib_seq_len, progress)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -227,19 +317,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_parallel_embedding", action="store_true",
                    help="split the embedding by vocab rows across ranks (all-reduced after the lookup) "
                         "instead of replicating it")
+    q = p.add_argument_group("weight-only quantization (TensorRT-LLM's flags)")
+    q.add_argument("--use_weight_only", action="store_true",
+                   help="quantize the attention and MLP weights (activations stay in the engine dtype)")
+    q.add_argument("--weight_only_precision", default=None, choices=list(qz.PRECISIONS),
+                   help="int8 (per channel, W8A16) or int4 (per group, W4A16); default int8")
+    q.add_argument("--group_size", type=int, default=None,
+                   help="int4: inputs per scale, e.g. 32, 64, 128 (default), or -1 per channel; int8 is per channel")
+    q.add_argument("--zero_point", action="store_true", help="asymmetric codes with a zero point per group")
+    q.add_argument("--quant_algo", default="rtn", help="rtn (round to nearest, default) or awq (int4)")
+    q.add_argument("--quantize_lm_head", action="store_true", help="also quantize lm_head (int8, per channel)")
+    q.add_argument("--calib_file", default=None,
+                   help="awq: calibration text file (default: the documentation topics shipped with CPython)")
+    q.add_argument("--calib_samples", type=int, default=None, help="awq: calibration samples (default 32)")
+    q.add_argument("--calib_seq_len", type=int, default=None, help="awq: tokens per sample (default 256)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
 
 
+def scheme_from_args(args) -> "qz.QuantScheme | None":
+    quant_flags = (args.weight_only_precision, args.group_size, args.quantize_lm_head or None,
+                   args.zero_point or None, None if args.quant_algo == "rtn" else args.quant_algo)
+    if not args.use_weight_only:
+        if any(f is not None for f in quant_flags):
+            raise UserError("--weight_only_precision / --group_size / --zero_point / --quant_algo / "
+                            "--quantize_lm_head need --use_weight_only")
+        return None
+    return qz.parse_scheme(args.weight_only_precision or "int8", args.group_size, args.zero_point,
+                           args.quant_algo, args.quantize_lm_head)
+
+
 @exit_on_user_error
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    quant = scheme_from_args(args)
+    calib = (args.calib_file, args.calib_samples, args.calib_seq_len)
+    if (quant is None or quant.algo != "awq") and any(c is not None for c in calib):
+        raise UserError("--calib_file / --calib_samples / --calib_seq_len are for --quant_algo awq")
     cfg = convert(args.model_dir, args.output_dir, args.tp_size, args.dtype, args.force,
                   args.max_seq_len, args.max_batch_size, progress=not args.no_progress,
-                  parallel_embedding=args.use_parallel_embedding)
+                  parallel_embedding=args.use_parallel_embedding, quant=quant, calib_file=args.calib_file,
+                  calib_samples=args.calib_samples or 32, calib_seq_len=args.calib_seq_len or 256)
     print(f"wrote {args.output_dir}: {cfg.source_architecture}, tp_size={cfg.tp_size}, dtype={cfg.dtype}, "
-          f"heads per rank {cfg.heads_per_rank}, kv heads per rank {cfg.kv_heads_per_rank}")
+          f"heads per rank {cfg.heads_per_rank}, kv heads per rank {cfg.kv_heads_per_rank}"
+          + (f", weights {cfg.quantization['quant_algo']}" if cfg.quantization.get("quant_algo") else ""))
     return 0
 
 

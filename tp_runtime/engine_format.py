@@ -59,6 +59,29 @@ def layer_prefix(i: int) -> str:
     return f"transformer.layers.{i}"
 
 
+# Weight-only quantized linears (see quantize.py for the scheme): `P.weight` holds integer codes, beside
+# TensorRT-LLM's scale tensors. int8: P.weight int8 (out, in), P.per_channel_scale (out,) [, P.zero (out,)].
+# int4: P.weight uint8 (out, in / 2), two codes 0..15 a byte, input 2j in the low nibble;
+# P.weights_scaling_factor (out, in / group) [, P.zero uint8 (out, in / group)]. Symmetric zeros: 0 / 8.
+# AWQ scales that could not be folded: P.prequant_scaling_factor (in,), multiplies the activation first.
+# Scales stay float32 whatever the engine dtype.
+INT8_SCALE, INT4_SCALE = "per_channel_scale", "weights_scaling_factor"
+ZERO, PREQUANT = "zero", "prequant_scaling_factor"
+QUANT_SUFFIXES = tuple(f".{s}" for s in (INT8_SCALE, INT4_SCALE, ZERO, PREQUANT))
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) codes 0..15 -> (out, in / 2) uint8, input 2j in the low nibble, 2j+1 in the high one."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(out, in / 2) uint8 -> (out, in) uint8 codes 0..15."""
+    out = torch.stack([packed & 0x0F, packed >> 4], dim=-1)  # (out, in / 2, 2)
+    return out.reshape(packed.shape[0], packed.shape[1] * 2)
+
+
 @dataclass
 class EngineConfig:
     """config.json of an engine. Global sizes and per-rank sizes are named apart."""

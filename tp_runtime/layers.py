@@ -7,6 +7,8 @@
     Embedding              replicated: a lookup reads one row
 
 The all-reduce lives in RowParallelLinear.forward and nowhere else; the head gathers.
+A weight may be a woq.QuantWeight (weight-only int8 / int4): the layer then runs it through a
+woq.WeightOnlyLinear (its kernel chosen at load) instead of a float matmul; the rest is the same.
 """
 
 import torch
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_runtime.comm import Communicator
+from tp_runtime.woq import QuantWeight, WeightOnlyLinear
 
 
 def pack_weight(weight: torch.Tensor) -> tuple[nn.Parameter, bool]:
@@ -29,26 +32,41 @@ def matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
     return x @ w if transposed else F.linear(x, w)
 
 
-class ColumnParallelLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+class _Linear(nn.Module):
+    """A float weight (packed by pack_weight) or a weight-only quantized one: `self.woq` then."""
+
+    def _set_weight(self, weight):
+        self.woq = None
+        if isinstance(weight, QuantWeight):
+            self.weight, self.transposed = None, False
+            self.woq = WeightOnlyLinear(weight)
+        else:
+            self.weight, self.transposed = pack_weight(weight)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.woq(x) if self.woq is not None else matmul(x, self.weight, self.transposed)
+
+
+class ColumnParallelLinear(_Linear):
+    def __init__(self, weight, bias: torch.Tensor | None = None):
         super().__init__()
-        self.weight, self.transposed = pack_weight(weight)  # (out_per_rank, in), or its transpose
+        self._set_weight(weight)  # (out_per_rank, in), or its transpose, or quantized
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul(x, self.weight, self.transposed)
+        y = self._matmul(x)
         return y + self.bias if self.bias is not None else y
 
 
-class RowParallelLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, comm: Communicator):
+class RowParallelLinear(_Linear):
+    def __init__(self, weight, bias: torch.Tensor | None, comm: Communicator):
         super().__init__()
-        self.weight, self.transposed = pack_weight(weight)  # (out, in_per_rank), or its transpose
+        self._set_weight(weight)  # (out, in_per_rank), or its transpose, or quantized
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul(x, self.weight, self.transposed)  # partial sum of this rank's input slice
+        y = self._matmul(x)  # partial sum of this rank's input slice
         self.comm.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias  # once, after the sum
@@ -82,17 +100,17 @@ class VocabParallelEmbedding(nn.Module):
         return self.comm.all_reduce(x)
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(_Linear):
     """Vocab-parallel head: each rank holds vocab_padded / tp rows; padded rows are dropped."""
 
-    def __init__(self, weight: torch.Tensor, vocab_size: int, comm: Communicator):
+    def __init__(self, weight, vocab_size: int, comm: Communicator):
         super().__init__()
-        self.weight, self.transposed = pack_weight(weight)  # (vocab_padded / tp, hidden), or its transpose
+        self._set_weight(weight)  # (vocab_padded / tp, hidden), or its transpose, or quantized
         self.vocab_size = vocab_size
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = matmul(x, self.weight, self.transposed)  # (..., vocab_padded / tp)
+        local = self._matmul(x)  # (..., vocab_padded / tp)
         logits = self.comm.all_gather(local, dim=-1)  # (..., vocab_padded)
         return logits[..., : self.vocab_size]  # padded logits never reach the sampler
 

@@ -11,6 +11,7 @@ communicator -> load this rank's file -> build the model and the KV cache.
 
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -87,17 +88,36 @@ def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device, progr
     with safe_open(path, framework="pt", device="cpu") as f:
         for name in tqdm(list(f.keys()), desc="loading", unit="tensor", disable=not progress, leave=False):
             t = f.get_tensor(name)
-            if t.is_floating_point() and t.dtype != dtype:
+            if t.is_floating_point() and t.dtype != dtype and not name.endswith(ef.QUANT_SUFFIXES):
                 t = t.to(dtype)
             out[name] = t.to(device)
     return out
+
+
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def pick_compile(requested: str, device: torch.device) -> bool:
+    """Whether to compile the decode step. auto: $TP_RUNTIME_COMPILE (on/off) if set, else on where
+    Inductor can build its code (CUDA, or a CPU with a C++ compiler on PATH)."""
+    if requested not in COMPILE_MODES:
+        raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
+    if requested == "auto":
+        requested = os.environ.get("TP_RUNTIME_COMPILE", "auto")
+        if requested not in COMPILE_MODES:
+            raise UserError(f"TP_RUNTIME_COMPILE must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
+    has_compiler = device.type == "cuda" or any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    if requested == "on" and not has_compiler:
+        raise UserError("--compile on needs a C++ compiler on PATH for torch.compile on CPU (install g++), "
+                        "or use --compile off")
+    return requested == "on" or (requested == "auto" and has_compiler)
 
 
 class LLM:
     def __init__(self, engine_dir: str, device: str = "auto", threads: int | None = None,
                  max_batch_size: int | None = None, max_seq_len: int | None = None, dtype: str = "auto",
                  tokenizer_dir: str | None = None, comm_timeout_s: float = DEFAULT_TIMEOUT_S, comm: str = "auto",
-                 bind: str = "auto", reserve_cores: int = 0):
+                 bind: str = "auto", reserve_cores: int = 0, compile: str = "auto", woq_kernel: str = "auto"):
         self.engine_dir = engine_dir
         self.info = detect_launch()
         self.rank = self.info.rank
@@ -142,13 +162,15 @@ class LLM:
         self.comm = make_communicator(self.info, self.device, comm_timeout_s, comm)
         show = self.rank == 0 and sys.stderr.isatty()  # rank 0 alone draws the bar
         weights = load_rank_weights(os.path.join(engine_dir, ef.rank_file(self.rank)), self.dtype, self.device, show)
-        self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len).eval()
+        self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len, woq_kernel).eval()
         del weights
         self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
         eos = self.generation_config.get("eos_token_id", cfg.eos_token_id)
         eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id or [])
         self.generator = Generator(self.model, self.cache, self.comm, self.device, eos)
         self.load_s = time.perf_counter() - t0
+        self.compiled = pick_compile(compile, self.device)
+        self.compile_s = self.model.compile_decode(self.cache) if self.compiled else 0.0
         self.last_timings = Timings()
 
     # --- set-up helpers ---
@@ -225,6 +247,47 @@ class LLM:
             results = [RequestOutput(texts[i], r.prompt_ids, c.output_ids, c.output_logprobs, c.text, c.finish_reason)
                        for i, (r, c) in enumerate(zip(requests, completions))]
         return self.comm.broadcast_object(results)
+
+    def score(self, sequences: list[list[int]], start: int | list[int] = 1) -> list[list[float]]:
+        """Natural log-probability (fp32 log-softmax) of each token of each sequence given the tokens
+        before it: for sequence s, [log p(s[i] | s[:i]) for i in start..len(s)-1] (start: one value or
+        one per sequence, >= 1). Rank 0's arguments are used; every rank gets the results."""
+        from tp_runtime.scoring import score_batch
+
+        job = None
+        if self.rank == 0:
+            try:
+                job = self._check_scoring(sequences, start)
+            except UserError as e:
+                job = str(e)
+        job = self.comm.broadcast_object(job)
+        if isinstance(job, str):
+            raise UserError(job)
+        seqs, starts = job
+        out, B_max = [], self.cache.max_batch_size
+        for i in range(0, len(seqs), B_max):
+            out += score_batch(self.model, self.cache, self.comm, self.device, seqs[i : i + B_max],
+                               starts[i : i + B_max])
+        return self.comm.broadcast_object(out if self.rank == 0 else None)
+
+    def _check_scoring(self, sequences, start) -> tuple[list[list[int]], list[int]]:
+        if not sequences or isinstance(sequences[0], int):
+            raise UserError("score takes a non-empty list of token-id lists")
+        seqs = [[int(t) for t in s] for s in sequences]
+        starts = list(start) if isinstance(start, (list, tuple)) else [start] * len(seqs)
+        if len(starts) != len(seqs):
+            raise UserError(f"{len(starts)} start indices for {len(seqs)} sequences")
+        for i, (s, k) in enumerate(zip(seqs, starts)):
+            if not 1 <= k < len(s):
+                raise UserError(f"sequence {i} has {len(s)} tokens; scoring from index {k} needs 1 <= start < length")
+            if len(s) > self.max_seq_len:
+                raise UserError(f"sequence {i} has {len(s)} tokens, more than max_seq_len {self.max_seq_len}; "
+                                f"shorten it or raise --max_seq_len")
+            bad = [t for t in s if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise UserError(f"sequence {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): "
+                                f"{bad[:5]}")
+        return seqs, [int(k) for k in starts]
 
     def _prepare(self, prompts, sampling_params, chat_template, max_input_length):
         """Rank 0: tokenize and check. Returns (requests, texts), or an error message for all ranks."""

@@ -13,12 +13,14 @@ lives in cache slot b (or slots[b]), and its tokens at positions 0..len_b-1.
 """
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tp_runtime import engine_format as ef
+from tp_runtime import woq
 from tp_runtime.comm import Communicator
 from tp_runtime.engine_format import EngineConfig
 from tp_runtime.layers import (ColumnParallelLinear, Embedding, LayerNorm, ParallelLMHead, RMSNorm, RowParallelLinear,
@@ -79,6 +81,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([out, x[..., rot:]], dim=-1) if rot < x.shape[-1] else out
 
 
+def decode_attention(q, keys, values, mask):
+    """Attention of one new token per row, as plain matmuls (cheaper than SDPA's kernels at T == 1).
+
+    q: (B, heads, 1, D); keys, values: (B, kv_heads, S, D); mask: (B, 1, 1, S), True = visible."""
+    B, H, _, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    q = q.reshape(B, Hkv, H // Hkv, D)  # (B, kv_heads, group, D): a group shares its KV head
+    if torch.compiler.is_compiling():  # broadcast-multiply-sum: Inductor fuses each into one loop over the cache
+        scores = (q.unsqueeze(3) * keys.unsqueeze(2)).sum(-1)  # (B, kv_heads, group, S)
+    else:  # eagerly that would materialize (B, kv_heads, group, S, D): batched matmuls instead
+        scores = q @ keys.transpose(-1, -2)  # (B, kv_heads, group, S)
+    scores = (scores.float() * D ** -0.5).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    if torch.compiler.is_compiling():
+        out = (probs.unsqueeze(-1) * values.unsqueeze(2)).sum(3)  # (B, kv_heads, group, D)
+    else:
+        out = probs @ values
+    return out.reshape(B, H, 1, D)  # (B, heads, 1, D)
+
+
 class KVCache:
     """Static per-layer key/value buffers for this rank's KV heads."""
 
@@ -123,7 +145,10 @@ class Attention(nn.Module):
             keys, values = cache_k[:B, :, :S], cache_v[:B, :, :S]  # (B, kv_heads_per_rank, S, D)
         else:
             keys, values = cache_k[slots, :, :S], cache_v[slots, :, :S]
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
+        if T == 1:
+            o = decode_attention(q, keys, values, mask)
+        else:
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
         o = o.transpose(1, 2).reshape(B, T, hq * D)  # (B, T, heads_per_rank * D)
         return self.dense(o)
 
@@ -135,7 +160,8 @@ class GatedMLP(nn.Module):
         super().__init__()
         fc_b, gate_b = w.pop(f"{prefix}.fc.bias", None), w.pop(f"{prefix}.gate.bias", None)
         fused_b = torch.cat([fc_b, gate_b]) if fc_b is not None else None
-        self.fc_gate = ColumnParallelLinear(torch.cat([w.pop(f"{prefix}.fc.weight"), w.pop(f"{prefix}.gate.weight")]), fused_b)
+        fused = woq.cat_out([w.pop(f"{prefix}.fc.weight"), w.pop(f"{prefix}.gate.weight")])
+        self.fc_gate = ColumnParallelLinear(fused, fused_b)
         self.proj = RowParallelLinear(w.pop(f"{prefix}.proj.weight"), w.pop(f"{prefix}.proj.bias", None), comm)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
@@ -196,10 +222,12 @@ class TPDecoder(nn.Module):
     """This rank's part of the canonical decoder. Takes its tensors out of `weights` as it builds,
     so each source tensor is freed once its layer holds its own (transposed / fused) copy."""
 
-    def __init__(self, cfg: EngineConfig, rank: int, weights: dict, comm: Communicator, max_seq_len: int):
+    def __init__(self, cfg: EngineConfig, rank: int, weights: dict, comm: Communicator, max_seq_len: int,
+                 woq_kernel: str = "auto"):
         super().__init__()
         self.cfg = cfg
         emb = weights.pop(ef.EMBEDDING)
+        woq.collect(weights, emb.dtype, woq_kernel)  # weight-only quantized linears, if the engine has any
         self.embedding = VocabParallelEmbedding(emb, rank, comm) if cfg.use_parallel_embedding else Embedding(emb)
         self.layers = nn.ModuleList(DecoderLayer(cfg, rank, weights, i, comm) for i in range(cfg.num_hidden_layers))
         self.ln_f = make_norm(cfg, weights, ef.FINAL_NORM)
@@ -216,14 +244,42 @@ class TPDecoder(nn.Module):
         self.register_buffer("sin", sin.to(dtype), persistent=False)
         self.windows = sorted({layer.window for layer in self.layers}, key=lambda w: (w is not None, w or 0))
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor,
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor | None = None,
                 slots: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions: (B, T). last: (B,) index in T of the token whose next-token logits are
-        wanted. slots: (B,) the cache slot of each row (None: rows are slots 0..B-1, as in a batch
-        that starts together; a continuous batch passes the slots its requests hold).
-        Returns logits (B, vocab) on every rank."""
+        wanted (None: every position's). slots: (B,) the cache slot of each row (None: rows are slots
+        0..B-1, as in a batch that starts together; a continuous batch passes the slots its requests hold).
+        Returns logits (B, vocab), or (B, T, vocab) when last is None, on every rank.
+
+        A step is split in two: what depends on Python values (the attention span, the masks, RoPE
+        rows) runs eagerly in `_prepare`; the rest is a pure function of tensors, run eagerly or, for
+        decode steps (T == 1) once `compile_decode` was called, compiled."""
+        B, T = ids.shape
+        if T == 1 and last is not None and self._compiled_body is not None:
+            rows = torch.arange(B, device=ids.device) if slots is None else slots  # one graph: slots always given
+            return self._compiled_body(ids, *self._prepare(ids, positions, rows), positions, cache.k, cache.v, rows,
+                                       last)
+        x = self.hidden_states(ids, positions, cache, slots)  # (B, T, hidden)
+        if last is not None:
+            x = x[torch.arange(B, device=ids.device), last]  # (B, hidden)
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head of hidden states (..., hidden) -> (..., vocab), gathered to every rank."""
+        return self.lm_head(self.ln_f(x))
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                      slots: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder body, before the final norm: (B, T, hidden). Writes the rows' keys and values
+        into the cache like forward; a scorer calls it, then `logits` on chunks of positions."""
         B, T = ids.shape
         rows = torch.arange(B, device=ids.device) if slots is None else slots
+        return self._layers(ids, *self._prepare(ids, positions, rows), positions, cache.k, cache.v, slots)
+
+    def _prepare(self, ids, positions, rows):
+        """(batch_idx, masks, cos, sin) of a step: the cache slot of every token, the attention masks
+        per sliding window, and the RoPE rows of the positions."""
+        B, T = ids.shape
         batch_idx = rows.unsqueeze(1).expand(B, T)  # (B, T) cache slot per token
         S = int(positions.max()) + 1
         kpos = torch.arange(S, device=ids.device).view(1, 1, 1, S)
@@ -235,8 +291,37 @@ class TPDecoder(nn.Module):
             cos_table, sin_table = (t.to(self.cos.dtype) for t in rope_tables(self.cfg, self.cos.shape[0], S))
         cos = cos_table[positions].unsqueeze(2)  # (B, T, 1, rot_dim)
         sin = sin_table[positions].unsqueeze(2)
+        return batch_idx, masks, cos, sin
+
+    def _layers(self, ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots):
         x = self.embedding(ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], batch_idx, slots, positions, masks)
-        x = x[torch.arange(B, device=ids.device), last]  # (B, hidden)
-        return self.lm_head(self.ln_f(x))
+            x = layer(x, cos, sin, cache_k[i], cache_v[i], batch_idx, slots, positions, masks)
+        return x
+
+    def _decode_body(self, ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots, last):
+        x = self._layers(ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots)
+        x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, hidden)
+        return self.logits(x)
+
+    _compiled_body = None
+
+    def compile_decode(self, cache: KVCache) -> float:
+        """Compile the decode step's body with torch.compile (Inductor; a C++ wrapper on CPU, so no
+        Python runs between its kernels) and run it once; returns the seconds that took.
+
+        One graph serves every attention span (dynamic shapes); batch size 1 gets its own graph at
+        once, larger batches one more on first use. The collectives are custom ops inside the graph
+        (comm.py). Inductor caches the generated code on disk (TORCHINDUCTOR_CACHE_DIR), so a later
+        run of the same engine skips most of the compile."""
+        import torch._inductor.config as inductor_config
+
+        t0 = time.perf_counter()
+        if self.embedding.weight.device.type == "cpu":
+            inductor_config.cpp_wrapper = True
+        self._compiled_body = torch.compile(self._decode_body, dynamic=True, fullgraph=True)
+        dev = self.embedding.weight.device
+        with torch.inference_mode():  # a dummy token at position 1 of slot 0, which a prefill overwrites
+            one = torch.ones(1, 1, dtype=torch.long, device=dev)
+            self(one, one, cache, torch.zeros(1, dtype=torch.long, device=dev))
+        return time.perf_counter() - t0

@@ -6,26 +6,25 @@
 Runs the converter's own planning on meta tensors (no weights read or needed), so the weight bytes per
 rank are exactly those of the rank files tp-convert would write. KV cache bytes per rank:
 2 (k and v) x layers x batch x kv_heads_per_rank x seq x head_size x element size. Activations and
-the runtime's own overhead are not counted. --weight_only_precision gives an estimate (int8: 1 byte,
-int4: half a byte per weight of the attention and MLP matrices, plus one fp16 scale per group of
---group_size inputs); embeddings and lm_head stay in the engine dtype.
+the runtime's own overhead are not counted. With --weight_only_precision the converter plans the
+quantized rank files too (codes, scales), so those figures are exact as well; embeddings and lm_head
+stay in the engine dtype.
 """
 
 import argparse
 import json
-import math
 import re
 import sys
 
 import torch
 
 from tp_runtime import partition as pt
+from tp_runtime import quantize as qz
 from tp_runtime.checkpoint import Checkpoint
 from tp_runtime.convert import DTYPES, plan_engine
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.synthetic import load_preset, source_shapes
 
-QUANTIZABLE = re.compile(r"\.(attention\.(qkv|dense)|mlp\.(fc|gate|proj))\.weight$")
 GiB = 1 << 30
 
 
@@ -44,34 +43,22 @@ def meta_checkpoint(cfg: dict) -> Checkpoint:
     return Checkpoint(cfg, tensors, None, tokenizer_dir="")
 
 
-def weight_bytes(specs, precision: str | None, group_size: int) -> int:
-    total = 0
-    for name, dtype, shape in specs:
-        numel = torch.Size(shape).numel()
-        if precision and QUANTIZABLE.search(name):
-            out_f, in_f = shape
-            groups = 1 if group_size == -1 else math.ceil(in_f / group_size)
-            total += numel * (1 if precision == "int8" else 0.5) + out_f * groups * 2
-        else:
-            total += numel * torch.empty((), dtype=dtype).element_size()
-    return int(total)
-
-
-def plan(cfg: dict, tp_size: int, dtype: str = "auto", precision: str | None = None, group_size: int = 128,
+def plan(cfg: dict, tp_size: int, dtype: str = "auto", precision: str | None = None, group_size: int | None = None,
          max_batch_size: int = 1, max_seq_len: int | None = None, memory_per_rank: int | None = None,
          parallel_embedding: bool = False) -> dict:
-    if precision not in (None, "int8", "int4"):
-        raise UserError(f"--weight_only_precision must be int8 or int4, got {precision!r}")
+    quant = None
+    if precision is not None:
+        quant = qz.parse_scheme(precision, group_size if precision == "int4" else None)
     if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 1):
         raise UserError("--max_batch_size and --max_seq_len must be >= 1")
     ep = plan_engine(meta_checkpoint(cfg), tp_size, dtype, cfg.get("_name", "model"), max_seq_len, max_batch_size,
-                     parallel_embedding)
+                     parallel_embedding, quant)
     ec = ep.config
     seq = ec.max_seq_len
     kv_elem = torch.empty((), dtype=ep.out_dtype).element_size()
     ranks = []
     for r in range(tp_size):
-        w = weight_bytes(ep.specs[r], precision, group_size)
+        w = ep.rank_bytes(r)
         kv = 2 * ec.num_hidden_layers * max_batch_size * ec.kv_heads_per_rank[r] * seq * ec.head_size * kv_elem
         ranks.append({"rank": r, "heads": ec.heads_per_rank[r], "kv_heads": ec.kv_heads_per_rank[r],
                       "weight_bytes": w, "kv_cache_bytes": kv, "total_bytes": w + kv,
@@ -86,7 +73,7 @@ def plan(cfg: dict, tp_size: int, dtype: str = "auto", precision: str | None = N
 def render(report: dict) -> str:
     lines = [f"{report['architecture']}: {report['num_attention_heads']} heads / {report['num_key_value_heads']} KV "
              f"heads, tp_size {report['tp_size']}, {report['dtype']}"
-             + (f" weights {report['weight_only_precision']} (estimate)" if report["weight_only_precision"] else "")
+             + (f" weights {report['weight_only_precision']}" if report["weight_only_precision"] else "")
              + f", KV cache for {report['max_batch_size']} x {report['max_seq_len']} tokens", ""]
     mem = report["memory_per_rank"]
     head = "| rank | heads | KV heads | weights GiB | KV cache GiB | total GiB |"
@@ -107,7 +94,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="engine dtype; auto: the config's torch_dtype, else bfloat16")
     p.add_argument("--weight_only_precision", choices=["int8", "int4"], default=None)
-    p.add_argument("--group_size", type=int, default=128, help="quantization group along the input dim (-1: per channel)")
+    p.add_argument("--group_size", type=int, default=None,
+                   help="int4 quantization group along the input dim (default 128; -1: per channel)")
     p.add_argument("--max_batch_size", type=int, default=1)
     p.add_argument("--max_seq_len", type=int, default=None, help="default min(max_position_embeddings, 4096)")
     p.add_argument("--memory_per_rank", default=None, help="e.g. 24GiB, 80GB")

@@ -43,6 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streaming", action="store_true", help="print text as it is generated (rank 0)")
     p.add_argument("--run_profiling", action="store_true", help="repeat the generation 3 times and report timings")
     p.add_argument("--output_json", default=None, help="write outputs and timings to this file (rank 0)")
+    add_runtime_args(p)
+    add_launcher_args(p)
+    return p
+
+
+def add_launcher_args(p: argparse.ArgumentParser) -> None:
+    """--launcher ray and its placement: the command starts its ranks as Ray actors (ray_engine.py)."""
+    la = p.add_argument_group("launcher")
+    la.add_argument("--launcher", default="auto", choices=["auto", "ray"],
+                    help="auto: this process is a rank of mpirun/torchrun (or alone); ray: start the ranks as Ray actors")
+    la.add_argument("--placement", default="pack", choices=["pack", "spread"],
+                    help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD)")
+    la.add_argument("--ray_address", default=None,
+                    help='--launcher ray: the Ray cluster ("auto": a running one; default: Ray\'s rule, else a new local one)')
+
+
+def add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The run-time flags every engine-driving command shares (tp-run, tp-eval)."""
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--threads", type=int, default=None,
@@ -56,15 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype; auto: the engine's, or float32 on CPUs without native bf16/fp16")
     r.add_argument("--comm", default="auto", choices=["auto", "shm", "gloo"],
                    help="CPU communicator: auto = shared memory when all ranks share this host, else gloo")
+    r.add_argument("--woq_kernel", default="auto",
+                   help="weight-only quantized engines: the matmul kernel (auto: timed per layer shape at load, "
+                        "cached; or one of aten_int8, aten_int8_bf16, fbgemm_int8, dequant_int8, aten_int4_cpu, "
+                        "aten_int4_cpu_bf16, aten_int4_cuda, dequant_int4)")
     r.add_argument("--comm_timeout", type=float, default=45.0, help="seconds before a collective gives up")
-    la = p.add_argument_group("launcher")
-    la.add_argument("--launcher", default="auto", choices=["auto", "ray"],
-                    help="auto: this process is a rank of mpirun/torchrun (or alone); ray: start the ranks as Ray actors")
-    la.add_argument("--placement", default="pack", choices=["pack", "spread"],
-                    help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD)")
-    la.add_argument("--ray_address", default=None,
-                    help='--launcher ray: the Ray cluster ("auto": a running one; default: Ray\'s rule, else a new local one)')
-    return p
+    r.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the decode step (auto: on where a C++ compiler or CUDA is present, "
+                        "or as $TP_RUNTIME_COMPILE says); the compiled code is cached on disk between runs")
+
+
+def llm_from_args(args, **overrides) -> LLM:
+    """The LLM that add_runtime_args' flags describe; overrides replace single keyword arguments."""
+    kw = dict(device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
+              max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
+              comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores,
+              compile=args.compile, woq_kernel=args.woq_kernel)
+    kw.update(overrides)
+    return LLM(args.engine, **kw)
 
 
 def read_inputs(args) -> tuple[list, bool]:
@@ -134,15 +161,15 @@ def main(argv=None):
 
         return launch_console_script(main, sys.argv[1:] if argv is None else list(argv), args.engine, args.device,
                                      args.threads, args.placement, args.ray_address)
-    llm = LLM(args.engine, device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
-              max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-              comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores)
+    llm = llm_from_args(args)
     lead = llm.rank == 0
     if lead:
         print(f"[tp-run] {llm.config.source_architecture} tp_size={llm.config.tp_size} device={llm.device} "
               f"comm={llm.comm.backend} "
               f"dtype={str(llm.dtype).removeprefix('torch.')} threads/rank={llm.threads} "
-              f"loaded in {llm.load_s:.2f}s", file=sys.stderr, flush=True)
+              f"loaded in {llm.load_s:.2f}s"
+              + (f", decode step compiled in {llm.compile_s:.1f}s" if llm.compiled else ", eager decode"),
+              file=sys.stderr, flush=True)
         if llm.device.type == "cpu":
             for line in llm.binding_table():
                 print(f"[tp-run] bind {line}", file=sys.stderr, flush=True)

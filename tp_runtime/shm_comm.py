@@ -131,9 +131,9 @@ class ShmCommunicator(TorchDistCommunicator):
 
     # --- collectives ---
 
-    def all_reduce(self, tensor):
+    def _all_reduce(self, tensor):
         if not self.enabled:
-            return super().all_reduce(tensor)
+            return super()._all_reduce(tensor)
         flat = tensor.view(-1)
         slots = self._slots(tensor.dtype)
         total, cap = flat.numel(), slots[0][0].numel()
@@ -154,9 +154,9 @@ class ShmCommunicator(TorchDistCommunicator):
                 part.copy_(torch.stack(rows).sum(dim=0, dtype=torch.float32))
         return tensor
 
-    def all_gather(self, tensor, dim=-1):
+    def _all_gather(self, tensor, dim=-1):
         if not self.enabled or tensor.numel() * tensor.element_size() > SLOT_BYTES:
-            return super().all_gather(tensor, dim)
+            return super()._all_gather(tensor, dim)
         n = tensor.numel()
         s, b = self._begin()
         rows = self._slots(tensor.dtype)[b]

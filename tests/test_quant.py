@@ -1,0 +1,440 @@
+"""Weight-only quantization: round-trip error bounds per scheme, quantized shards against the float
+partition rules, every available kernel against the dequantized reference matmul, quantized engines
+against transformers at tp 1 and 2, tp-plan's exact figures, and the bad-input errors."""
+
+import os
+
+import pytest
+import torch
+
+from helpers import build_checkpoint, random_prompts, reference_logprobs, run_ranks, tool, tp_run_json
+from tp_runtime import engine_format as ef
+from tp_runtime import partition as pt
+from tp_runtime import quantize as qz
+from tp_runtime import woq
+from tp_runtime.adapters import COLUMN, QKV, ROW_ATTN, ROW_MLP, VOCAB
+from tp_runtime.convert import convert, row_span, shard_tensor
+from tp_runtime.errors import UserError
+from tp_runtime.plan import plan
+
+SCHEMES = {
+    "int8": qz.QuantScheme("int8", -1),
+    "int8_zp": qz.QuantScheme("int8", -1, zero_point=True),
+    "int4_g32": qz.QuantScheme("int4", 32),
+    "int4_g64_zp": qz.QuantScheme("int4", 64, zero_point=True),
+    "int4_channel": qz.QuantScheme("int4", -1),
+}
+
+
+def weight(out_f=48, in_f=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    w[3, 7] = 0.9  # an outlier, and a row of one sign, stress the scale / zero choice
+    w[5] = w[5].abs() + 0.01
+    return w
+
+
+@pytest.fixture(autouse=True)
+def kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TP_RUNTIME_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_round_trip_error_within_half_a_step(name):
+    scheme = SCHEMES[name]
+    w = weight()
+    qw = qz.quantize_rtn(w, scheme)
+    deq = qz.dequantize(qw)
+    g = w.shape[1] if scheme.group_size == -1 else scheme.group_size
+    step = qw.scale.abs().repeat_interleave(g, dim=1)  # (out, in): each weight's own scale
+    # Round to nearest: half a step; symmetric int4 (Q4_0) clips the far side of the largest magnitude
+    # to code 15, one step at most.
+    bound = step * (1.0 if name in ("int4_g32", "int4_channel") else 0.5)
+    assert ((w - deq).abs() <= bound + 1e-7).all()
+    lo, hi = (-128, 127) if scheme.precision == "int8" else (0, 15)
+    assert int(qw.q.min()) >= lo and int(qw.q.max()) <= hi
+    rel = (w - deq).norm() / w.norm()
+    assert rel < (0.01 if scheme.precision == "int8" else 0.2), rel
+    if scheme.precision == "int4":
+        assert torch.equal(ef.unpack_int4(ef.pack_int4(qw.q)), qw.q)
+    # what the rank file holds reads back as the same weight
+    back = qz.from_engine_tensors("x.weight", dict(qz.engine_tensors("x.weight", qw)), scheme.precision)
+    assert torch.equal(qz.dequantize(back), deq)
+
+
+@pytest.mark.parametrize("name", ["int8_zp", "int4_g32", "int4_g64_zp"])
+def test_quantized_shards_are_the_float_rules_on_the_dequantized_weight(name):
+    """Every rule, both ranks (uneven split: 3 KV groups on 2 ranks): the shard of the codes / scales /
+    zeros dequantizes to the float rule's shard of the dequantized weight, and the row shards' codes and
+    scales concatenate back to the whole."""
+    scheme = SCHEMES[name]
+    head_dim, heads, kv_heads, inter, hidden = 64, 6, 3, 256, 128
+    plans = pt.plan_ranks(heads, kv_heads, inter, 2)
+    cases = {
+        QKV: tuple(weight(n * head_dim, hidden, seed) for seed, n in enumerate((heads, kv_heads, kv_heads))),
+        COLUMN: weight(inter, hidden, 3),
+        ROW_ATTN: weight(hidden, heads * head_dim, 4),
+        ROW_MLP: weight(hidden, inter, 5),
+        VOCAB: weight(101, hidden, 6),
+    }
+    for rule, w in cases.items():
+        qw = tuple(qz.quantize_rtn(t, scheme) for t in w) if rule == QKV else qz.quantize_rtn(w, scheme)
+        deq = tuple(qz.dequantize(t) for t in qw) if rule == QKV else qz.dequantize(qw)
+        shards = []
+        for p in plans:
+            part = qz.shard_quantized(rule, qw, p, head_dim, row_span(rule, p, head_dim))
+            assert torch.equal(qz.dequantize(part), shard_tensor(rule, deq, p, head_dim)), (rule, p.rank)
+            shards.append(part)
+        if rule in (ROW_ATTN, ROW_MLP):
+            assert torch.equal(torch.cat([s.q for s in shards], 1), qw.q)
+            if scheme.group_size != -1:
+                assert torch.equal(torch.cat([s.scale for s in shards], 1), qw.scale)
+        if rule == COLUMN:
+            assert torch.equal(torch.cat([s.scale for s in shards]), qw.scale)
+
+
+def quant_weight(scheme, out_f, in_f, seed, prequant=False):
+    qw = qz.quantize_rtn(weight(out_f, in_f, seed), scheme)
+    codes = qw.q if scheme.precision == "int8" else qw.q
+    pre = torch.rand(in_f, generator=torch.Generator().manual_seed(seed)) + 0.5 if prequant else None
+    return woq.QuantWeight(scheme.precision, codes, qw.scale, qw.zero, pre)
+
+
+@pytest.mark.parametrize("name", ["int8", "int8_zp", "int4_g32", "int4_g64_zp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_available_kernel_matches_the_dequantized_matmul(name, dtype):
+    scheme = SCHEMES[name]
+    for out_f, in_f in ((48, 128), (192, 576)):
+        qw = quant_weight(scheme, out_f, in_f, 1, prequant=name.endswith("zp"))
+        rows = 5 if in_f == 128 else 40  # 40: beyond aten_int8's GEMM threshold (prefill)
+        x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(2))  # different data per row
+        ref = x @ qw.dequantize().t()
+        names = woq.candidates(qw, dtype)
+        assert {"dequant_int8", "dequant_int4"} & set(names)
+        for kname in names:
+            qw.kernel, qw.dtype = kname, dtype
+            layer = woq.WeightOnlyLinear(qw)
+            assert layer.kernel_name == kname
+            y = layer(x.to(dtype).view(rows, 1, in_f)).float().view(rows, out_f)
+            # bf16 activations round x to 8 bits of mantissa; FBGEMM quantizes x to 8 bits per call
+            approx = dtype == torch.bfloat16 or kname.endswith("_bf16") or kname == "fbgemm_int8"
+            tol = 3e-2 if approx else 1e-4
+            err = ((y - ref).abs().max() / ref.abs().max()).item()
+            assert err < tol, (name, dtype, kname, out_f, in_f, err)
+
+
+def test_auto_choice_is_timed_once_and_cached(tmp_path):
+    qw = quant_weight(SCHEMES["int8"], 64, 128, 0)
+    woq._chosen.clear()
+    name = woq.choose(qw, torch.float32)
+    assert name in woq.candidates(qw, torch.float32)
+    import json
+    with open(woq.cache_path()) as f:
+        assert json.load(f)[woq.cache_key(qw, torch.float32)] == name
+    qw.kernel = "aten_int4_cpu"  # a kernel of the other precision does not apply to this weight
+    assert woq.choose(qw, torch.float32) == name
+    qw.kernel = "nope"
+    with pytest.raises(UserError, match="unknown"):
+        woq.choose(qw, torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# engines
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    model = build_checkpoint(str(root / "hf"), "llama", intermediate_size=128, tie_word_embeddings=True)
+    return root, model
+
+
+def logprob_gap(model, out, prompts):
+    gaps = []
+    for p, o in zip(prompts, out["outputs"]):
+        assert o["input_ids"] == p and len(o["output_ids"]) == 6
+        ref = reference_logprobs(model, p, o["output_ids"])
+        gaps.append(max(abs(a - b) for a, b in zip(ref, o["output_logprobs"])))
+    return max(gaps)
+
+
+def run_engine(engine, tp, prompts, extra=()):
+    return tp_run_json(engine, tp, ["--input_ids", *(",".join(map(str, p)) for p in prompts),
+                                    "--max_output_len", "6", "--ignore_eos", *extra],
+                       env_extra={"TP_RUNTIME_CACHE": os.environ["TP_RUNTIME_CACHE"]})
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_int8_engine_logprobs_close_to_fp32(ckpt, tp, tmp_path):
+    root, model = ckpt
+    engine = str(tmp_path / "e")
+    convert(str(root / "hf"), engine, tp, progress=False, quant=qz.parse_scheme("int8", quantize_lm_head=tp == 2))
+    prompts = random_prompts(103, seed=tp)
+    out = run_engine(engine, tp, prompts, ["--woq_kernel", "aten_int8_bf16" if tp == 1 else "auto"])
+    assert logprob_gap(model, out, prompts) <= 0.05
+    out = run_engine(engine, tp, prompts, ["--woq_kernel", "fbgemm_int8"])
+    assert logprob_gap(model, out, prompts) <= 0.05
+
+
+def test_int4_g32_engine_runs_at_tp2(ckpt, tmp_path):
+    root, model = ckpt
+    engine = str(tmp_path / "e")
+    convert(str(root / "hf"), engine, 2, progress=False, quant=qz.parse_scheme("int4", 32, zero_point=True))
+    raw = ef.EngineConfig.load(engine).quantization
+    assert raw["quant_algo"] == "W4A16" and raw["group_size"] == 32 and raw["has_zero_point"]
+    prompts = random_prompts(103, seed=5)
+    out = run_engine(engine, 2, prompts)
+    # 4 bits on a random model: close to the float model's probabilities, though not within int8's margin
+    assert logprob_gap(model, out, prompts) <= 0.5
+    ref = run_engine(engine, 2, prompts, ["--woq_kernel", "dequant_int4"])  # the fallback agrees
+    for a, b in zip(out["outputs"], ref["outputs"]):
+        assert max(abs(x - y) for x, y in zip(a["output_logprobs"], b["output_logprobs"])) < 0.02
+
+
+def test_plan_is_exact_for_quantized_engines(tmp_path):
+    from test_plan import data_bytes, family_config
+    from tp_runtime.synthetic import write_synthetic
+
+    cfg = dict(family_config("llama"), intermediate_size=128)
+    write_synthetic(cfg, str(tmp_path / "hf"), dtype="float32", progress=False)
+    for precision, group in (("int8", None), ("int4", 32)):
+        engine = str(tmp_path / precision)
+        convert(str(tmp_path / "hf"), engine, 2, progress=False, max_seq_len=64,
+                quant=qz.parse_scheme(precision, group))
+        report = plan(cfg, 2, "float32", precision=precision, group_size=group, max_seq_len=64)
+        for r in report["ranks"]:
+            assert r["weight_bytes"] == data_bytes(os.path.join(engine, f"rank{r['rank']}.safetensors"))
+
+
+def test_bad_quantization_input(ckpt, tmp_path):
+    root, _ = ckpt
+    hf = str(root / "hf")
+
+    def convert_cli(*flags, code=2):
+        res = run_ranks(1, [tool("tp-convert"), "--model_dir", hf, "--output_dir", str(tmp_path / "x"),
+                            "--no_progress", *flags], timeout=120)
+        assert "Traceback" not in res.stderr, res.stderr
+        assert res.returncode == code, (res.returncode, res.stderr)
+        return res.stderr
+
+    # dense's 64 inputs on 2 ranks: 32 each; group 64 divides the whole but not a rank's slice
+    err = convert_cli("--tp_size", "2", "--use_weight_only", "--weight_only_precision", "int4", "--group_size", "64")
+    assert "does not divide" in err and "attention.dense" in err and "[32, 32] per rank at tp_size=2" in err
+    assert "valid group sizes: 32, -1" in err
+    err = convert_cli("--use_weight_only", "--quant_algo", "gptq")
+    assert "--quant_algo 'gptq' is unknown" in err and "rtn" in err
+    err = convert_cli("--use_weight_only", "--weight_only_precision", "int8", "--group_size", "64")
+    assert "per channel" in err
+    err = convert_cli("--weight_only_precision", "int4")
+    assert "need --use_weight_only" in err
+    build_checkpoint(str(tmp_path / "odd"), "llama", intermediate_size=97)
+    res = run_ranks(1, [tool("tp-convert"), "--model_dir", str(tmp_path / "odd"), "--output_dir",
+                        str(tmp_path / "y"), "--use_weight_only", "--weight_only_precision", "int4",
+                        "--group_size", "-1", "--no_progress"], timeout=120)
+    assert res.returncode == 2 and "odd input width" in res.stderr and "Traceback" not in res.stderr
+    engine = str(tmp_path / "e8")
+    convert(hf, engine, 1, progress=False, quant=qz.parse_scheme("int8"))
+    res = run_ranks(1, [tool("tp-run"), "--engine", engine, "--input_ids", "5,6", "--woq_kernel", "fast"],
+                    timeout=120)
+    assert res.returncode == 2 and "--woq_kernel 'fast' is unknown" in res.stderr and "Traceback" not in res.stderr
+    res = run_ranks(1, [tool("tp-run"), "--engine", engine, "--input_ids", "5,6", "--woq_kernel", "aten_int4_cpu",
+                        "--max_output_len", "2"], timeout=120)
+    assert res.returncode == 0  # an int4 kernel forced on an int8 engine serves nothing and changes nothing
+
+
+# ---------------------------------------------------------------------------
+# AWQ
+
+
+def test_awq_search_lowers_the_reconstruction_error_of_its_calibration_rows():
+    from tp_runtime import awq
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(96, 128, generator=g) * 0.05
+    x = torch.randn(400, 128, generator=g)
+    x[:, [3, 50, 77]] *= 25  # the outlier input channels real activations have
+    scheme = qz.QuantScheme("int4", 32)
+    s, alpha, err_rtn, err_awq = awq.search_scale(w, x.abs().mean(0), x, scheme)
+    assert alpha > 0 and s.shape == (128,) and (s > 0).all()
+    # recomputed here, from the scheme's own functions: RTN of w, and RTN of w * s with x / s
+    y = x @ w.t()
+    rtn = ((y - x @ qz.dequantize(qz.quantize_rtn(w, scheme)).t()) ** 2).sum() / x.shape[0]
+    aw = ((y - (x / s) @ qz.dequantize(qz.quantize_rtn(w * s, scheme)).t()) ** 2).sum() / x.shape[0]
+    assert abs(rtn.item() - err_rtn) < 1e-3 * err_rtn and abs(aw.item() - err_awq) < 1e-3 * err_awq
+    assert aw < 0.7 * rtn, (aw, rtn)
+
+
+def save_char_tokenizer(path):
+    """A character-level tokenizer (ids 3..97) for a tiny checkpoint: AWQ reads calibration text."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(string.printable[:95])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def awq_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("awq")
+    model = build_checkpoint(str(root / "hf"), "llama", intermediate_size=128)
+    with torch.no_grad():  # activation outliers, as real LLMs have: a few large norm channels
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17, 40]] *= 20
+            layer.post_attention_layernorm.weight[[5, 22]] *= 20
+    model.save_pretrained(str(root / "hf"))
+    save_char_tokenizer(str(root / "hf"))
+    return root, model
+
+
+def test_awq_engine_is_closer_to_the_float_model_than_rtn(awq_ckpt, tmp_path):
+    from pydoc_data.topics import topics
+    from transformers import AutoTokenizer
+
+    root, model = awq_ckpt
+    tok = AutoTokenizer.from_pretrained(str(root / "hf"))
+    ids = tok(topics["if"])["input_ids"]
+    prompts = [ids[i * 40:(i + 1) * 40] for i in range(4)]
+    gaps = {}
+    for algo in ("rtn", "awq"):
+        engine = str(tmp_path / algo)
+        cfg = convert(str(root / "hf"), engine, 2, progress=False, calib_samples=8, calib_seq_len=64,
+                      quant=qz.parse_scheme("int4", 32, zero_point=True, algo=algo))
+        assert cfg.quantization["quant_algo"] == ("W4A16_AWQ" if algo == "awq" else "W4A16")
+        out = run_engine(engine, 2, prompts, ["--max_output_len", "8"])
+        diffs = [abs(a - b) for p, o in zip(prompts, out["outputs"])
+                 for a, b in zip(reference_logprobs(model, p, o["output_ids"]), o["output_logprobs"])]
+        gaps[algo] = sum(diffs) / len(diffs)
+    assert gaps["awq"] < 0.8 * gaps["rtn"], gaps
+    # qkv's and fc/gate's scales went into the norms (no prequant factor for them); with GQA (4 heads,
+    # 2 KV heads) dense's could only be a prequant factor
+    from safetensors.torch import load_file
+
+    awq_r1, rtn_r1 = (load_file(os.path.join(str(tmp_path / a), "rank1.safetensors")) for a in ("awq", "rtn"))
+    norm = "transformer.layers.0.input_layernorm.weight"
+    assert not torch.equal(awq_r1[norm], rtn_r1[norm])
+    assert not any(n.endswith(("qkv.prequant_scaling_factor", "fc.prequant_scaling_factor")) for n in awq_r1)
+    assert all(n.endswith("dense.prequant_scaling_factor") for n in awq_r1 if n.endswith("prequant_scaling_factor"))
+
+
+def test_awq_bad_calibration_input(awq_ckpt, tmp_path):
+    root, _ = awq_ckpt
+    empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
+    empty.write_text("  \n")
+    short.write_text("too short")
+
+    def convert_cli(*flags):
+        res = run_ranks(1, [tool("tp-convert"), "--model_dir", str(root / "hf"), "--output_dir", str(tmp_path / "x"),
+                            "--no_progress", *flags], timeout=120)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (res.returncode, res.stderr)
+        return res.stderr
+
+    awq_flags = ["--use_weight_only", "--weight_only_precision", "int4", "--group_size", "32", "--quant_algo", "awq"]
+    assert "is empty" in convert_cli(*awq_flags, "--calib_file", str(empty))
+    err = convert_cli(*awq_flags, "--calib_file", str(short), "--calib_seq_len", "64")
+    assert "has 9 tokens, shorter than one sample of --calib_seq_len 64" in err
+    assert "does not exist" in convert_cli(*awq_flags, "--calib_file", str(tmp_path / "nope.txt"))
+    assert "are for --quant_algo awq" in convert_cli("--use_weight_only", "--calib_samples", "4")
+    assert "int4" in convert_cli("--use_weight_only", "--quant_algo", "awq")
+    assert not os.path.exists(tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------
+# pre-quantized checkpoints, packed here from the formats' descriptions (see prequantized.py)
+
+
+def _int32(t):
+    """Unsigned 32-bit patterns (in int64) as int32, as the formats store them."""
+    t = t & 0xFFFFFFFF
+    return (t - (t >= 2**31).long() * 2**32).to(torch.int32)
+
+
+def _quantize_asym(w, group, min_zero):
+    """(out, in) -> codes (out, in), zeros (out, groups), fp16 scales (out, groups)."""
+    out_f, in_f = w.shape
+    wg = w.view(out_f, in_f // group, group)
+    lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    scale = ((hi - lo) / 15).half()
+    zero = torch.round(-lo / scale.float()).clamp(min_zero, 15)
+    codes = (torch.round(wg / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, 15)
+    return codes.view(out_f, in_f).long(), zero.long(), scale
+
+
+def _pack_awq(codes_t):
+    """(rows, cols) -> (rows, cols / 8): nibble i of int32 c holds column 8c + [0, 2, 4, 6, 1, 3, 5, 7][i]."""
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+    rows, cols = codes_t.shape
+    packed = torch.zeros(rows, cols // 8, dtype=torch.long)
+    for i, o in enumerate(order):
+        packed |= codes_t[:, o::8] << (4 * i)
+    return _int32(packed)
+
+
+def _gptq_tensors(codes, zero, scale, group):
+    in_f = codes.shape[1]
+    ct = codes.t()  # (in, out)
+    qweight = torch.zeros(in_f // 8, ct.shape[1], dtype=torch.long)
+    for j in range(8):
+        qweight |= ct[j::8] << (4 * j)  # nibble j of row r: input 8r + j
+    zt = (zero.t() - 1) & 0xF  # (groups, out), stored as zero - 1
+    qzeros = torch.zeros(zt.shape[0], zt.shape[1] // 8, dtype=torch.long)
+    for j in range(8):
+        qzeros |= zt[:, j::8] << (4 * j)
+    return {"qweight": _int32(qweight), "qzeros": _int32(qzeros), "scales": scale.t().contiguous(),
+            "g_idx": (torch.arange(in_f) // group).to(torch.int32)}
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_prequantized_checkpoint_shards_and_matches_its_dequantized_weights(method, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+
+    group = 32
+    model = build_checkpoint(str(tmp_path / "hf"), "llama", intermediate_size=128)
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    linears = [n for n in sd if n.endswith(("_proj.weight",))]
+    for name in linears:
+        prefix = name[: -len(".weight")]
+        codes, zero, scale = _quantize_asym(sd.pop(name).float(), group, 0 if method == "awq" else 1)
+        deq = ((codes.view(codes.shape[0], -1, group) - zero.unsqueeze(-1)) * scale.float().unsqueeze(-1))
+        with torch.no_grad():  # the reference model holds exactly the weights the codes stand for
+            model.get_submodule(prefix).weight.copy_(deq.view(codes.shape))
+        if method == "awq":
+            parts = {"qweight": _pack_awq(codes.t()), "qzeros": _pack_awq(zero.t()), "scales": scale.t().contiguous()}
+        else:
+            parts = _gptq_tensors(codes, zero, scale, group)
+        sd.update({f"{prefix}.{k}": v for k, v in parts.items()})
+    save_file(sd, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
+                                   "version": "gemm"} if method == "awq" else
+                                  {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
+                                   "sym": False})
+    cfg_path.write_text(json.dumps(cfg))
+
+    engine = str(tmp_path / "e")
+    ec = convert(str(tmp_path / "hf"), engine, 2, progress=False)
+    assert ec.quantization["quant_algo"] == ("W4A16_AWQ" if method == "awq" else "W4A16_GPTQ")
+    assert ec.quantization["group_size"] == group and ec.quantization["has_zero_point"]
+    # rank 1's down_proj slice (row-parallel) and q/k/v (its heads) are the dequantized weights' slices
+    r1 = load_file(os.path.join(engine, "rank1.safetensors"))
+    proj = qz.dequantize(qz.from_engine_tensors("transformer.layers.1.mlp.proj.weight", r1, "int4"))
+    assert torch.equal(proj, model.model.layers[1].mlp.down_proj.weight[:, 64:].float())
+    qkv = qz.dequantize(qz.from_engine_tensors("transformer.layers.0.attention.qkv.weight", r1, "int4"))
+    attn = model.model.layers[0].self_attn
+    D = 16
+    expect = torch.cat([attn.q_proj.weight[2 * D:], attn.k_proj.weight[D:], attn.v_proj.weight[D:]])
+    assert torch.equal(qkv, expect.float())
+    prompts = random_prompts(103, seed=9)
+    out = run_engine(engine, 2, prompts, ["--woq_kernel", "dequant_int4"])
+    assert logprob_gap(model, out, prompts) < 1e-3
+    with pytest.raises(UserError, match="already quantized"):
+        convert(str(tmp_path / "hf"), str(tmp_path / "e2"), 1, progress=False, quant=qz.parse_scheme("int8"))

@@ -1,0 +1,456 @@
+"""Weight-only quantized linears at run time, and the kernels that serve them.
+
+A quantized linear's rank-file tensors (engine_format: codes, scales, zeros, AWQ prequant factor) are
+gathered into one `QuantWeight` when the model is built; the parallel layers (layers.py) then run it
+through a `WeightOnlyLinear`, which owns one kernel:
+
+    y = kernel(x * prequant)            y[n, o] = sum_i x[n, i] (q[o, i] - zero[o, g(i)]) scale[o, g(i)]
+
+Which kernel is fastest depends on the CPU, the shape and the thread count, so each layer shape is timed
+once at load among the kernels that can serve it, and the winner is cached on disk
+($TP_RUNTIME_CACHE or ~/.cache/tp_runtime/woq_kernels.json, keyed by CPU, torch, threads and shape).
+`--woq_kernel NAME` (LLM(woq_kernel=...)) forces one for every layer of its precision.
+
+    int8  aten_int8       torch.ops.aten._weight_int8pack_mm (CPU, CUDA): int8 weights, float activations
+          aten_int8_bf16  the same fed bf16 activations from an fp32 model (its only fast CPU path)
+          fbgemm_int8     FBGEMM's dynamic linear (quantized.linear_dynamic on a prepacked per-channel
+                          weight): the activation is quantized to 8 bits per call too, so it is W8A8 in
+                          effect, less exact than the others (CPU); only when named, never by auto
+          dequant_int8    F.linear on the codes cast to the compute dtype, then the scales (fallback)
+    int4  aten_int4_cpu   torch.ops.aten._weight_int4pack_mm_for_cpu on _convert_weight_to_int4pack_for_cpu
+          aten_int4_cpu_bf16  the same fed bf16 activations from an fp32 model
+          aten_int4_cuda  torch.ops.aten._weight_int4pack_mm (bf16, tinygemm layout) - written, not run here
+          dequant_int4    unpack, dequantize and F.linear every call (fallback; correct, slow)
+
+Zero points: the int4 aten kernels take them as part of their (scale, zero) pairs; for int8 kernels,
+which have none, y -= sum_i x[n, i] * (scale * zero)[o] is added after the matmul.
+"""
+
+import functools
+import json
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_runtime import engine_format as ef
+from tp_runtime.errors import UserError
+
+
+@dataclass
+class QuantWeight:
+    """One linear's quantized weight on its device, as read from the rank file (codes unpacked)."""
+
+    precision: str  # int8 | int4
+    q: torch.Tensor  # (out, in): int8 codes, or uint8 codes 0..15 for int4
+    scale: torch.Tensor  # (out, groups) float32
+    zero: torch.Tensor | None  # (out, groups) codes' zero; None: symmetric (0 for int8, 8 for int4)
+    pre_scale: torch.Tensor | None = None  # (in,) multiplies the activation first (AWQ)
+    kernel: str = "auto"  # the kernel asked for (auto: timed at load)
+    dtype: torch.dtype = torch.float32  # compute dtype of the activations
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scale.shape[1]
+
+    def zeros(self) -> torch.Tensor:
+        """(out, groups) float zero of each group, implied ones included."""
+        if self.zero is not None:
+            return self.zero.float()
+        return torch.full_like(self.scale, 0.0 if self.precision == "int8" else 8.0)
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) float32, prequant factor folded in: the reference every kernel must match."""
+        out_f, in_f = self.q.shape
+        groups = self.scale.shape[1]
+        q = self.q.float().view(out_f, groups, in_f // groups)
+        w = ((q - self.zeros().unsqueeze(-1)) * self.scale.unsqueeze(-1)).view(out_f, in_f)
+        return w * self.pre_scale.float() if self.pre_scale is not None else w
+
+
+def cat_out(parts: list):
+    """Concatenate weights along their outputs (fc and gate into one matmul): tensors or QuantWeights."""
+    if not isinstance(parts[0], QuantWeight):
+        return torch.cat(parts)
+    first = parts[0]
+    if any(p.precision != first.precision or p.scale.shape[1] != first.scale.shape[1] for p in parts):
+        raise ValueError("fused quantized weights must share precision and group size")
+    pre = first.pre_scale
+    if any((p.pre_scale is None) != (pre is None) or (pre is not None and not torch.equal(p.pre_scale, pre))
+           for p in parts):
+        raise ValueError("fused quantized weights must share their prequant factor (they share their input)")
+    zero = None
+    if any(p.zero is not None for p in parts):
+        zero = torch.cat([p.zeros().to(torch.int16) for p in parts])
+    return QuantWeight(first.precision, torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                       zero, pre, first.kernel, first.dtype)
+
+
+def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto") -> dict:
+    """Replace each quantized linear's tensors in a rank's `weights` by one QuantWeight under `P.weight`.
+    A linear is quantized when its scales are there: per_channel_scale (int8) or weights_scaling_factor
+    (int4). Other tensors are left as they are."""
+    for name in [n for n in weights if n.endswith((f".{ef.INT8_SCALE}", f".{ef.INT4_SCALE}"))]:
+        prefix, kind = name.rsplit(".", 1)
+        w = weights.pop(f"{prefix}.weight")
+        scale = weights.pop(name).float()
+        zero = weights.pop(f"{prefix}.{ef.ZERO}", None)
+        pre = weights.pop(f"{prefix}.{ef.PREQUANT}", None)
+        if kind == ef.INT8_SCALE:
+            # A fresh, aligned copy: a tensor read from the rank file may sit at any byte offset, and
+            # torch's bf16 int8 kernel crashes on an unaligned weight (seen here with an mmap'd file).
+            w = w.clone()
+            qw = QuantWeight("int8", w, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1), pre,
+                             kernel, dtype)
+        else:
+            qw = QuantWeight("int4", ef.unpack_int4(w), scale, zero, pre, kernel, dtype)
+        weights[f"{prefix}.weight"] = qw
+    return weights
+
+
+# ---------------------------------------------------------------------------
+# kernels: each prepares its own copy of the weight once, then maps x (N, in) -> y (N, out)
+
+
+class Kernel:
+    name = ""
+    precision = ""
+    auto = True  # a candidate of --woq_kernel auto (False: only when named)
+
+    @staticmethod
+    def supports(w: QuantWeight, dtype: torch.dtype) -> bool:
+        return True
+
+    def __init__(self, w: QuantWeight, dtype: torch.dtype):
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Int8Kernel(Kernel):
+    """int8 kernels without zero points: y -= sum_i x_i * (scale * zero) after the matmul, in float32."""
+
+    precision = "int8"
+
+    def _zeros(self, w: QuantWeight):
+        self.zero_term = None  # (out,) float32
+        self.zero_col = None  # (out, 1) in the kernel's dtype: codes minus zero are exact in bf16 (|.| <= 255)
+        if w.zero is not None and w.zero.any():
+            self.zero_term = w.scale[:, 0] * w.zero[:, 0].float()
+            self.zero_col = w.zero.float()
+
+    def _finish(self, x, y):
+        if self.zero_term is not None:
+            y = y - (x.float().sum(-1, keepdim=True) * self.zero_term).to(y.dtype)
+        return y
+
+
+class AtenInt8(_Int8Kernel):
+    name = "aten_int8"
+
+    @staticmethod
+    def supports(w, dtype):
+        return w.q.device.type in ("cpu", "cuda") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+    def __init__(self, w, dtype):
+        self.q = w.q.contiguous()  # (out, in) int8
+        self.scale = w.scale[:, 0].to(dtype).contiguous()
+        self._zeros(w)
+        if self.zero_col is not None:
+            self.zero_col = self.zero_col.to(dtype)
+
+    # Beyond this many rows (prefill) the codes cast to the compute dtype and one GEMM beat the kernel, which
+    # grows ~15 us a row at SmolLM2's shapes (1536x576: 780 us at 128 rows); same tensors, no copy.
+    GEMM_ROWS = 16
+
+    def __call__(self, x):
+        if x.shape[0] > self.GEMM_ROWS:
+            w = self.q.to(x.dtype) if self.zero_col is None else self.q.to(x.dtype) - self.zero_col
+            return F.linear(x, w) * self.scale
+        return self._finish(x, torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale))
+
+
+class FbgemmInt8(_Int8Kernel):
+    """Fast, but W8A8 in effect: one 8-bit scale for the whole activation row loses SmolLM2's small channels
+    beside its outliers (perplexity 12.44 -> 12.99 on CPython doc text, against 12.55 for aten_int8_bf16),
+    so `auto` never picks it; --woq_kernel fbgemm_int8 trades that for speed."""
+
+    name = "fbgemm_int8"
+    auto = False
+
+    @staticmethod
+    def supports(w, dtype):
+        # With zero points the correction term cancels most of x q^T and magnifies the 8-bit activation
+        # error (measured 4% of the output on random weights): symmetric weights only.
+        engines = torch.backends.quantized.supported_engines
+        return (w.q.device.type == "cpu" and ("fbgemm" in engines or "x86" in engines)
+                and (w.zero is None or not w.zero.any()))
+
+    def __init__(self, w, dtype):
+        zeros = torch.zeros(w.out_features, dtype=torch.long)
+        with warnings.catch_warnings():  # torch marks quantized tensors deprecated; FBGEMM still takes them
+            warnings.simplefilter("ignore", UserWarning)
+            qt = torch._make_per_channel_quantized_tensor(w.q.contiguous(), w.scale[:, 0].double(), zeros, 0)
+        self.packed = torch.ops.quantized.linear_prepack(qt, None)
+        self.dtype = dtype
+        self._zeros(w)
+
+    def __call__(self, x):
+        y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, False)
+        return self._finish(x, y.to(self.dtype))
+
+
+class DequantInt8(_Int8Kernel):
+    name = "dequant_int8"
+
+    def __init__(self, w, dtype):
+        self.q = w.q
+        self.scale = w.scale[:, 0].to(dtype)
+        self._zeros(w)
+        if self.zero_col is not None:
+            self.zero_col = self.zero_col.to(dtype)
+
+    def __call__(self, x):
+        w = self.q.to(x.dtype) if self.zero_col is None else self.q.to(x.dtype) - self.zero_col
+        return F.linear(x, w) * self.scale
+
+
+def _int4_scales_and_zeros(w: QuantWeight, dtype) -> torch.Tensor:
+    """(groups, out, 2) for torch's int4 kernels, whose weight is (code - 8) * scale + zero:
+    ours is (code - z) * scale, so their zero is (8 - z) * scale."""
+    zero = (8.0 - w.zeros()) * w.scale  # (out, groups)
+    return torch.stack([w.scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
+
+
+class AtenInt4Cpu(Kernel):
+    name = "aten_int4_cpu"
+    precision = "int4"
+
+    @staticmethod
+    def supports(w, dtype):
+        return (w.q.device.type == "cpu" and w.group_size in (32, 64, 128, 256)
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+    def __init__(self, w, dtype):
+        self.group = w.group_size
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32).contiguous(), 2)
+        self.sz = _int4_scales_and_zeros(w, dtype)
+
+    def __call__(self, x):
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.sz)
+
+
+class AtenInt4Cuda(Kernel):
+    """tinygemm's layout (as gpt-fast packs it: input 2j in the high nibble), bf16 activations."""
+
+    name = "aten_int4_cuda"
+    precision = "int4"
+
+    @staticmethod
+    def supports(w, dtype):
+        return (w.q.device.type == "cuda" and dtype == torch.bfloat16 and w.group_size in (32, 64, 128, 256)
+                and w.in_features % 32 == 0)
+
+    def __init__(self, w, dtype):
+        tiles = next(t for t in (8, 4, 2) if w.in_features % (t * 16) == 0)
+        q = w.q.to(torch.uint8)
+        high_first = (q[:, 0::2] << 4) | q[:, 1::2]  # (out, in / 2)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack(high_first.contiguous(), tiles)
+        self.group = w.group_size
+        self.sz = _int4_scales_and_zeros(w, dtype)
+
+    def __call__(self, x):
+        return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group, self.sz)
+
+
+class DequantInt4(Kernel):
+    name = "dequant_int4"
+    precision = "int4"
+
+    def __init__(self, w, dtype):
+        self.packed = ef.pack_int4(w.q)  # (out, in / 2)
+        self.scale = w.scale.to(dtype)
+        self.zero = w.zeros().to(dtype)
+        self.group = w.group_size
+
+    def __call__(self, x):
+        q = ef.unpack_int4(self.packed).to(x.dtype)  # (out, in)
+        out_f, in_f = q.shape
+        q = q.view(out_f, in_f // self.group, self.group)  # (out, groups, group)
+        w = ((q - self.zero.unsqueeze(-1)) * self.scale.unsqueeze(-1)).view(out_f, in_f)
+        return F.linear(x, w)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_variant(base: type) -> type:
+    """`base` fed bfloat16 activations from a float32 model: torch's CPU int8 / int4 kernels have a fast
+    path for bf16 only (measured 10-30x faster than their fp32 path on an AVX-512 Xeon), so on CPUs with
+    native bf16 an fp32 engine casts x to bf16 around them (activations rounded to bf16, W*A16)."""
+
+    class Variant(Kernel):
+        name = f"{base.name}_bf16"
+        precision = base.precision
+
+        @staticmethod
+        def supports(w, dtype):
+            return (dtype == torch.float32 and w.q.device.type == "cpu" and _cpu_has_bf16()
+                    and base.supports(w, torch.bfloat16))
+
+        def __init__(self, w, dtype):
+            self.inner = base(w, torch.bfloat16)
+
+        def __call__(self, x):
+            return self.inner(x.to(torch.bfloat16)).to(x.dtype)
+
+    Variant.__name__ = Variant.__qualname__ = f"{base.__name__}Bf16"
+    return Variant
+
+
+KERNELS = {k.name: k for k in (AtenInt8, bf16_variant(AtenInt8), FbgemmInt8, DequantInt8,
+                               AtenInt4Cpu, bf16_variant(AtenInt4Cpu), AtenInt4Cuda, DequantInt4)}
+
+
+def candidates(w: QuantWeight, dtype: torch.dtype, auto: bool = False) -> list[str]:
+    """Kernels that can serve w (with auto: those `--woq_kernel auto` may pick)."""
+    return [n for n, k in KERNELS.items()
+            if k.precision == w.precision and k.supports(w, dtype) and (k.auto or not auto)]
+
+
+# ---------------------------------------------------------------------------
+# choosing: time each candidate once per shape, remember the winner
+
+
+def cache_path() -> str:
+    root = os.environ.get("TP_RUNTIME_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tp_runtime")
+    return os.path.join(root, "woq_kernels.json")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown-cpu"
+
+
+def cache_key(w: QuantWeight, dtype: torch.dtype) -> str:
+    dev = w.q.device
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{_cpu_name()} x{torch.get_num_threads()}"
+    return (f"{where}|torch {torch.__version__}|{w.precision} {w.out_features}x{w.in_features} "
+            f"g{w.group_size} z{int(w.zero is not None)}|{str(dtype).removeprefix('torch.')}")
+
+
+def _read_cache() -> dict:
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_cache(key: str, name: str) -> None:
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = _read_cache()
+        data[key] = name
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".woq-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: ranks writing at once never leave a torn file
+    except OSError:
+        pass  # a read-only home: time again next load
+
+
+def time_kernel(kernel: Kernel, x: torch.Tensor, calls: int = 20) -> float:
+    """Seconds per call, best of 3 rounds."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        kernel(x)
+    best = float("inf")
+    for _ in range(3):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            kernel(x)
+        sync()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best
+
+
+_chosen: dict = {}  # in-process: cache key -> kernel name
+
+
+def choose(w: QuantWeight, dtype: torch.dtype) -> str:
+    names = candidates(w, dtype)
+    if w.kernel != "auto":
+        if w.kernel not in KERNELS:
+            raise UserError(f"--woq_kernel {w.kernel!r} is unknown; kernels: auto, {', '.join(KERNELS)}")
+        if KERNELS[w.kernel].precision == w.precision:
+            if w.kernel not in names:
+                raise UserError(f"--woq_kernel {w.kernel} cannot serve a {w.precision} {w.out_features}x"
+                                f"{w.in_features} weight (group {w.group_size}) on {w.q.device.type} in "
+                                f"{str(dtype).removeprefix('torch.')}; it can use: {', '.join(names)}")
+            return w.kernel
+    names = candidates(w, dtype, auto=True)
+    if len(names) == 1:
+        return names[0]
+    key = cache_key(w, dtype)
+    if key not in _chosen:
+        cached = _read_cache().get(key)
+        if cached in names:
+            _chosen[key] = cached
+        else:
+            x = torch.randn(1, w.in_features, dtype=dtype, device=w.q.device)  # decode: one token a row
+            times = {n: time_kernel(KERNELS[n](w, dtype), x) for n in names}
+            _chosen[key] = min(times, key=times.get)
+            _write_cache(key, _chosen[key])
+    return _chosen[key]
+
+
+class WeightOnlyLinear(nn.Module):
+    """x (..., in) -> (..., out) through the chosen kernel; no bias (the parallel layers add it)."""
+
+    def __init__(self, w: QuantWeight):
+        super().__init__()
+        dtype = w.dtype
+        self.kernel_name = choose(w, dtype)
+        self.kernel = KERNELS[self.kernel_name](w, dtype)
+        self.in_features, self.out_features = w.in_features, w.out_features
+        self.pre_scale = w.pre_scale.to(dtype) if w.pre_scale is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_scale is not None:
+            x = x * self.pre_scale
+        y = self.kernel(x.reshape(-1, self.in_features))  # (tokens, out)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, kernel={self.kernel_name}"
