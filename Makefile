@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_20b_shapes.py --out benchmarks/results/20b_shapes.json
 	$(BIN)/python benchmarks/bench_woq_kernels.py --json benchmarks/results/woq_kernels.json
 	$(BIN)/python benchmarks/bench_quant.py --out benchmarks/results/quant.json
+	$(BIN)/python benchmarks/bench_ray.py --out benchmarks/results/ray.json
 
 clean:
 	rm -rf engines

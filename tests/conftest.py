@@ -16,3 +16,18 @@ def smollm2_hf():
     from tp_runtime.assets import smollm2_hf_dir
 
     return smollm2_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster with 2 CPUs for the whole session (its GCS address); at the end it is shut down
+    and every process it started must be gone."""
+    import psutil
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False)
+    yield ray.get_runtime_context().gcs_address
+    started = psutil.Process().children(recursive=True)
+    ray.shutdown()
+    _, alive = psutil.wait_procs(started, timeout=20)
+    assert not alive, f"Ray left processes running: {[' '.join(p.cmdline()[:2]) for p in alive]}"

@@ -3,6 +3,7 @@
     tp-convert  shards a Hugging Face checkpoint into an engine directory (one file per rank)
     tp-run      runs an engine under mpirun, torchrun, or alone
     LLM         the same runtime as a Python API
+    RayEngine   the same runtime on Ray actors, driven from one process (imported on first use: needs ray)
 """
 
 __version__ = "0.1.0"
@@ -10,4 +11,12 @@ __version__ = "0.1.0"
 from tp_runtime.llm import LLM, RequestOutput  # noqa: E402
 from tp_runtime.sampling import SamplingParams  # noqa: E402
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "RayEngine", "RequestOutput", "SamplingParams", "__version__"]
+
+
+def __getattr__(name):
+    if name == "RayEngine":  # lazily, so that `import tp_runtime` never imports ray
+        from tp_runtime.ray_engine import RayEngine
+
+        return RayEngine
+    raise AttributeError(f"module 'tp_runtime' has no attribute {name!r}")

@@ -37,6 +37,7 @@ def exit_on_user_error(main):
 
     wrapped.__name__ = main.__name__
     wrapped.__doc__ = main.__doc__
+    wrapped.__wrapped__ = main  # the Ray launcher runs it unwrapped, so a rank's error reaches the driver
     return wrapped
 
 

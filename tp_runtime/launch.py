@@ -2,6 +2,8 @@
 
 The only module that reads launcher environment variables:
     torchrun        RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    Ray             torchrun's variables, set by ray_cluster.py in each actor, plus TP_RUNTIME_LAUNCHER=ray and
+                    TP_RUNTIME_RANK_CPUS (the CPUs of the rank's placement-group bundle: its default thread count)
     Open MPI        OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK / _LOCAL_SIZE
     MPICH (Hydra)   PMI_RANK, PMI_SIZE, MPI_LOCALRANKID, MPI_LOCALNRANKS
 Under MPI the rendezvous address is agreed over MPI (mpi4py, the `mpi` extra): rank 0 picks a free
@@ -23,7 +25,8 @@ class LaunchInfo:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-    launcher: str = "none"  # none | torchrun | openmpi | mpich
+    launcher: str = "none"  # none | torchrun | ray | openmpi | mpich
+    cpus: int | None = None  # CPUs the launcher granted this rank (Ray's bundle), when it says
 
     @property
     def is_mpi(self) -> bool:
@@ -52,6 +55,9 @@ def detect_launch() -> LaunchInfo:
                           _int("MPI_LOCALNRANKS", size), "mpich")
     if "WORLD_SIZE" in env and "RANK" in env:
         size = _int("WORLD_SIZE")
+        if env.get("TP_RUNTIME_LAUNCHER") == "ray":
+            return LaunchInfo(_int("RANK", 0), size, _int("LOCAL_RANK", 0), _int("LOCAL_WORLD_SIZE", size), "ray",
+                              _int("TP_RUNTIME_RANK_CPUS"))
         return LaunchInfo(_int("RANK", 0), size, _int("LOCAL_RANK", 0), _int("LOCAL_WORLD_SIZE", size), "torchrun")
     return LaunchInfo()
 
@@ -65,7 +71,7 @@ def _free_port() -> int:
 def rendezvous_address(info: LaunchInfo) -> tuple[str, int]:
     """The (address, port) of rank 0's TCP store, agreed by every rank."""
     env = os.environ
-    if info.launcher == "torchrun" or ("MASTER_ADDR" in env and "MASTER_PORT" in env):
+    if info.launcher in ("torchrun", "ray") or ("MASTER_ADDR" in env and "MASTER_PORT" in env):
         if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
             raise UserError("RANK/WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not; start with torchrun")
         return env["MASTER_ADDR"], _int("MASTER_PORT")

@@ -142,6 +142,8 @@ class LLM:
             raise UserError(f"--threads must be >= 1, got {threads}")
         if reserve_cores < 0:
             raise UserError(f"--reserve_cores must be >= 0, got {reserve_cores}")
+        if threads is None and self.info.cpus:  # the CPUs a launcher granted this rank (a Ray bundle)
+            threads = max(1, self.info.cpus - reserve_cores)
         # Bind and set threads before any weight is touched: first-touch then places them near the cores.
         self.allowed_cores, self.numa_nodes = tuple(sorted(os.sched_getaffinity(0))), read_numa_nodes()
         self.bind_mode, self.reserve_cores = bind, reserve_cores

@@ -44,7 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run_profiling", action="store_true", help="repeat the generation 3 times and report timings")
     p.add_argument("--output_json", default=None, help="write outputs and timings to this file (rank 0)")
     add_runtime_args(p)
+    add_launcher_args(p)
     return p
+
+
+def add_launcher_args(p: argparse.ArgumentParser) -> None:
+    """--launcher ray and its placement: the command starts its ranks as Ray actors (ray_engine.py)."""
+    la = p.add_argument_group("launcher")
+    la.add_argument("--launcher", default="auto", choices=["auto", "ray"],
+                    help="auto: this process is a rank of mpirun/torchrun (or alone); ray: start the ranks as Ray actors")
+    la.add_argument("--placement", default="pack", choices=["pack", "spread"],
+                    help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD)")
+    la.add_argument("--ray_address", default=None,
+                    help='--launcher ray: the Ray cluster ("auto": a running one; default: Ray\'s rule, else a new local one)')
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -144,6 +156,11 @@ def main(argv=None):
     params = sampling_from_args(args)
     if args.max_input_length is not None and args.max_input_length < 1:
         raise UserError(f"--max_input_length must be >= 1, got {args.max_input_length}")
+    if args.launcher == "ray":  # this process drives; the ranks run this main in Ray actors
+        from tp_runtime.ray_engine import launch_console_script
+
+        return launch_console_script(main, sys.argv[1:] if argv is None else list(argv), args.engine, args.device,
+                                     args.threads, args.placement, args.ray_address)
     llm = llm_from_args(args)
     lead = llm.rank == 0
     if lead:
