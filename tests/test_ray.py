@@ -135,3 +135,38 @@ def test_tp_run_launcher_ray(ray_local, engine, prompts, mpirun_outputs, tmp_pat
                            "--engine", engine, "--input_ids", "1,2"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert gone.returncode == 2 and "error: no Ray cluster answers at 127.0.0.1:" in gone.stderr, gone.stderr
+
+
+def test_tp_serve_launcher_ray(ray_local, smollm2_hf, tmp_path):
+    """tp-serve --launcher ray: the ranks are Ray actors, rank 0's actor serves HTTP; a greedy completion equals
+    tp-run's text for the same engine and prompt; SIGTERM to the driver ends the actors (the CPUs come back)."""
+    import ray
+    from openai import OpenAI
+
+    from test_serve import _wait_healthy
+    from tp_runtime.convert import convert
+
+    engine = str(tmp_path / "smollm2_tp2")
+    convert(smollm2_hf, engine, 2, progress=False)
+    prompt = "The three primary colors are"
+    expected = tp_run_json(engine, 2, ["--input_text", prompt, "--no_prompt_template", "--max_output_len", "12",
+                                       "--ignore_eos"])["outputs"][0]["text"]
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([tool("tp-serve"), "--launcher", "ray", "--ray_address", ray_local, "--engine", engine,
+                             "--port", str(port), "--max_seq_len", "256"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        got = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert got.choices[0].text == expected
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    deadline = time.monotonic() + 60  # the driver is gone: Ray ends its actors and frees their CPUs
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == 2

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", default="auto", choices=LAUNCHERS,
                    help="who starts the ranks: auto = the launcher that started this process, else local when "
                         "the engine's tp_size > 1")
+    p.add_argument("--placement", default="pack", choices=["pack", "spread"],
+                   help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD)")
+    p.add_argument("--ray_address", default=None,
+                   help='--launcher ray: the Ray cluster ("auto": a running one; default: a new local one)')
     add_runtime_args(p)
     return p
 
@@ -63,12 +67,12 @@ def main(argv=None):
     info = detect_launch()
     if info.launcher == "none":
         tp_size = ef.EngineConfig.load(args.engine).tp_size
-        if args.launcher == "ray":
-            try:
-                from tp_runtime.ray_cluster import launch_ranks
-            except ImportError as e:
-                raise UserError(f"--launcher ray needs the Ray integration (tp_runtime.ray_cluster): {e}") from None
-            return launch_ranks(tp_size, main, argv)
+        if args.launcher == "ray":  # this process drives; the ranks run this main in Ray actors
+            from tp_runtime.ray_engine import launch_console_script
+
+            print(f"[tp-serve] starting {tp_size} ranks as Ray actors", file=sys.stderr, flush=True)
+            return launch_console_script(main, argv, args.engine, args.device, args.threads, args.placement,
+                                         args.ray_address)
         if args.launcher in ("mpirun", "torchrun") and tp_size > 1:
             raise UserError(f"--launcher {args.launcher}: start tp-serve under it, e.g. "
                             + (f"mpirun -n {tp_size} tp-serve ..." if args.launcher == "mpirun"
@@ -147,7 +151,7 @@ def _serve(llm, scheduler, tokenizer, lock, sock, args, api_key, name) -> int:
             server.force_exit = True
         server.should_exit = True
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = _handle_signals(on_signal)
     http_thread = threading.Thread(target=http, name="tp-serve-http", daemon=True)
     http_thread.start()
     host, port = sock.getsockname()[:2]
@@ -169,6 +173,14 @@ def _serve(llm, scheduler, tokenizer, lock, sock, args, api_key, name) -> int:
         return 3
     print("[tp-serve] stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _handle_signals(handler) -> dict:
+    """SIGINT/SIGTERM -> handler; returns the old handlers. Not on a thread other than the main one (a rank
+    in a Ray actor): there the driver ends the actors, and Python refuses handlers anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 class _Server:
@@ -196,8 +208,7 @@ def _follow(llm) -> int:
         if len(signals) > 1:  # a second one: leave now
             raise KeyboardInterrupt
 
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
+    _handle_signals(on_signal)
     follow(llm.model, llm.cache, llm.comm, llm.device)
     llm.close()
     return 0
