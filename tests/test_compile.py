@@ -57,6 +57,11 @@ def test_compile_switch(monkeypatch):
         pick_compile("auto", cpu)
     with pytest.raises(UserError, match="--compile must be one of"):
         pick_compile("yes", cpu)
+    monkeypatch.delenv("TP_RUNTIME_COMPILE")
+    if any(__import__("shutil").which(c) for c in ("c++", "g++", "clang++")):
+        assert pick_compile("auto", cpu) is True
+        assert pick_compile("auto", cpu, world_size=2) is False  # several ranks: only when asked
+    monkeypatch.setenv("TP_RUNTIME_COMPILE", "sometimes")
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):
         pick_compile("on", cpu)

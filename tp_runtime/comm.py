@@ -14,6 +14,7 @@ step is one graph with the communication in it; outside compiled code they are p
 """
 
 import datetime
+import time
 
 import torch
 
@@ -62,8 +63,8 @@ class Communicator:
     def broadcast_object(self, obj, src: int = 0):
         return obj
 
-    def barrier(self) -> None:
-        pass
+    def barrier(self, timeout_s: float | None = None) -> None:
+        """Wait for every rank (timeout_s: this wait's own limit instead of the communicator's)."""
 
     def close(self) -> None:
         pass
@@ -74,12 +75,17 @@ _LIVE: list[Communicator] = []  # communicators by op id, for the custom ops bel
 
 @torch.library.custom_op("tp_runtime::all_reduce_", mutates_args=("tensor",))
 def _all_reduce_op(tensor: torch.Tensor, comm_id: int) -> None:
-    _LIVE[comm_id]._all_reduce(tensor)
+    comm = _LIVE[comm_id]
+    if not comm.offline:
+        comm._all_reduce(tensor)
 
 
 @torch.library.custom_op("tp_runtime::all_gather", mutates_args=())
 def _all_gather_op(tensor: torch.Tensor, comm_id: int, world_size: int, dim: int) -> torch.Tensor:
-    return _LIVE[comm_id]._all_gather(tensor, dim)
+    comm = _LIVE[comm_id]
+    if comm.offline:  # a compile warm-up: the shape, not the data, matters
+        return torch.cat([tensor] * world_size, dim=dim)
+    return comm._all_gather(tensor, dim)
 
 
 @_all_gather_op.register_fake
@@ -95,6 +101,9 @@ class TorchDistCommunicator(Communicator):
 
         self.op_id = len(_LIVE)
         _LIVE.append(self)
+        # offline: compiled graphs' collectives do nothing, so each rank can compile (and run its warm-up
+        # step) at its own pace; a barrier with a long limit then brings the ranks together again.
+        self.offline = False
         self.dist = dist
         self.rank, self.world_size, self.backend = info.rank, info.world_size, backend
         self.timeout_s = timeout_s
@@ -144,11 +153,24 @@ class TorchDistCommunicator(Communicator):
         return box[0]
 
     @_guard
-    def barrier(self):
-        if self.object_group is not None:
-            self.dist.barrier(group=self.object_group)
+    def barrier(self, timeout_s=None):
+        if timeout_s is not None:  # a counter in the rendezvous store, polled: any limit, any backend
+            self._store_barrier(timeout_s)
+        elif self.object_group is not None:
+            self.dist.barrier(group=group)
         else:
             self.dist.barrier()
+
+    def _store_barrier(self, timeout_s: float) -> None:
+        store = self.dist.distributed_c10d._get_default_store()
+        self._barriers = getattr(self, "_barriers", 0) + 1
+        key = f"tp_runtime/barrier/{self._barriers}"
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while int(store.add(key, 0)) < self.world_size:
+            if time.monotonic() > deadline:
+                raise CommError(f"rank {self.rank}: the other ranks did not reach the barrier within {timeout_s:.0f}s")
+            time.sleep(0.05)
 
     def close(self):
         if self.dist.is_initialized():

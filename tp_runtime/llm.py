@@ -95,11 +95,13 @@ def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device, progr
 
 
 COMPILE_MODES = ("auto", "on", "off")
+COMPILE_BARRIER_S = 900  # how long ranks wait for the slowest one to compile its decode step
 
 
-def pick_compile(requested: str, device: torch.device) -> bool:
-    """Whether to compile the decode step. auto: $TP_RUNTIME_COMPILE (on/off) if set, else on where
-    Inductor can build its code (CUDA, or a CPU with a C++ compiler on PATH)."""
+def pick_compile(requested: str, device: torch.device, world_size: int = 1) -> bool:
+    """Whether to compile the decode step. auto: $TP_RUNTIME_COMPILE (on/off) if set, else on for a
+    single rank where Inductor can build its code (CUDA, or a CPU with a C++ compiler on PATH); with
+    several ranks only when asked (--compile on), until compiling under a loaded launcher is proven."""
     if requested not in COMPILE_MODES:
         raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
     if requested == "auto":
@@ -110,7 +112,7 @@ def pick_compile(requested: str, device: torch.device) -> bool:
     if requested == "on" and not has_compiler:
         raise UserError("--compile on needs a C++ compiler on PATH for torch.compile on CPU (install g++), "
                         "or use --compile off")
-    return requested == "on" or (requested == "auto" and has_compiler)
+    return requested == "on" or (requested == "auto" and has_compiler and world_size == 1)
 
 
 class LLM:
@@ -169,8 +171,15 @@ class LLM:
         eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id or [])
         self.generator = Generator(self.model, self.cache, self.comm, self.device, eos)
         self.load_s = time.perf_counter() - t0
-        self.compiled = pick_compile(compile, self.device)
-        self.compile_s = self.model.compile_decode(self.cache) if self.compiled else 0.0
+        self.compiled = pick_compile(compile, self.device, self.info.world_size)
+        self.compile_s = 0.0
+        if self.compiled:  # compile without collectives (ranks compile at their own pace), then meet
+            self.comm.offline = True
+            try:
+                self.compile_s = self.model.compile_decode(self.cache, min(2, self.max_batch_size))
+            finally:
+                self.comm.offline = False
+            self.comm.barrier(timeout_s=max(COMPILE_BARRIER_S, comm_timeout_s))
         self.last_timings = Timings()
 
     # --- set-up helpers ---

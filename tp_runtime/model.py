@@ -306,22 +306,30 @@ class TPDecoder(nn.Module):
 
     _compiled_body = None
 
-    def compile_decode(self, cache: KVCache) -> float:
+    def compile_decode(self, cache: KVCache, max_batch: int = 1) -> float:
         """Compile the decode step's body with torch.compile (Inductor; a C++ wrapper on CPU, so no
         Python runs between its kernels) and run it once; returns the seconds that took.
 
-        One graph serves every attention span (dynamic shapes); batch size 1 gets its own graph at
-        once, larger batches one more on first use. The collectives are custom ops inside the graph
+        One graph serves every attention span (dynamic shapes); batch size 1 has its own graph, and
+        with max_batch > 1 the graph of larger batches is built here too (not mid-generation, where
+        ranks compiling at different speeds would stall each other's collectives). The collectives are custom ops inside the graph
         (comm.py). Inductor caches the generated code on disk (TORCHINDUCTOR_CACHE_DIR), so a later
         run of the same engine skips most of the compile."""
         import torch._inductor.config as inductor_config
 
+        import torch.fx.experimental._config as fx_config
+
         t0 = time.perf_counter()
         if self.embedding.weight.device.type == "cpu":
             inductor_config.cpp_wrapper = True
+        # No guards from sizes that merely happen to be equal (an attention span of 2 and 2 KV heads per
+        # rank): a rank whose sizes differ would recompile alone, mid-generation, while the others wait.
+        fx_config.use_duck_shape = False
         self._compiled_body = torch.compile(self._decode_body, dynamic=True, fullgraph=True)
         dev = self.embedding.weight.device
-        with torch.inference_mode():  # a dummy token at position 1 of slot 0, which a prefill overwrites
-            one = torch.ones(1, 1, dtype=torch.long, device=dev)
-            self(one, one, cache, torch.zeros(1, dtype=torch.long, device=dev))
+        with torch.inference_mode():  # dummy tokens at position 1 of slots 0.., which a prefill overwrites
+            for B in sorted({1, max_batch}):
+                ids = torch.ones(B, 1, dtype=torch.long, device=dev)
+                positions = torch.ones(B, 1, dtype=torch.long, device=dev)  # not `ids` itself: no aliasing guard
+                self(ids, positions, cache, torch.zeros(B, dtype=torch.long, device=dev))
         return time.perf_counter() - t0
