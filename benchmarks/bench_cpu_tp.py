@@ -36,20 +36,28 @@ def write_medians(once, out: str) -> None:
                    "decode_tok_s": statistics.median(r[1] for r in runs)}, f)
 
 
-def worker_tp(engine: str, threads: int, comm: str, compile: str, ids: list, new: int, out: str) -> None:
-    from tp_runtime import LLM, SamplingParams
+def llm_medians(llm, ids: list, new: int) -> dict:
+    """One warm-up, then the median TTFT and decode rate of 3 generations of `new` tokens after `ids`."""
+    from tp_runtime import SamplingParams
 
-    llm = LLM(engine, threads=threads, comm=comm, compile=compile)
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     llm.generate([ids], params)
     runs = []
     for _ in range(3):
         llm.generate([ids], params)
         runs.append(llm.last_timings)
+    return {"ttft_ms": statistics.median(t.ttft_ms for t in runs),
+            "decode_tok_s": statistics.median(t.decode_tokens_per_s for t in runs)}
+
+
+def worker_tp(engine: str, threads: int, comm: str, compile: str, ids: list, new: int, out: str) -> None:
+    from tp_runtime import LLM
+
+    llm = LLM(engine, threads=threads, comm=comm, compile=compile)
+    medians = llm_medians(llm, ids, new)
     if llm.rank == 0:
         with open(out, "w") as f:
-            json.dump({"ttft_ms": statistics.median(t.ttft_ms for t in runs),
-                       "decode_tok_s": statistics.median(t.decode_tokens_per_s for t in runs)}, f)
+            json.dump(medians, f)
     llm.close()
 
 

@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,23 +42,16 @@ CONFIGS = [  # label, quantize.parse_scheme arguments (tp-convert's flags)[, --w
 
 
 def worker(engine: str, threads: int, ids: list, new: int, out: str, kernel: str = "auto") -> None:
-    from tp_runtime import LLM, SamplingParams
+    from tp_runtime import LLM
 
     # KV cache for this one request only, so RSS shows the weights (the default 8 x 4096 cache is 1.5 GB)
     llm = LLM(engine, threads=threads, max_batch_size=1, max_seq_len=len(ids) + new + 1,
               woq_kernel=kernel)
-    params = SamplingParams(max_tokens=new, ignore_eos=True)
-    llm.generate([ids], params)
-    runs = []
-    for _ in range(3):
-        llm.generate([ids], params)
-        runs.append(llm.last_timings)
+    medians = bench_cpu_tp.llm_medians(llm, ids, new)
     status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
     kernels = sorted({m.woq.kernel_name for m in llm.model.modules() if getattr(m, "woq", None) is not None})
     with open(out, "w") as f:
-        json.dump({"ttft_ms": statistics.median(t.ttft_ms for t in runs),
-                   "decode_tok_s": statistics.median(t.decode_tokens_per_s for t in runs),
-                   "rss_mb": int(status["VmRSS"].split()[0]) / 1024, "kernels": kernels}, f)
+        json.dump({**medians, "rss_mb": int(status["VmRSS"].split()[0]) / 1024, "kernels": kernels}, f)
     llm.close()
 
 
