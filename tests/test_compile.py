@@ -47,6 +47,28 @@ def test_compiled_decode_matches_transformers(mistral, tp):
             assert max(abs(a - b) for a, b in zip(ref, o["output_logprobs"])) < 1e-3
 
 
+def test_no_recompile_after_load(mistral):
+    """The graphs built at load serve every later batch size and attention span: a recompile mid-generation
+    would stall the other ranks' collectives (and cost seconds on its own)."""
+    from torch._dynamo.utils import counters
+
+    from tp_runtime import LLM, SamplingParams
+
+    model, root = mistral
+    engine = str(root / "in_process")
+    convert(str(root / "hf"), engine, 1, progress=False)
+    llm = LLM(engine, compile="on", max_batch_size=4)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # batch 1 and batch >= 2, built at load
+    prompts = random_prompts(97, seed=7)
+    params = SamplingParams(max_tokens=9, ignore_eos=True)
+    for batch in (prompts[:3], prompts[:1], prompts[1:3], prompts[:4]):  # spans from ~5 to ~20, batches 1..4
+        llm.generate(batch, params)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    llm.close()
+
+
 def test_compile_switch(monkeypatch):
     cpu = torch.device("cpu")
     assert pick_compile("off", cpu) is False

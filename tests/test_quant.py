@@ -123,6 +123,33 @@ def test_every_available_kernel_matches_the_dequantized_matmul(name, dtype):
             assert err < tol, (name, dtype, kname, out_f, in_f, err)
 
 
+def test_native_kernels_build_here_and_match_for_every_row_count():
+    """tp_runtime's AVX2 kernels: built on this machine (AVX2 and a compiler are there), exact against the
+    dequantized matmul for 1..9 activation rows (2- and 4-row passes and their remainders) and prefill rows,
+    different data per row, symmetric and zero-point weights, groups 32 / 64 / per channel."""
+    from tp_runtime import native
+
+    if not {"avx2", "fma"} <= native.cpu_flags():
+        pytest.skip("the CPU lacks AVX2/FMA: the native kernels are not candidates here")
+    assert native.load(), native.why_not()
+    for name, (out_f, in_f) in (("int8", (72, 200)), ("int8_zp", (96, 576)), ("int4_g32", (40, 192)),
+                                ("int4_g64_zp", (200, 576)), ("int4_channel", (33, 128))):
+        qw = quant_weight(SCHEMES[name], out_f, in_f, 3, prequant=name.endswith("zp"))
+        kname = f"native_{SCHEMES[name].precision}"
+        assert kname in woq.candidates(qw, torch.float32, auto=True)
+        qw.kernel = kname
+        layer = woq.WeightOnlyLinear(qw)
+        w = qw.dequantize()
+        for rows in (1, 2, 3, 4, 5, 7, 9, 33):
+            x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(rows))
+            ref = x.double() @ w.double().t()
+            y = layer(x).double()
+            err = ((y - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-5, (name, rows, err)
+    odd = quant_weight(SCHEMES["int4_g32"], 8, 96, 0)  # inputs not in blocks of 64: torch's kernels serve
+    assert "native_int4" not in woq.candidates(odd, torch.float32)
+
+
 def test_auto_choice_is_timed_once_and_cached(tmp_path):
     qw = quant_weight(SCHEMES["int8"], 64, 128, 0)
     woq._chosen.clear()

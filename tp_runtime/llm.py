@@ -24,7 +24,7 @@ from tp_runtime.errors import UserError
 from tp_runtime.generator import Generator, Request, Timings
 from tp_runtime.binding import apply_binding, plan_binding, read_numa_nodes
 from tp_runtime.launch import detect_launch
-from tp_runtime.model import KVCache, TPDecoder
+from tp_runtime.model import COMPILE_SPAN, KVCache, TPDecoder
 from tp_runtime.sampling import SamplingParams
 
 DTYPES = ef.DTYPES
@@ -172,6 +172,8 @@ class LLM:
         self.generator = Generator(self.model, self.cache, self.comm, self.device, eos)
         self.load_s = time.perf_counter() - t0
         self.compiled = pick_compile(compile, self.device, self.info.world_size)
+        if self.compiled and compile == "auto" and self.max_seq_len < COMPILE_SPAN:
+            self.compiled = False  # a cache this short is a test engine, not one worth compiling for
         self.compile_s = 0.0
         if self.compiled:  # compile without collectives (ranks compile at their own pace), then meet
             self.comm.offline = True

@@ -23,6 +23,7 @@ from tp_runtime import engine_format as ef
 from tp_runtime import woq
 from tp_runtime.comm import Communicator
 from tp_runtime.engine_format import EngineConfig
+from tp_runtime.errors import UserError
 from tp_runtime.layers import (ColumnParallelLinear, Embedding, LayerNorm, ParallelLMHead, RMSNorm, RowParallelLinear,
                                VocabParallelEmbedding)
 
@@ -99,6 +100,9 @@ def decode_attention(q, keys, values, mask):
     else:
         out = probs @ values
     return out.reshape(B, H, 1, D)  # (B, heads, 1, D)
+
+
+COMPILE_SPAN = 3  # the attention span compile_decode traces with (see there)
 
 
 class KVCache:
@@ -317,19 +321,24 @@ class TPDecoder(nn.Module):
         run of the same engine skips most of the compile."""
         import torch._inductor.config as inductor_config
 
-        import torch.fx.experimental._config as fx_config
-
         t0 = time.perf_counter()
         if self.embedding.weight.device.type == "cpu":
             inductor_config.cpp_wrapper = True
-        # No guards from sizes that merely happen to be equal (an attention span of 2 and 2 KV heads per
-        # rank): a rank whose sizes differ would recompile alone, mid-generation, while the others wait.
-        fx_config.use_duck_shape = False
+        # Symbols only for the batch and the attention span: the caches' sizes are fixed. (With a symbol
+        # per cache size, tracing 30 layers took 3-7 minutes on 2 cores instead of ~20 s.)
+        for t in (*cache.k, *cache.v):
+            torch._dynamo.mark_static(t)
         self._compiled_body = torch.compile(self._decode_body, dynamic=True, fullgraph=True)
         dev = self.embedding.weight.device
-        with torch.inference_mode():  # dummy tokens at position 1 of slots 0.., which a prefill overwrites
+        # Sizes that are equal at tracing share a symbol (torch's duck shaping), and a later call where they
+        # differ recompiles - on one rank, mid-generation. So the dummy span (position + 1 = 3) is none of
+        # the batch sizes traced (1, 2); a cache shorter than that is too small to be worth compiling for.
+        span = COMPILE_SPAN
+        if cache.max_seq_len < span:
+            raise UserError(f"--compile on needs --max_seq_len >= {span}, got {cache.max_seq_len}")
+        with torch.inference_mode():  # dummy tokens at position 2 of slots 0.., which a prefill overwrites
             for B in sorted({1, max_batch}):
                 ids = torch.ones(B, 1, dtype=torch.long, device=dev)
-                positions = torch.ones(B, 1, dtype=torch.long, device=dev)  # not `ids` itself: no aliasing guard
+                positions = torch.full((B, 1), span - 1, dtype=torch.long, device=dev)  # not `ids`: no aliasing guard
                 self(ids, positions, cache, torch.zeros(B, dtype=torch.long, device=dev))
         return time.perf_counter() - t0

@@ -13,12 +13,14 @@ once at load among the kernels that can serve it, and the winner is cached on di
 
     int8  aten_int8       torch.ops.aten._weight_int8pack_mm (CPU, CUDA): int8 weights, float activations
           aten_int8_bf16  the same fed bf16 activations from an fp32 model (its only fast CPU path)
+          native_int8     tp_runtime's AVX2 kernel (csrc/woq_cpu.cpp, built on first use): fp32 activations
           fbgemm_int8     FBGEMM's dynamic linear (quantized.linear_dynamic on a prepacked per-channel
                           weight): the activation is quantized to 8 bits per call too, so it is W8A8 in
                           effect, less exact than the others (CPU); only when named, never by auto
           dequant_int8    F.linear on the codes cast to the compute dtype, then the scales (fallback)
     int4  aten_int4_cpu   torch.ops.aten._weight_int4pack_mm_for_cpu on _convert_weight_to_int4pack_for_cpu
           aten_int4_cpu_bf16  the same fed bf16 activations from an fp32 model
+          native_int4     tp_runtime's AVX2 kernel (csrc/woq_cpu.cpp): fp32 activations, groups of 32k
           aten_int4_cuda  torch.ops.aten._weight_int4pack_mm (bf16, tinygemm layout) - written, not run here
           dequant_int4    unpack, dequantize and F.linear every call (fallback; correct, slow)
 
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_runtime import engine_format as ef
+from tp_runtime import native
 from tp_runtime.errors import UserError
 
 
@@ -229,6 +232,28 @@ class DequantInt8(_Int8Kernel):
         return F.linear(x, w) * self.scale
 
 
+class NativeInt8(_Int8Kernel):
+    """tp_runtime's AVX2 kernel (csrc/woq_cpu.cpp, native.py): fp32 activations, int8 codes widened to fp32
+    in registers, per-channel scale after the sum; the fp32 engine's decode rows, no cast to bf16."""
+
+    name = "native_int8"
+
+    @staticmethod
+    def supports(w, dtype):
+        return w.q.device.type == "cpu" and dtype == torch.float32 and native.load()
+
+    def __init__(self, w, dtype):
+        self.q = w.q.contiguous()
+        self.scale = w.scale[:, 0].float().contiguous()
+        self._zeros(w)
+
+    def __call__(self, x):
+        if x.shape[0] > AtenInt8.GEMM_ROWS:  # prefill: one GEMM on the codes cast to fp32 beats 4-row passes
+            w = self.q.to(x.dtype) if self.zero_col is None else self.q.to(x.dtype) - self.zero_col
+            return F.linear(x, w) * self.scale
+        return self._finish(x, torch.ops.tp_woq.int8_mm(x.contiguous(), self.q, self.scale))
+
+
 def _int4_scales_and_zeros(w: QuantWeight, dtype) -> torch.Tensor:
     """(groups, out, 2) for torch's int4 kernels, whose weight is (code - 8) * scale + zero:
     ours is (code - z) * scale, so their zero is (8 - z) * scale."""
@@ -252,6 +277,41 @@ class AtenInt4Cpu(Kernel):
 
     def __call__(self, x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.sz)
+
+
+class NativeInt4(Kernel):
+    """tp_runtime's AVX2 kernel (csrc/woq_cpu.cpp): codes unpacked and widened to fp32 in registers, each
+    32 inputs' sum scaled, plus their minimum (-zero * scale) times their activation sum; fp32
+    activations. Prefill rows (> GEMM_ROWS) dequantize the weight in slices of output rows for a GEMM."""
+
+    name = "native_int4"
+    precision = "int4"
+    GEMM_ROWS = 16
+    SLICE = 1024  # output rows dequantized at once for prefill (a 1024 x 4096 slice is 16 MB of fp32)
+
+    @staticmethod
+    def supports(w, dtype):
+        return (w.q.device.type == "cpu" and dtype == torch.float32 and w.in_features % 64 == 0
+                and w.group_size % 32 == 0 and native.load())
+
+    def __init__(self, w, dtype):
+        self.packed = native.pack_int4(w.q)  # (out, in / 2)
+        per_half = w.group_size // 32  # the kernel takes a (scale, minimum) per 32 inputs
+        self.scale = w.scale.float().repeat_interleave(per_half, dim=1).contiguous()  # (out, in / 32)
+        self.minimum = (-w.zeros() * w.scale).float().repeat_interleave(per_half, dim=1).contiguous()
+
+    def _dequantized(self, rows: slice) -> torch.Tensor:
+        q = native.unpack_int4(self.packed[rows]).float()  # (out, in)
+        out_f = q.shape[0]
+        q = q.view(out_f, -1, 32)  # (out, in / 32, 32)
+        return (q * self.scale[rows].unsqueeze(-1) + self.minimum[rows].unsqueeze(-1)).view(out_f, -1)
+
+    def __call__(self, x):
+        if x.shape[0] > self.GEMM_ROWS:
+            out_f = self.packed.shape[0]
+            return torch.cat([F.linear(x, self._dequantized(slice(o, o + self.SLICE)))
+                              for o in range(0, out_f, self.SLICE)], dim=-1)
+        return torch.ops.tp_woq.int4_mm(x.contiguous(), self.packed, self.scale, self.minimum)
 
 
 class AtenInt4Cuda(Kernel):
@@ -329,8 +389,8 @@ def bf16_variant(base: type) -> type:
     return Variant
 
 
-KERNELS = {k.name: k for k in (AtenInt8, bf16_variant(AtenInt8), FbgemmInt8, DequantInt8,
-                               AtenInt4Cpu, bf16_variant(AtenInt4Cpu), AtenInt4Cuda, DequantInt4)}
+KERNELS = {k.name: k for k in (AtenInt8, bf16_variant(AtenInt8), NativeInt8, FbgemmInt8, DequantInt8,
+                               AtenInt4Cpu, bf16_variant(AtenInt4Cpu), NativeInt4, AtenInt4Cuda, DequantInt4)}
 
 
 def candidates(w: QuantWeight, dtype: torch.dtype, auto: bool = False) -> list[str]:

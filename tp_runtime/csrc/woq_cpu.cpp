@@ -1,0 +1,201 @@
+// Weight-only int4 / int8 matmuls for CPUs with AVX2 + FMA: tp_runtime's own kernels for the few rows of a
+// decode step (batch rows as activations, fp32 in and out).
+//
+// Built on first use by tp_runtime/native.py (torch.utils.cpp_extension, -O3 -mavx2 -mfma) and registered as
+// torch operators, so torch.compile graphs call them like any aten op:
+//
+//   tp_woq::int4_mm(x, packed, scale, minimum) -> y         y[n, o] = sum_i x[n, i] * w[o, i]
+//       w[o, i] = code[o, i] * scale[o, h] + minimum[o, h],  h = i / 32      (Q4_1's form; a symmetric or
+//       integer-zero weight has minimum = -zero * scale; a group of 32k inputs repeats its pair k times)
+//       packed (out, in / 2) uint8: each block of 64 inputs is 32 bytes = 8 little-endian uint32 lanes, nibble
+//       k (bits 4k..4k+3) of lane j holding input 8k + j (pack_int4 in native.py)
+//   tp_woq::int8_mm(x, q, scale) -> y                         w[o, i] = q[o, i] * scale[o]
+//
+// x is (rows, in) float32, contiguous. A few activation rows (int4: 2, int8: 4) share each decoded weight
+// vector (the weight is read once per that many rows: these are decode kernels), and output rows are split across torch's intra-op
+// threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Eight codes (bytes) from the low 8 bytes of v as floats.
+inline __m256 bytes_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
+inline __m256 sbytes_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+// One output row o of int4 for NB activation rows. A 64-input block is one 32-byte load seen as 8 lanes of
+// 8 nibbles: nibble k of lane j is input 8k + j, so `v & (15 << 4k)` holds 8 codes times 16^k, which
+// widen to floats exactly and meet inputs pre-multiplied by 16^-k (xs; exact too: powers of two).
+// Nibbles 0-3 are the block's first 32 inputs, 4-7 its last 32, each half with its own scale and minimum
+// (a group of 64k inputs repeats its scale per half: one code path, measured faster than folding per group).
+template <int NB>
+void int4_row(const float* xs, int64_t in, const uint8_t* wrow, const float* scale, const float* minimum,
+              const float* xsum, float* y, int64_t out, int64_t o) {
+  __m256 total[NB];
+  for (int n = 0; n < NB; ++n) total[n] = _mm256_setzero_ps();
+  for (int64_t blk = 0; blk < in / 64; ++blk) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + blk * 32));
+    const float* xb = xs + blk * 64;
+#define TP_NIBBLE(k) _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15 << (4 * (k)))))
+    const __m256 w0 = TP_NIBBLE(0), w1 = TP_NIBBLE(1), w2 = TP_NIBBLE(2), w3 = TP_NIBBLE(3);
+    const __m256 w4 = TP_NIBBLE(4), w5 = TP_NIBBLE(5), w6 = TP_NIBBLE(6);
+    const __m256 w7 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));  // (the top nibble alone: unsigned)
+#undef TP_NIBBLE
+    const __m256 sa = _mm256_set1_ps(scale[2 * blk]), sb = _mm256_set1_ps(scale[2 * blk + 1]);
+    for (int n = 0; n < NB; ++n) {
+      const float* xn = xb + n * in;
+      __m256 a0 = _mm256_mul_ps(w0, _mm256_loadu_ps(xn));  // inputs 0-31 in two chains, 32-63 in two
+      __m256 a1 = _mm256_mul_ps(w1, _mm256_loadu_ps(xn + 8));
+      __m256 b0 = _mm256_mul_ps(w4, _mm256_loadu_ps(xn + 32));
+      __m256 b1 = _mm256_mul_ps(w5, _mm256_loadu_ps(xn + 40));
+      a0 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xn + 16), a0);
+      a1 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xn + 24), a1);
+      b0 = _mm256_fmadd_ps(w6, _mm256_loadu_ps(xn + 48), b0);
+      b1 = _mm256_fmadd_ps(w7, _mm256_loadu_ps(xn + 56), b1);
+      total[n] = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), sa, total[n]);
+      total[n] = _mm256_fmadd_ps(_mm256_add_ps(b0, b1), sb, total[n]);
+    }
+  }
+  for (int n = 0; n < NB; ++n) {
+    float acc = hsum(total[n]);
+    const float* xsn = xsum + n * (in / 32);
+    for (int64_t h = 0; h < in / 32; ++h) acc += minimum[h] * xsn[h];
+    y[n * out + o] = acc;
+  }
+}
+
+// One output row of int8 (per-channel scale) for NB activation rows.
+template <int NB>
+void int8_row(const float* x, int64_t in, const int8_t* wrow, float scale, float* y, int64_t out, int64_t o) {
+  __m256 a0[NB], a1[NB];
+  for (int n = 0; n < NB; ++n) a0[n] = a1[n] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + i));
+    const __m256 w0 = sbytes_to_ps(raw), w1 = sbytes_to_ps(_mm_srli_si128(raw, 8));
+    for (int n = 0; n < NB; ++n) {
+      const float* xn = x + n * in + i;
+      a0[n] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xn), a0[n]);
+      a1[n] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xn + 8), a1[n]);
+    }
+  }
+  for (int n = 0; n < NB; ++n) {
+    float acc = hsum(_mm256_add_ps(a0[n], a1[n]));
+    for (int64_t j = i; j < in; ++j) acc += float(wrow[j]) * x[n * in + j];
+    y[n * out + o] = acc * scale;
+  }
+}
+
+void check_x(const at::Tensor& x, int64_t in, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              op, ": x must be a contiguous (rows, in) float32 CPU tensor");
+  TORCH_CHECK(x.size(1) == in, op, ": x has ", x.size(1), " inputs, the weight ", in);
+}
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                   const at::Tensor& minimum) {
+  const int64_t out = packed.size(0), in = packed.size(1) * 2, halves = in / 32;
+  check_x(x, in, "tp_woq::int4_mm");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "int4_mm: packed must be uint8");
+  TORCH_CHECK(in % 64 == 0, "int4_mm: ", in, " inputs: needs inputs in blocks of 64");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == out &&
+              scale.size(1) == halves, "int4_mm: scale must be (out, in / 32) float32");
+  TORCH_CHECK(minimum.scalar_type() == at::kFloat && minimum.is_contiguous() && minimum.sizes() == scale.sizes(),
+              "int4_mm: minimum must be (out, in / 32) float32");
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, out}, x.options());
+  if (rows == 0) return y;
+  // Per activation row: the inputs times 16^-k for nibble k (see int4_row), and the sum of each 32
+  // inputs, which meets their minimum.
+  at::Tensor xs = at::empty({rows, in}, x.options());
+  at::Tensor xsum = at::empty({rows, halves}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* xsp = xs.data_ptr<float>();
+  float* xsump = xsum.data_ptr<float>();
+  static const float mult[8] = {1.0f, 1.0f / 16, 1.0f / 256, 1.0f / 4096, 1.0f / 65536, 1.0f / 1048576,
+                                1.0f / 16777216, 1.0f};
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t h = 0; h < halves; ++h) {
+      const float* xh = xp + r * in + h * 32;
+      float* xsh = xsp + r * in + h * 32;
+      float sum = 0.0f;
+      for (int j = 0; j < 32; ++j) {
+        xsh[j] = xh[j] * mult[(h % 2) * 4 + j / 8];
+        sum += xh[j];
+      }
+      xsump[r * halves + h] = sum;
+    }
+  }
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* mp = minimum.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < rows; r += 2) {
+      const float* xr = xsp + r * in;
+      const float* xsr = xsump + r * halves;
+      float* yr = yp + r * out;
+      for (int64_t o = begin; o < end; ++o) {
+        const uint8_t* wrow = wp + o * (in / 2);
+        if (rows - r >= 2) int4_row<2>(xr, in, wrow, sp + o * halves, mp + o * halves, xsr, yr, out, o);
+        else int4_row<1>(xr, in, wrow, sp + o * halves, mp + o * halves, xsr, yr, out, o);
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
+  const int64_t out = q.size(0), in = q.size(1);
+  check_x(x, in, "tp_woq::int8_mm");
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous(), "int8_mm: q must be contiguous int8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == out, "int8_mm: scale must be (out,) float32");
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, out}, x.options());
+  if (rows == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const int8_t* wp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < rows; r += 4) {
+      const int64_t nb = std::min<int64_t>(4, rows - r);
+      const float* xr = xp + r * in;
+      float* yr = yp + r * out;
+      for (int64_t o = begin; o < end; ++o) {
+        const int8_t* wrow = wp + o * in;
+        switch (nb) {
+          case 1: int8_row<1>(xr, in, wrow, sp[o], yr, out, o); break;
+          case 2: int8_row<2>(xr, in, wrow, sp[o], yr, out, o); break;
+          case 3: int8_row<3>(xr, in, wrow, sp[o], yr, out, o); break;
+          default: int8_row<4>(xr, in, wrow, sp[o], yr, out, o); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tp_woq, m) {
+  m.def("int4_mm(Tensor x, Tensor packed, Tensor scale, Tensor minimum) -> Tensor");
+  m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tp_woq, CPU, m) {
+  m.impl("int4_mm", &int4_mm);
+  m.impl("int8_mm", &int8_mm);
+}
