@@ -38,6 +38,10 @@ CONFIGS = [  # label, quantize.parse_scheme arguments (tp-convert's flags)[, --w
     ("int4 g32", dict(precision="int4", group_size=32)),
     ("int4 g32 + int8 lm_head", dict(precision="int4", group_size=32, quantize_lm_head=True)),
     ("int4 g64 AWQ", dict(precision="int4", group_size=64, algo="awq")),
+    # tp_runtime's AVX2 kernels forced (what `auto` picks on an AVX2-only CPU, where torch's are 15-60x slower)
+    ("int8 + int8 lm_head, native_int8", dict(precision="int8", quantize_lm_head=True), "native_int8"),
+    ("int4 g64 + int8 lm_head, native_int4", dict(precision="int4", group_size=64, quantize_lm_head=True),
+     "native_int4"),
 ]
 
 

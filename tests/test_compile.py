@@ -82,7 +82,6 @@ def test_compile_switch(monkeypatch):
     monkeypatch.delenv("TP_RUNTIME_COMPILE")
     if any(__import__("shutil").which(c) for c in ("c++", "g++", "clang++")):
         assert pick_compile("auto", cpu) is True
-        assert pick_compile("auto", cpu, world_size=2) is False  # several ranks: only when asked
     monkeypatch.setenv("TP_RUNTIME_COMPILE", "sometimes")
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UserError, match="needs a C\\+\\+ compiler"):

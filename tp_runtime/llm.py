@@ -98,10 +98,9 @@ COMPILE_MODES = ("auto", "on", "off")
 COMPILE_BARRIER_S = 900  # how long ranks wait for the slowest one to compile its decode step
 
 
-def pick_compile(requested: str, device: torch.device, world_size: int = 1) -> bool:
-    """Whether to compile the decode step. auto: $TP_RUNTIME_COMPILE (on/off) if set, else on for a
-    single rank where Inductor can build its code (CUDA, or a CPU with a C++ compiler on PATH); with
-    several ranks only when asked (--compile on), until compiling under a loaded launcher is proven."""
+def pick_compile(requested: str, device: torch.device) -> bool:
+    """Whether to compile the decode step. auto: $TP_RUNTIME_COMPILE (on/off) if set, else on where
+    Inductor can build its code (CUDA, or a CPU with a C++ compiler on PATH), at any tp size."""
     if requested not in COMPILE_MODES:
         raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
     if requested == "auto":
@@ -112,7 +111,7 @@ def pick_compile(requested: str, device: torch.device, world_size: int = 1) -> b
     if requested == "on" and not has_compiler:
         raise UserError("--compile on needs a C++ compiler on PATH for torch.compile on CPU (install g++), "
                         "or use --compile off")
-    return requested == "on" or (requested == "auto" and has_compiler and world_size == 1)
+    return requested == "on" or (requested == "auto" and has_compiler)
 
 
 class LLM:
@@ -171,7 +170,7 @@ class LLM:
         eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id or [])
         self.generator = Generator(self.model, self.cache, self.comm, self.device, eos)
         self.load_s = time.perf_counter() - t0
-        self.compiled = pick_compile(compile, self.device, self.info.world_size)
+        self.compiled = pick_compile(compile, self.device)
         if self.compiled and compile == "auto" and self.max_seq_len < COMPILE_SPAN:
             self.compiled = False  # a cache this short is a test engine, not one worth compiling for
         self.compile_s = 0.0

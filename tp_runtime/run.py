@@ -80,7 +80,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "aten_int4_cpu_bf16, aten_int4_cuda, dequant_int4)")
     r.add_argument("--comm_timeout", type=float, default=45.0, help="seconds before a collective gives up")
     r.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the decode step (auto: on for a tp=1 engine where a C++ compiler or CUDA "
+                   help="torch.compile the decode step (auto: on where a C++ compiler or CUDA "
                         "is present, or as $TP_RUNTIME_COMPILE says); the compiled code is cached on disk")
 
 
