@@ -203,6 +203,22 @@ def test_int8_engine_logprobs_close_to_fp32(ckpt, tp, tmp_path):
     assert logprob_gap(model, out, prompts) <= 0.05
 
 
+def test_untraceable_kernel_keeps_the_eager_step(ckpt, tmp_path, monkeypatch):
+    """FBGEMM's prepacked weight cannot enter a torch.compile graph: auto falls back to the eager step,
+    --compile on says why."""
+    from tp_runtime import LLM
+
+    root, _ = ckpt
+    engine = str(tmp_path / "e")
+    convert(str(root / "hf"), engine, 1, progress=False, quant=qz.parse_scheme("int8"))
+    monkeypatch.delenv("TP_RUNTIME_COMPILE", raising=False)
+    llm = LLM(engine, woq_kernel="fbgemm_int8")
+    assert llm.compiled is False
+    llm.close()
+    with pytest.raises(UserError, match="cannot trace the fbgemm_int8 kernel"):
+        LLM(engine, woq_kernel="fbgemm_int8", compile="on")
+
+
 def test_int4_g32_engine_runs_at_tp2(ckpt, tmp_path):
     root, model = ckpt
     engine = str(tmp_path / "e")

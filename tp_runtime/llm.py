@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tp_runtime import engine_format as ef
+from tp_runtime import woq
 from tp_runtime.comm import DEFAULT_TIMEOUT_S, make_communicator
 from tp_runtime.errors import UserError
 from tp_runtime.generator import Generator, Request, Timings
@@ -173,6 +174,13 @@ class LLM:
         self.compiled = pick_compile(compile, self.device)
         if self.compiled and compile == "auto" and self.max_seq_len < COMPILE_SPAN:
             self.compiled = False  # a cache this short is a test engine, not one worth compiling for
+        untraceable = sorted({m.kernel_name for m in self.model.modules()
+                              if isinstance(m, woq.WeightOnlyLinear) and not m.kernel.traceable})
+        if self.compiled and untraceable:
+            if compile == "on":
+                raise UserError(f"--compile on cannot trace the {', '.join(untraceable)} kernel; use --compile off "
+                                f"or another --woq_kernel")
+            self.compiled = False  # auto: the eager step serves
         self.compile_s = 0.0
         if self.compiled:  # compile without collectives (ranks compile at their own pace), then meet
             self.comm.offline = True

@@ -132,6 +132,7 @@ class Kernel:
     name = ""
     precision = ""
     auto = True  # a candidate of --woq_kernel auto (False: only when named)
+    traceable = True  # torch.compile can trace it (False: the decode step stays eager)
 
     @staticmethod
     def supports(w: QuantWeight, dtype: torch.dtype) -> bool:
@@ -194,6 +195,7 @@ class FbgemmInt8(_Int8Kernel):
 
     name = "fbgemm_int8"
     auto = False
+    traceable = False  # its prepacked weight is a ScriptObject that dynamo cannot put in a graph
 
     @staticmethod
     def supports(w, dtype):
