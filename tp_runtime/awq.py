@@ -7,6 +7,19 @@ scaled up, so rounding costs them less), at the price of the others. As AutoAWQ 
 (normalised), alpha on a grid in [0, 1) chosen per layer group to minimise || x W^T - (x/s) Q(W s)^T ||
 on the calibration activations (alpha = 0 is plain RTN, so the search never does worse on them).
 
+Then, as AutoAWQ's auto_clip, a clipping search on the scaled weights W s (fed x / s): for each row and
+group of every quantized linear but the query and key projections (their errors go through the softmax),
+the range kept before rounding is shrunk by a ratio r in 1, 0.95, ..., 0.55 ([-m r, m r] with m the
+group's largest |w|; [lo r, hi r] of its range with zero points), r chosen per (row, group) to minimise
+the squared error of that group's share of the output on the calibration tokens:
+
+    err[o, g] = (dW[o, g] X_g^T X_g dW[o, g]^T) / n        dW = Q(clip(W s)) - W s, X = x / s (n tokens)
+
+computed from each group's Gram matrix X_g^T X_g (one (group, group) matrix per group, not one product per
+token). The weights are clamped to the chosen range as they are loaded, then rounded as usual. Clipping
+sacrifices the few largest weights of a group for a finer step on the rest; weighing the error by real
+activations is what makes that pay (a weight-space MSE clip did not: quantize.py's _round).
+
 The 1 / s goes where the math allows, so it costs nothing at run time:
     qkv       <- input_layernorm (weight and bias divided by s)            pre-norm families
     fc, gate  <- post_layernorm                                             pre-norm families
@@ -31,6 +44,8 @@ from tp_runtime import quantize as qz
 from tp_runtime.errors import UserError
 
 GRID = 20  # alpha in 0, 0.05, ..., 0.95
+CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5  # clip ratios 1, 0.95, ..., 0.55 (AutoAWQ's n_grid, max_shrink)
+NO_CLIP = ("attention.qkv.q", "attention.qkv.k")  # AutoAWQ's avoid_clipping: q_proj, k_proj
 MAX_ROWS = 1024  # calibration tokens kept per linear for the search (mean |x| uses them all)
 
 
@@ -44,6 +59,8 @@ class AwqResult:
     prequant: dict = field(default_factory=dict)  # weight name -> 1 / s (in,)
     alphas: dict = field(default_factory=dict)  # group name -> chosen alpha (reported)
     errors: dict = field(default_factory=dict)  # group name -> (rtn error, awq error) on the calibration rows
+    clip: dict = field(default_factory=dict)  # weight name -> {part: (lo, hi) (out, groups)}; part 2 = qkv's v
+    clip_errors: dict = field(default_factory=dict)  # weight name -> (error unclipped, clipped), summed over parts
 
 
 def calibration_text(path: str | None) -> str:
@@ -159,10 +176,78 @@ def search_scale(w: torch.Tensor, mean_abs: torch.Tensor, x: torch.Tensor, schem
     return best[0], best[1], rtn, best[2]
 
 
+def _group_errors(dw: torch.Tensor, x: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+    """err[o, g] = mean over tokens of (x_g dw[o, g]^T)^2. dw: (out, groups, group); x: (n, in)."""
+    if gram is not None:  # (groups, group, group): out * in * group multiply-adds
+        return torch.einsum("ogi,gij,ogj->og", dw, gram, dw)
+    groups, g = dw.shape[1], dw.shape[2]  # wide groups (per channel): out * in * n instead
+    xg = x.reshape(x.shape[0], groups, g).transpose(0, 1)  # (groups, n, group)
+    part = torch.bmm(xg, dw.permute(1, 2, 0))  # (groups, n, out)
+    return part.pow(2).mean(1).t()  # (out, groups)
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: qz.QuantScheme):
+    """Per (row, group) clip range for weight w (out, in) fed rows x (n, in), both as the engine will
+    have them (AWQ-scaled). Returns lo, hi (out, groups) to clamp w to, and the output error
+    || x W^T - x Q(W)^T ||^2 / rows without and with the clip."""
+    w, x = w.float(), x.float()
+    out_f, in_f = w.shape
+    g = in_f if scheme.group_size == -1 else scheme.group_size
+    wg = w.reshape(out_f, in_f // g, g)  # (out, groups, group)
+    gram = None
+    if g <= x.shape[0]:
+        xg = x.reshape(x.shape[0], in_f // g, g).transpose(0, 1)  # (groups, n, group)
+        gram = xg.transpose(1, 2) @ xg / x.shape[0]  # (groups, group, group)
+    if scheme.zero_point:
+        lo0, hi0 = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # the range _round keeps
+    else:
+        hi0 = wg.abs().amax(-1)
+        lo0 = -hi0
+    best_err, best_r = None, torch.ones_like(hi0)
+    for k in range(round(CLIP_GRID * CLIP_MAX_SHRINK)):
+        r = 1 - k / CLIP_GRID
+        clipped = torch.clamp(wg, (lo0 * r).unsqueeze(-1), (hi0 * r).unsqueeze(-1))
+        q, scale, zero = qz._round(clipped, scheme)
+        dw = (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - wg  # (out, groups, group)
+        err = _group_errors(dw, x, gram)  # (out, groups)
+        if best_err is None:
+            best_err, dw_full = err, dw
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    lo, hi = lo0 * best_r, hi0 * best_r
+    clipped = torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(out_f, in_f)
+    dw_clip = qz.dequantize(qz.quantize_rtn(clipped, scheme)) - w
+    before = (x @ dw_full.reshape(out_f, in_f).t()).pow(2).sum().item() / x.shape[0]
+    after = (x @ dw_clip.t()).pow(2).sum().item() / x.shape[0]
+    return lo, hi, before, after
+
+
+def _clip_layer(res: AwqResult, tensors: dict, names: list, rows: torch.Tensor, s, scheme) -> None:
+    """Clip search for one layer group's weights, as transform() will hand them to the quantizer."""
+    x = rows if s is None else rows / s  # the linear's input once the scale is folded in
+    for n in names:
+        t = transform(n, tensors[n].load(False), res)
+        parts = t if isinstance(t, tuple) else (t,)
+        res.clip[n], errs = {}, [0.0, 0.0]
+        for i, part in enumerate(parts):
+            if isinstance(t, tuple) and f"attention.qkv.{'qkv'[i]}" in NO_CLIP:
+                continue
+            lo, hi, before, after = search_clip(part, x, scheme)
+            res.clip[n][i] = (lo, hi)
+            errs[0] += before
+            errs[1] += after
+        res.clip_errors[n] = tuple(errs)
+
+
 def search(model_dir: str, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme, calib_file: str | None,
-           samples: int, seq_len: int, progress: bool = False) -> AwqResult:
-    """ckpt_tensors: engine name -> CanonicalTensor (global, unsharded); cfg: the canonical config fields."""
-    acts = collect_activations(model_dir, calib_file, samples, seq_len)
+           samples: int, seq_len: int, progress: bool = False, clip: bool = True, acts: dict | None = None
+           ) -> AwqResult:
+    """ckpt_tensors: engine name -> CanonicalTensor (global, unsharded); cfg: the canonical config fields.
+    clip: also search the clipping ranges; acts: collect_activations' result, when already at hand."""
+    if acts is None:
+        acts = collect_activations(model_dir, calib_file, samples, seq_len)
     res = AwqResult()
     pre_norm = cfg.get("norm_placement", "pre") == "pre"
     gated = cfg.get("gated_mlp", True)
@@ -178,6 +263,7 @@ def search(model_dir: str, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme
         groups = [("qkv", [f"{p}.attention.qkv.weight"]), ("dense", [f"{p}.attention.dense.weight"]),
                   ("fc_gate", [f"{p}.mlp.fc.weight"] + ([f"{p}.mlp.gate.weight"] if gated else [])),
                   ("proj", [f"{p}.mlp.proj.weight"])]
+        chosen = {}
         for key, names in groups:
             ws = []
             for n in names:
@@ -187,6 +273,7 @@ def search(model_dir: str, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme
             s, alpha, err_rtn, err_awq = search_scale(torch.cat(ws), mean_abs, rows, scheme)
             res.alphas[f"{p}.{key}"] = alpha
             res.errors[f"{p}.{key}"] = (err_rtn, err_awq)
+            chosen[key] = (names, rows, None if alpha == 0.0 else s)
             if alpha == 0.0:
                 continue
             for n in names:
@@ -206,6 +293,9 @@ def search(model_dir: str, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme
             else:
                 for n in names:
                     res.prequant[n] = 1.0 / s
+        if clip:  # after the layer's scales: v's rows (dense's scale) and gate's rows (proj's) are final
+            for names, rows, s in chosen.values():
+                _clip_layer(res, ckpt_tensors, names, rows, s, scheme)
     return res
 
 
@@ -228,4 +318,12 @@ def transform(name: str, tensor, res: AwqResult):
     if name in res.row_div:
         s = res.row_div[name]
         tensor = tensor / (s.view(-1, 1) if tensor.dim() > 1 else s)
+    if name in res.clip:
+        parts = list(tensor) if isinstance(tensor, tuple) else [tensor]
+        for i, (lo, hi) in res.clip[name].items():
+            w = parts[i]
+            g = w.shape[1] // lo.shape[1]
+            wg = w.float().reshape(w.shape[0], lo.shape[1], g)  # (out, groups, group)
+            parts[i] = torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(w.shape).to(w.dtype)
+        tensor = tuple(parts) if isinstance(tensor, tuple) else parts[0]
     return tensor
