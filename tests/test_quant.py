@@ -458,16 +458,15 @@ def _gptq_tensors(codes, zero, scale, group):
             "g_idx": (torch.arange(in_f) // group).to(torch.int32)}
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
-def test_prequantized_checkpoint_shards_and_matches_its_dequantized_weights(method, tmp_path):
+def write_prequantized(hf, method, group, desc_act=False, scatter=False):
+    """A tiny Llama checkpoint in AutoAWQ-GEMM or GPTQ form at `hf`; returns the transformers model holding
+    exactly the weights its codes stand for. scatter: an act-order g_idx (a permutation's groups)."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-
-    group = 32
-    model = build_checkpoint(str(tmp_path / "hf"), "llama", intermediate_size=128)
-    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    model = build_checkpoint(hf, "llama", intermediate_size=128)
+    sd = load_file(os.path.join(hf, "model.safetensors"))
     linears = [n for n in sd if n.endswith(("_proj.weight",))]
     for name in linears:
         prefix = name[: -len(".weight")]
@@ -479,15 +478,29 @@ def test_prequantized_checkpoint_shards_and_matches_its_dequantized_weights(meth
             parts = {"qweight": _pack_awq(codes.t()), "qzeros": _pack_awq(zero.t()), "scales": scale.t().contiguous()}
         else:
             parts = _gptq_tensors(codes, zero, scale, group)
+            if scatter:  # AutoGPTQ without static_groups: g_idx[i] = (position of input i in the order) // group
+                order = torch.randperm(codes.shape[1], generator=torch.Generator().manual_seed(1))
+                parts["g_idx"] = (torch.argsort(order) // group).to(torch.int32)
         sd.update({f"{prefix}.{k}": v for k, v in parts.items()})
-    save_file(sd, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
-    cfg_path = tmp_path / "hf" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
+    save_file(sd, os.path.join(hf, "model.safetensors"), metadata={"format": "pt"})
+    cfg_path = os.path.join(hf, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
     cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                    "version": "gemm"} if method == "awq" else
-                                  {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
+                                  {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": desc_act,
                                    "sym": False})
-    cfg_path.write_text(json.dumps(cfg))
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    return model
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_prequantized_checkpoint_shards_and_matches_its_dequantized_weights(method, tmp_path):
+    from safetensors.torch import load_file
+
+    group = 32
+    model = write_prequantized(str(tmp_path / "hf"), method, group)
 
     engine = str(tmp_path / "e")
     ec = convert(str(tmp_path / "hf"), engine, 2, progress=False)
@@ -507,3 +520,20 @@ def test_prequantized_checkpoint_shards_and_matches_its_dequantized_weights(meth
     assert logprob_gap(model, out, prompts) < 1e-3
     with pytest.raises(UserError, match="already quantized"):
         convert(str(tmp_path / "hf"), str(tmp_path / "e2"), 1, progress=False, quant=qz.parse_scheme("int8"))
+
+
+def test_gptq_act_order(tmp_path):
+    """desc_act with static groups (g_idx = input // group) is read like any other; a scattered g_idx is
+    refused at conversion with the reason, and no engine is left behind."""
+    from safetensors.torch import load_file
+
+    model = write_prequantized(str(tmp_path / "static"), "gptq", 32, desc_act=True)
+    convert(str(tmp_path / "static"), str(tmp_path / "e"), 1, progress=False)
+    r0 = load_file(str(tmp_path / "e" / "rank0.safetensors"))
+    proj = qz.dequantize(qz.from_engine_tensors("transformer.layers.1.mlp.proj.weight", r0, "int4"))
+    assert torch.equal(proj, model.model.layers[1].mlp.down_proj.weight.float())
+    write_prequantized(str(tmp_path / "scattered"), "gptq", 32, desc_act=True, scatter=True)
+    with pytest.raises(UserError, match=r"layers\.0\.self_attn\.q_proj: act-order GPTQ \(desc_act\) with a g_idx "
+                                        r"that is not input // 32.*static_groups=True"):
+        convert(str(tmp_path / "scattered"), str(tmp_path / "e2"), 1, progress=False)
+    assert not os.path.exists(tmp_path / "e2")
