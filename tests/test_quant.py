@@ -337,8 +337,9 @@ def test_clip_search_errors_are_the_clipped_weights_output_errors(group, zero_po
     lo, hi, before, after = awq.search_clip(w, x, scheme)
     gs = 128 if group == -1 else group
     wg = w.view(40, -1, gs)  # (out, groups, group)
-    full_hi = wg.amax(-1).clamp(min=0) if zero_point else wg.abs().amax(-1)
-    ratio = hi / full_hi
+    # the range the quantizer keeps: [min, max] holding 0 with zero points; Q4_0's 15/8 of the largest |w|
+    full = wg.amax(-1).clamp(min=0) - wg.amin(-1).clamp(max=0) if zero_point else wg.abs().amax(-1) * 15 / 8
+    ratio = (hi - lo) / full
     assert ((ratio > 0.549) & (ratio < 1.0 + 1e-6)).all() and (ratio < 1).any()
     assert torch.allclose((ratio * 20).round(), ratio * 20, atol=1e-3)  # on the 0.05 grid
     clipped = torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).view(40, 128)

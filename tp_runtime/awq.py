@@ -9,8 +9,8 @@ on the calibration activations (alpha = 0 is plain RTN, so the search never does
 
 Then, as AutoAWQ's auto_clip, a clipping search on the scaled weights W s (fed x / s): for each row and
 group of every quantized linear but the query and key projections (their errors go through the softmax),
-the range kept before rounding is shrunk by a ratio r in 1, 0.95, ..., 0.55 ([-m r, m r] with m the
-group's largest |w|; [lo r, hi r] of its range with zero points), r chosen per (row, group) to minimise
+the range kept before rounding is shrunk by a ratio r in 1, 0.95, ..., 0.55 ([M r, -7/8 M r] with M the
+group's value of largest magnitude, symmetric Q4_0's own range; [lo r, hi r] of its range with zero points), r chosen per (row, group) to minimise
 the squared error of that group's share of the output on the calibration tokens:
 
     err[o, g] = (dW[o, g] X_g^T X_g dW[o, g]^T) / n        dW = Q(clip(W s)) - W s, X = x / s (n tokens)
@@ -186,6 +186,40 @@ def _group_errors(dw: torch.Tensor, x: torch.Tensor, gram: torch.Tensor | None) 
     return part.pow(2).mean(1).t()  # (out, groups)
 
 
+_CODES = {"int8": (-128, 127), "int4": (0, 15)}
+
+
+def _full_range(wg: torch.Tensor, scheme: qz.QuantScheme):
+    """(lo, hi) (out, groups): the part of each group's range that quantize._round can represent.
+    Zero points: [min, max] widened to hold 0. Symmetric int4 (Q4_0): M, the signed value of largest
+    magnitude, maps to code 0 and code 15 reaches -7/8 M, so [M, -7/8 M] (ordered): clamping there
+    changes nothing, and keeps M's sign the largest magnitude once both ends are shrunk. int8: [-m, m]."""
+    if scheme.zero_point:
+        return wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    if scheme.precision == "int8":
+        m = wg.abs().amax(-1)
+        return -m, m
+    big = wg.gather(-1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)  # M (out, groups)
+    other = big * (-7 / 8)
+    return torch.minimum(big, other), torch.maximum(big, other)
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, scheme: qz.QuantScheme):
+    """quantize._round's scale and zero for groups whose range is exactly [lo, hi] (as _full_range
+    shrunk by a ratio gives): the same operations, so the same floats, at (out, groups) cost."""
+    lo_code, hi_code = _CODES[scheme.precision]
+    if scheme.zero_point:
+        scale = (hi - lo) / (hi_code - lo_code)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale, (torch.round(-lo / scale) + lo_code).clamp(lo_code, hi_code)
+    if scheme.precision == "int8":
+        scale = hi / 127
+    else:
+        scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -8  # M
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, torch.full_like(scale, 0 if scheme.precision == "int8" else 8)
+
+
 def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: qz.QuantScheme):
     """Per (row, group) clip range for weight w (out, in) fed rows x (n, in), both as the engine will
     have them (AWQ-scaled). Returns lo, hi (out, groups) to clamp w to, and the output error
@@ -198,16 +232,14 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: qz.QuantScheme):
     if g <= x.shape[0]:
         xg = x.reshape(x.shape[0], in_f // g, g).transpose(0, 1)  # (groups, n, group)
         gram = xg.transpose(1, 2) @ xg / x.shape[0]  # (groups, group, group)
-    if scheme.zero_point:
-        lo0, hi0 = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # the range _round keeps
-    else:
-        hi0 = wg.abs().amax(-1)
-        lo0 = -hi0
+    lo0, hi0 = _full_range(wg, scheme)
     best_err, best_r = None, torch.ones_like(hi0)
     for k in range(round(CLIP_GRID * CLIP_MAX_SHRINK)):
         r = 1 - k / CLIP_GRID
-        clipped = torch.clamp(wg, (lo0 * r).unsqueeze(-1), (hi0 * r).unsqueeze(-1))
-        q, scale, zero = qz._round(clipped, scheme)
+        lo, hi = lo0 * r, hi0 * r
+        scale, zero = _scale_zero(lo, hi, scheme)  # (out, groups): _round's, of the clamped group
+        clipped = torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1))
+        q = (torch.round(clipped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(*_CODES[scheme.precision])
         dw = (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - wg  # (out, groups, group)
         err = _group_errors(dw, x, gram)  # (out, groups)
         if best_err is None:
