@@ -368,7 +368,7 @@ def test_awq_clip_lowers_the_output_error_on_the_calibration_activations(awq_ckp
     scheme = qz.QuantScheme("int4", 32, zero_point, "awq")
     runs = {clip: awq.search(hf, tensors, fields, scheme, None, 8, 64, clip=clip, acts=acts) for clip in (False, True)}
     assert runs[False].alphas == runs[True].alphas and not runs[False].clip
-    errs = {False: 0.0, True: 0.0}
+    errs = {False: 0.0, True: 0.0}  # summed over the layers' weights
     for i in range(fields["num_hidden_layers"]):
         p = ef.layer_prefix(i)
         for key, names in (("qkv", ["attention.qkv"]), ("dense", ["attention.dense"]), ("fc_gate", ["mlp.fc", "mlp.gate"]),
@@ -379,15 +379,19 @@ def test_awq_clip_lowers_the_output_error_on_the_calibration_activations(awq_ckp
                 s = runs[False].col_scale.get(name, torch.ones(rows.shape[1]))
                 x = rows / s  # the linear's input once AWQ's scale is folded in
                 ref = awq.transform(name, tensors[name].load(False), runs[False])  # scaled, not clipped
+                one = {}
                 for clip in (False, True):
                     t = awq.transform(name, tensors[name].load(False), runs[clip])
                     parts, refs = (t, ref) if key == "qkv" else ((t,), (ref,))
+                    one[clip] = 0.0
                     for j, (w, r) in enumerate(zip(parts, refs)):
                         if key == "qkv" and j < 2:  # q and k: never clipped
                             assert torch.equal(w, r)
                             continue
                         deq = qz.dequantize(qz.quantize_rtn(w, scheme))
-                        errs[clip] += ((x @ (deq - r).t()) ** 2).sum().item() / x.shape[0]
+                        one[clip] += ((x @ (deq - r).t()) ** 2).sum().item() / x.shape[0]
+                    errs[clip] += one[clip]
+                assert one[True] <= one[False] * (1 + 1e-5), (name, one)  # never worse, weight by weight
     assert errs[True] < 0.9 * errs[False], errs
 
 

@@ -16,7 +16,8 @@ the squared error of that group's share of the output on the calibration tokens:
     err[o, g] = (dW[o, g] X_g^T X_g dW[o, g]^T) / n        dW = Q(clip(W s)) - W s, X = x / s (n tokens)
 
 computed from each group's Gram matrix X_g^T X_g (one (group, group) matrix per group, not one product per
-token). The weights are clamped to the chosen range as they are loaded, then rounded as usual. Clipping
+token). A weight whose clipped groups add up to a larger error of its whole output (the groups' cross
+terms) keeps its full ranges, so the clip never does worse on the calibration tokens. The weights are clamped to the chosen range as they are loaded, then rounded as usual. Clipping
 sacrifices the few largest weights of a group for a finer step on the rest; weighing the error by real
 activations is what makes that pay (a weight-space MSE clip did not: quantize.py's _round).
 
@@ -267,7 +268,10 @@ def _clip_layer(res: AwqResult, tensors: dict, names: list, rows: torch.Tensor, 
             if isinstance(t, tuple) and f"attention.qkv.{'qkv'[i]}" in NO_CLIP:
                 continue
             lo, hi, before, after = search_clip(part, x, scheme)
-            res.clip[n][i] = (lo, hi)
+            if after < before:  # groups chosen one by one can add up worse (their cross terms): then none
+                res.clip[n][i] = (lo, hi)
+            else:
+                after = before
             errs[0] += before
             errs[1] += after
         res.clip_errors[n] = tuple(errs)
