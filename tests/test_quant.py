@@ -371,8 +371,8 @@ def test_awq_clip_lowers_the_output_error_on_the_calibration_activations(awq_ckp
     errs = {False: 0.0, True: 0.0}  # summed over the layers' weights
     for i in range(fields["num_hidden_layers"]):
         p = ef.layer_prefix(i)
-        for key, names in (("qkv", ["attention.qkv"]), ("dense", ["attention.dense"]), ("fc_gate", ["mlp.fc", "mlp.gate"]),
-                           ("proj", ["mlp.proj"])):
+        for key, names in (("qkv", ["attention.qkv"]), ("dense", ["attention.dense"]),
+                           ("fc_gate", ["mlp.fc", "mlp.gate"]), ("proj", ["mlp.proj"])):
             rows = acts[(i, key)][1]
             for n in names:
                 name = f"{p}.{n}.weight"

@@ -10,16 +10,18 @@ on the calibration activations (alpha = 0 is plain RTN, so the search never does
 Then, as AutoAWQ's auto_clip, a clipping search on the scaled weights W s (fed x / s): for each row and
 group of every quantized linear but the query and key projections (their errors go through the softmax),
 the range kept before rounding is shrunk by a ratio r in 1, 0.95, ..., 0.55 ([M r, -7/8 M r] with M the
-group's value of largest magnitude, symmetric Q4_0's own range; [lo r, hi r] of its range with zero points), r chosen per (row, group) to minimise
-the squared error of that group's share of the output on the calibration tokens:
+group's value of largest magnitude, symmetric Q4_0's own range; [lo r, hi r] with zero points), r chosen
+per (row, group) to minimise the squared error of that group's share of the output on the calibration
+tokens:
 
     err[o, g] = (dW[o, g] X_g^T X_g dW[o, g]^T) / n        dW = Q(clip(W s)) - W s, X = x / s (n tokens)
 
 computed from each group's Gram matrix X_g^T X_g (one (group, group) matrix per group, not one product per
 token). A weight whose clipped groups add up to a larger error of its whole output (the groups' cross
-terms) keeps its full ranges, so the clip never does worse on the calibration tokens. The weights are clamped to the chosen range as they are loaded, then rounded as usual. Clipping
-sacrifices the few largest weights of a group for a finer step on the rest; weighing the error by real
-activations is what makes that pay (a weight-space MSE clip did not: quantize.py's _round).
+terms) keeps its full ranges, so the clip never does worse on the calibration tokens. The weights are
+clamped to the chosen ranges as they are loaded, then rounded as usual. Clipping sacrifices the few
+largest weights of a group for a finer step on the rest; weighing the error by real activations is what
+makes that pay (a weight-space MSE clip did not: quantize.py's _round).
 
 The 1 / s goes where the math allows, so it costs nothing at run time:
     qkv       <- input_layernorm (weight and bias divided by s)            pre-norm families
@@ -46,7 +48,6 @@ from tp_runtime.errors import UserError
 
 GRID = 20  # alpha in 0, 0.05, ..., 0.95
 CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5  # clip ratios 1, 0.95, ..., 0.55 (AutoAWQ's n_grid, max_shrink)
-NO_CLIP = ("attention.qkv.q", "attention.qkv.k")  # AutoAWQ's avoid_clipping: q_proj, k_proj
 MAX_ROWS = 1024  # calibration tokens kept per linear for the search (mean |x| uses them all)
 
 
@@ -265,7 +266,7 @@ def _clip_layer(res: AwqResult, tensors: dict, names: list, rows: torch.Tensor, 
         parts = t if isinstance(t, tuple) else (t,)
         res.clip[n], errs = {}, [0.0, 0.0]
         for i, part in enumerate(parts):
-            if isinstance(t, tuple) and f"attention.qkv.{'qkv'[i]}" in NO_CLIP:
+            if isinstance(t, tuple) and i < 2:  # q and k of (q, k, v): AutoAWQ's avoid_clipping
                 continue
             lo, hi, before, after = search_clip(part, x, scheme)
             if after < before:  # groups chosen one by one can add up worse (their cross terms): then none
