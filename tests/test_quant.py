@@ -12,7 +12,7 @@ from tp_runtime import engine_format as ef
 from tp_runtime import partition as pt
 from tp_runtime import quantize as qz
 from tp_runtime import woq
-from tp_runtime.adapters import COLUMN, QKV, ROW_ATTN, ROW_MLP, VOCAB
+from tp_runtime.adapters import COLUMN, QKV, ROW_ATTN, ROW_MLP, VOCAB, get_adapter
 from tp_runtime.convert import convert, row_span, shard_tensor
 from tp_runtime.errors import UserError
 from tp_runtime.plan import plan
@@ -365,6 +365,79 @@ def test_awq_engine_is_closer_to_the_float_model_than_rtn(awq_ckpt, tmp_path):
     assert all(n.endswith("dense.prequant_scaling_factor") for n in awq_r1 if n.endswith("prequant_scaling_factor"))
 
 
+@pytest.mark.parametrize("group, zero_point", [(32, False), (-1, True)])
+def test_clip_search_errors_are_the_clipped_weights_output_errors(group, zero_point):
+    """search_clip's reported errors, recomputed from the clamp it returns and quantize_rtn; the clip
+    lowers the output error; the ranges are the full ranges shrunk by a grid ratio in [0.55, 1]."""
+    from tp_runtime import awq
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 128, generator=g) * 0.05
+    w[torch.rand(w.shape, generator=g) < 0.01] *= 8  # a few large weights per row: worth clipping
+    x = torch.randn(300, 128, generator=g)
+    x[:, [9, 70]] *= 10
+    scheme = qz.QuantScheme("int4", group, zero_point)
+    lo, hi, before, after = awq.search_clip(w, x, scheme)
+    gs = 128 if group == -1 else group
+    wg = w.view(40, -1, gs)  # (out, groups, group)
+    # the range the quantizer keeps: [min, max] holding 0 with zero points; Q4_0's 15/8 of the largest |w|
+    full = wg.amax(-1).clamp(min=0) - wg.amin(-1).clamp(max=0) if zero_point else wg.abs().amax(-1) * 15 / 8
+    ratio = (hi - lo) / full
+    assert ((ratio > 0.549) & (ratio < 1.0 + 1e-6)).all() and (ratio < 1).any()
+    assert torch.allclose((ratio * 20).round(), ratio * 20, atol=1e-3)  # on the 0.05 grid
+    clipped = torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).view(40, 128)
+
+    def out_err(v):
+        return ((x @ (qz.dequantize(qz.quantize_rtn(v, scheme)) - w).t()) ** 2).sum().item() / x.shape[0]
+
+    assert abs(out_err(w) - before) < 1e-3 * before and abs(out_err(clipped) - after) < 1e-3 * after
+    assert after < 0.9 * before, (after, before)
+
+
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_awq_clip_lowers_the_output_error_on_the_calibration_activations(awq_ckpt, zero_point):
+    """The AWQ search with clipping against the same search without, on the same calibration activations
+    of a tiny model: same scales; q and k never clipped; every other quantized linear's output error on
+    its calibration rows (recomputed here from transform() and quantize_rtn) lower in sum."""
+    from tp_runtime import awq
+    from tp_runtime.checkpoint import open_checkpoint
+
+    root, _ = awq_ckpt
+    hf = str(root / "hf")
+    adapter = get_adapter(open_checkpoint(hf))
+    fields = adapter.config()
+    tensors = {ct.name: ct for ct in adapter.tensors(fields)}
+    acts = awq.collect_activations(hf, None, 8, 64)
+    scheme = qz.QuantScheme("int4", 32, zero_point, "awq")
+    runs = {clip: awq.search(hf, tensors, fields, scheme, None, 8, 64, clip=clip, acts=acts) for clip in (False, True)}
+    assert runs[False].alphas == runs[True].alphas and not runs[False].clip
+    errs = {False: 0.0, True: 0.0}  # summed over the layers' weights
+    for i in range(fields["num_hidden_layers"]):
+        p = ef.layer_prefix(i)
+        for key, names in (("qkv", ["attention.qkv"]), ("dense", ["attention.dense"]),
+                           ("fc_gate", ["mlp.fc", "mlp.gate"]), ("proj", ["mlp.proj"])):
+            rows = acts[(i, key)][1]
+            for n in names:
+                name = f"{p}.{n}.weight"
+                s = runs[False].col_scale.get(name, torch.ones(rows.shape[1]))
+                x = rows / s  # the linear's input once AWQ's scale is folded in
+                ref = awq.transform(name, tensors[name].load(False), runs[False])  # scaled, not clipped
+                one = {}
+                for clip in (False, True):
+                    t = awq.transform(name, tensors[name].load(False), runs[clip])
+                    parts, refs = (t, ref) if key == "qkv" else ((t,), (ref,))
+                    one[clip] = 0.0
+                    for j, (w, r) in enumerate(zip(parts, refs)):
+                        if key == "qkv" and j < 2:  # q and k: never clipped
+                            assert torch.equal(w, r)
+                            continue
+                        deq = qz.dequantize(qz.quantize_rtn(w, scheme))
+                        one[clip] += ((x @ (deq - r).t()) ** 2).sum().item() / x.shape[0]
+                    errs[clip] += one[clip]
+                assert one[True] <= one[False] * (1 + 1e-5), (name, one)  # never worse, weight by weight
+    assert errs[True] < 0.9 * errs[False], errs
+
+
 def test_awq_bad_calibration_input(awq_ckpt, tmp_path):
     root, _ = awq_ckpt
     empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
@@ -383,6 +456,7 @@ def test_awq_bad_calibration_input(awq_ckpt, tmp_path):
     assert "has 9 tokens, shorter than one sample of --calib_seq_len 64" in err
     assert "does not exist" in convert_cli(*awq_flags, "--calib_file", str(tmp_path / "nope.txt"))
     assert "are for --quant_algo awq" in convert_cli("--use_weight_only", "--calib_samples", "4")
+    assert "--no_awq_clip are for --quant_algo awq" in convert_cli("--use_weight_only", "--no_awq_clip")
     assert "int4" in convert_cli("--use_weight_only", "--quant_algo", "awq")
     assert not os.path.exists(tmp_path / "x")
 
@@ -432,16 +506,15 @@ def _gptq_tensors(codes, zero, scale, group):
             "g_idx": (torch.arange(in_f) // group).to(torch.int32)}
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
-def test_prequantized_checkpoint_shards_and_matches_its_dequantized_weights(method, tmp_path):
+def write_prequantized(hf, method, group, desc_act=False, scatter=False):
+    """A tiny Llama checkpoint in AutoAWQ-GEMM or GPTQ form at `hf`; returns the transformers model holding
+    exactly the weights its codes stand for. scatter: an act-order g_idx (a permutation's groups)."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-
-    group = 32
-    model = build_checkpoint(str(tmp_path / "hf"), "llama", intermediate_size=128)
-    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    model = build_checkpoint(hf, "llama", intermediate_size=128)
+    sd = load_file(os.path.join(hf, "model.safetensors"))
     linears = [n for n in sd if n.endswith(("_proj.weight",))]
     for name in linears:
         prefix = name[: -len(".weight")]
@@ -453,15 +526,29 @@ def test_prequantized_checkpoint_shards_and_matches_its_dequantized_weights(meth
             parts = {"qweight": _pack_awq(codes.t()), "qzeros": _pack_awq(zero.t()), "scales": scale.t().contiguous()}
         else:
             parts = _gptq_tensors(codes, zero, scale, group)
+            if scatter:  # AutoGPTQ without static_groups: g_idx[i] = (position of input i in the order) // group
+                order = torch.randperm(codes.shape[1], generator=torch.Generator().manual_seed(1))
+                parts["g_idx"] = (torch.argsort(order) // group).to(torch.int32)
         sd.update({f"{prefix}.{k}": v for k, v in parts.items()})
-    save_file(sd, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
-    cfg_path = tmp_path / "hf" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
+    save_file(sd, os.path.join(hf, "model.safetensors"), metadata={"format": "pt"})
+    cfg_path = os.path.join(hf, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
     cfg["quantization_config"] = ({"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                    "version": "gemm"} if method == "awq" else
-                                  {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
+                                  {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": desc_act,
                                    "sym": False})
-    cfg_path.write_text(json.dumps(cfg))
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    return model
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_prequantized_checkpoint_shards_and_matches_its_dequantized_weights(method, tmp_path):
+    from safetensors.torch import load_file
+
+    group = 32
+    model = write_prequantized(str(tmp_path / "hf"), method, group)
 
     engine = str(tmp_path / "e")
     ec = convert(str(tmp_path / "hf"), engine, 2, progress=False)
@@ -481,3 +568,20 @@ def test_prequantized_checkpoint_shards_and_matches_its_dequantized_weights(meth
     assert logprob_gap(model, out, prompts) < 1e-3
     with pytest.raises(UserError, match="already quantized"):
         convert(str(tmp_path / "hf"), str(tmp_path / "e2"), 1, progress=False, quant=qz.parse_scheme("int8"))
+
+
+def test_gptq_act_order(tmp_path):
+    """desc_act with static groups (g_idx = input // group) is read like any other; a scattered g_idx is
+    refused at conversion with the reason, and no engine is left behind."""
+    from safetensors.torch import load_file
+
+    model = write_prequantized(str(tmp_path / "static"), "gptq", 32, desc_act=True)
+    convert(str(tmp_path / "static"), str(tmp_path / "e"), 1, progress=False)
+    r0 = load_file(str(tmp_path / "e" / "rank0.safetensors"))
+    proj = qz.dequantize(qz.from_engine_tensors("transformer.layers.1.mlp.proj.weight", r0, "int4"))
+    assert torch.equal(proj, model.model.layers[1].mlp.down_proj.weight.float())
+    write_prequantized(str(tmp_path / "scattered"), "gptq", 32, desc_act=True, scatter=True)
+    with pytest.raises(UserError, match=r"layers\.0\.self_attn\.q_proj: act-order GPTQ \(desc_act\) with a g_idx "
+                                        r"that is not input // 32.*static_groups=True"):
+        convert(str(tmp_path / "scattered"), str(tmp_path / "e2"), 1, progress=False)
+    assert not os.path.exists(tmp_path / "e2")

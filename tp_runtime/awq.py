@@ -7,6 +7,22 @@ scaled up, so rounding costs them less), at the price of the others. As AutoAWQ 
 (normalised), alpha on a grid in [0, 1) chosen per layer group to minimise || x W^T - (x/s) Q(W s)^T ||
 on the calibration activations (alpha = 0 is plain RTN, so the search never does worse on them).
 
+Then, as AutoAWQ's auto_clip, a clipping search on the scaled weights W s (fed x / s): for each row and
+group of every quantized linear but the query and key projections (their errors go through the softmax),
+the range kept before rounding is shrunk by a ratio r in 1, 0.95, ..., 0.55 ([M r, -7/8 M r] with M the
+group's value of largest magnitude, symmetric Q4_0's own range; [lo r, hi r] with zero points), r chosen
+per (row, group) to minimise the squared error of that group's share of the output on the calibration
+tokens:
+
+    err[o, g] = (dW[o, g] X_g^T X_g dW[o, g]^T) / n        dW = Q(clip(W s)) - W s, X = x / s (n tokens)
+
+computed from each group's Gram matrix X_g^T X_g (one (group, group) matrix per group, not one product per
+token). A weight whose clipped groups add up to a larger error of its whole output (the groups' cross
+terms) keeps its full ranges, so the clip never does worse on the calibration tokens. The weights are
+clamped to the chosen ranges as they are loaded, then rounded as usual. Clipping sacrifices the few
+largest weights of a group for a finer step on the rest; weighing the error by real activations is what
+makes that pay (a weight-space MSE clip did not: quantize.py's _round).
+
 The 1 / s goes where the math allows, so it costs nothing at run time:
     qkv       <- input_layernorm (weight and bias divided by s)            pre-norm families
     fc, gate  <- post_layernorm                                             pre-norm families
@@ -31,6 +47,7 @@ from tp_runtime import quantize as qz
 from tp_runtime.errors import UserError
 
 GRID = 20  # alpha in 0, 0.05, ..., 0.95
+CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5  # clip ratios 1, 0.95, ..., 0.55 (AutoAWQ's n_grid, max_shrink)
 MAX_ROWS = 1024  # calibration tokens kept per linear for the search (mean |x| uses them all)
 
 
@@ -44,6 +61,8 @@ class AwqResult:
     prequant: dict = field(default_factory=dict)  # weight name -> 1 / s (in,)
     alphas: dict = field(default_factory=dict)  # group name -> chosen alpha (reported)
     errors: dict = field(default_factory=dict)  # group name -> (rtn error, awq error) on the calibration rows
+    clip: dict = field(default_factory=dict)  # weight name -> {part: (lo, hi) (out, groups)}; part 2 = qkv's v
+    clip_errors: dict = field(default_factory=dict)  # weight name -> (error unclipped, clipped), summed over parts
 
 
 def calibration_text(path: str | None) -> str:
@@ -159,10 +178,113 @@ def search_scale(w: torch.Tensor, mean_abs: torch.Tensor, x: torch.Tensor, schem
     return best[0], best[1], rtn, best[2]
 
 
+def _group_errors(dw: torch.Tensor, x: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+    """err[o, g] = mean over tokens of (x_g dw[o, g]^T)^2. dw: (out, groups, group); x: (n, in)."""
+    if gram is not None:  # (groups, group, group): out * in * group multiply-adds
+        return torch.einsum("ogi,gij,ogj->og", dw, gram, dw)
+    groups, g = dw.shape[1], dw.shape[2]  # wide groups (per channel): out * in * n instead
+    xg = x.reshape(x.shape[0], groups, g).transpose(0, 1)  # (groups, n, group)
+    part = torch.bmm(xg, dw.permute(1, 2, 0))  # (groups, n, out)
+    return part.pow(2).mean(1).t()  # (out, groups)
+
+
+_CODES = {"int8": (-128, 127), "int4": (0, 15)}
+
+
+def _full_range(wg: torch.Tensor, scheme: qz.QuantScheme):
+    """(lo, hi) (out, groups): the part of each group's range that quantize._round can represent.
+    Zero points: [min, max] widened to hold 0. Symmetric int4 (Q4_0): M, the signed value of largest
+    magnitude, maps to code 0 and code 15 reaches -7/8 M, so [M, -7/8 M] (ordered): clamping there
+    changes nothing, and keeps M's sign the largest magnitude once both ends are shrunk. int8: [-m, m]."""
+    if scheme.zero_point:
+        return wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    if scheme.precision == "int8":
+        m = wg.abs().amax(-1)
+        return -m, m
+    big = wg.gather(-1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)  # M (out, groups)
+    other = big * (-7 / 8)
+    return torch.minimum(big, other), torch.maximum(big, other)
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, scheme: qz.QuantScheme):
+    """quantize._round's scale and zero for groups whose range is exactly [lo, hi] (as _full_range
+    shrunk by a ratio gives): the same operations, so the same floats, at (out, groups) cost."""
+    lo_code, hi_code = _CODES[scheme.precision]
+    if scheme.zero_point:
+        scale = (hi - lo) / (hi_code - lo_code)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale, (torch.round(-lo / scale) + lo_code).clamp(lo_code, hi_code)
+    if scheme.precision == "int8":
+        scale = hi / 127
+    else:
+        scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -8  # M
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, torch.full_like(scale, 0 if scheme.precision == "int8" else 8)
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: qz.QuantScheme):
+    """Per (row, group) clip range for weight w (out, in) fed rows x (n, in), both as the engine will
+    have them (AWQ-scaled). Returns lo, hi (out, groups) to clamp w to, and the output error
+    || x W^T - x Q(W)^T ||^2 / rows without and with the clip."""
+    w, x = w.float(), x.float()
+    out_f, in_f = w.shape
+    g = in_f if scheme.group_size == -1 else scheme.group_size
+    wg = w.reshape(out_f, in_f // g, g)  # (out, groups, group)
+    gram = None
+    if g <= x.shape[0]:
+        xg = x.reshape(x.shape[0], in_f // g, g).transpose(0, 1)  # (groups, n, group)
+        gram = xg.transpose(1, 2) @ xg / x.shape[0]  # (groups, group, group)
+    lo0, hi0 = _full_range(wg, scheme)
+    best_err, best_r = None, torch.ones_like(hi0)
+    for k in range(round(CLIP_GRID * CLIP_MAX_SHRINK)):
+        r = 1 - k / CLIP_GRID
+        lo, hi = lo0 * r, hi0 * r
+        scale, zero = _scale_zero(lo, hi, scheme)  # (out, groups): _round's, of the clamped group
+        clipped = torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1))
+        q = (torch.round(clipped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(*_CODES[scheme.precision])
+        dw = (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - wg  # (out, groups, group)
+        err = _group_errors(dw, x, gram)  # (out, groups)
+        if best_err is None:
+            best_err, dw_full = err, dw
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    lo, hi = lo0 * best_r, hi0 * best_r
+    clipped = torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(out_f, in_f)
+    dw_clip = qz.dequantize(qz.quantize_rtn(clipped, scheme)) - w
+    before = (x @ dw_full.reshape(out_f, in_f).t()).pow(2).sum().item() / x.shape[0]
+    after = (x @ dw_clip.t()).pow(2).sum().item() / x.shape[0]
+    return lo, hi, before, after
+
+
+def _clip_layer(res: AwqResult, tensors: dict, names: list, rows: torch.Tensor, s, scheme) -> None:
+    """Clip search for one layer group's weights, as transform() will hand them to the quantizer."""
+    x = rows if s is None else rows / s  # the linear's input once the scale is folded in
+    for n in names:
+        t = transform(n, tensors[n].load(False), res)
+        parts = t if isinstance(t, tuple) else (t,)
+        res.clip[n], errs = {}, [0.0, 0.0]
+        for i, part in enumerate(parts):
+            if isinstance(t, tuple) and i < 2:  # q and k of (q, k, v): AutoAWQ's avoid_clipping
+                continue
+            lo, hi, before, after = search_clip(part, x, scheme)
+            if after < before:  # groups chosen one by one can add up worse (their cross terms): then none
+                res.clip[n][i] = (lo, hi)
+            else:
+                after = before
+            errs[0] += before
+            errs[1] += after
+        res.clip_errors[n] = tuple(errs)
+
+
 def search(model_dir: str, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme, calib_file: str | None,
-           samples: int, seq_len: int, progress: bool = False) -> AwqResult:
-    """ckpt_tensors: engine name -> CanonicalTensor (global, unsharded); cfg: the canonical config fields."""
-    acts = collect_activations(model_dir, calib_file, samples, seq_len)
+           samples: int, seq_len: int, progress: bool = False, clip: bool = True, acts: dict | None = None
+           ) -> AwqResult:
+    """ckpt_tensors: engine name -> CanonicalTensor (global, unsharded); cfg: the canonical config fields.
+    clip: also search the clipping ranges; acts: collect_activations' result, when already at hand."""
+    if acts is None:
+        acts = collect_activations(model_dir, calib_file, samples, seq_len)
     res = AwqResult()
     pre_norm = cfg.get("norm_placement", "pre") == "pre"
     gated = cfg.get("gated_mlp", True)
@@ -178,6 +300,7 @@ def search(model_dir: str, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme
         groups = [("qkv", [f"{p}.attention.qkv.weight"]), ("dense", [f"{p}.attention.dense.weight"]),
                   ("fc_gate", [f"{p}.mlp.fc.weight"] + ([f"{p}.mlp.gate.weight"] if gated else [])),
                   ("proj", [f"{p}.mlp.proj.weight"])]
+        chosen = {}
         for key, names in groups:
             ws = []
             for n in names:
@@ -187,6 +310,7 @@ def search(model_dir: str, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme
             s, alpha, err_rtn, err_awq = search_scale(torch.cat(ws), mean_abs, rows, scheme)
             res.alphas[f"{p}.{key}"] = alpha
             res.errors[f"{p}.{key}"] = (err_rtn, err_awq)
+            chosen[key] = (names, rows, None if alpha == 0.0 else s)
             if alpha == 0.0:
                 continue
             for n in names:
@@ -206,6 +330,9 @@ def search(model_dir: str, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme
             else:
                 for n in names:
                     res.prequant[n] = 1.0 / s
+        if clip:  # after the layer's scales: v's rows (dense's scale) and gate's rows (proj's) are final
+            for names, rows, s in chosen.values():
+                _clip_layer(res, ckpt_tensors, names, rows, s, scheme)
     return res
 
 
@@ -228,4 +355,12 @@ def transform(name: str, tensor, res: AwqResult):
     if name in res.row_div:
         s = res.row_div[name]
         tensor = tensor / (s.view(-1, 1) if tensor.dim() > 1 else s)
+    if name in res.clip:
+        parts = list(tensor) if isinstance(tensor, tuple) else [tensor]
+        for i, (lo, hi) in res.clip[name].items():
+            w = parts[i]
+            g = w.shape[1] // lo.shape[1]
+            wg = w.float().reshape(w.shape[0], lo.shape[1], g)  # (out, groups, group)
+            parts[i] = torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(w.shape).to(w.dtype)
+        tensor = tuple(parts) if isinstance(tensor, tuple) else parts[0]
     return tensor

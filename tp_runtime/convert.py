@@ -202,6 +202,7 @@ def convert(
     calib_file: str | None = None,
     calib_samples: int = 32,
     calib_seq_len: int = 256,
+    awq_clip: bool = True,
 ) -> ef.EngineConfig:
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not force:
@@ -217,7 +218,7 @@ def convert(
         # plan first: a flag or group-size mistake is reported before the calibration run
         plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)
         quant = dataclasses.replace(quant, awq=search_awq(ckpt, model_dir, quant, calib_file, calib_samples,
-                                                          calib_seq_len, progress))
+                                                          calib_seq_len, progress, awq_clip))
     plan = plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)
     cfg, plans, tensors, specs, out_dtype = plan.config, plan.plans, plan.tensors, plan.specs, plan.out_dtype
     head_dim = cfg.head_size
@@ -255,13 +256,14 @@ def convert(
     return cfg
 
 
-def search_awq(ckpt, model_dir: str, quant, calib_file, calib_samples: int, calib_seq_len: int, progress: bool):
+def search_awq(ckpt, model_dir: str, quant, calib_file, calib_samples: int, calib_seq_len: int, progress: bool,
+               clip: bool = True):
     from tp_runtime import awq
 
     adapter = get_adapter(ckpt)
     fields = adapter.config()
     tensors = {ct.name: ct for ct in adapter.tensors(fields)}
-    return awq.search(model_dir, tensors, fields, quant, calib_file, calib_samples, calib_seq_len, progress)
+    return awq.search(model_dir, tensors, fields, quant, calib_file, calib_samples, calib_seq_len, progress, clip)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -331,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="awq: calibration text file (default: the documentation topics shipped with CPython)")
     q.add_argument("--calib_samples", type=int, default=None, help="awq: calibration samples (default 32)")
     q.add_argument("--calib_seq_len", type=int, default=None, help="awq: tokens per sample (default 256)")
+    q.add_argument("--no_awq_clip", action="store_true",
+                   help="awq: skip the weight clipping search that follows the scale search (on by default)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
@@ -352,13 +356,14 @@ def scheme_from_args(args) -> "qz.QuantScheme | None":
 def main(argv=None):
     args = build_parser().parse_args(argv)
     quant = scheme_from_args(args)
-    calib = (args.calib_file, args.calib_samples, args.calib_seq_len)
+    calib = (args.calib_file, args.calib_samples, args.calib_seq_len, args.no_awq_clip or None)
     if (quant is None or quant.algo != "awq") and any(c is not None for c in calib):
-        raise UserError("--calib_file / --calib_samples / --calib_seq_len are for --quant_algo awq")
+        raise UserError("--calib_file / --calib_samples / --calib_seq_len / --no_awq_clip are for --quant_algo awq")
     cfg = convert(args.model_dir, args.output_dir, args.tp_size, args.dtype, args.force,
                   args.max_seq_len, args.max_batch_size, progress=not args.no_progress,
                   parallel_embedding=args.use_parallel_embedding, quant=quant, calib_file=args.calib_file,
-                  calib_samples=args.calib_samples or 32, calib_seq_len=args.calib_seq_len or 256)
+                  calib_samples=args.calib_samples or 32, calib_seq_len=args.calib_seq_len or 256,
+                  awq_clip=not args.no_awq_clip)
     print(f"wrote {args.output_dir}: {cfg.source_architecture}, tp_size={cfg.tp_size}, dtype={cfg.dtype}, "
           f"heads per rank {cfg.heads_per_rank}, kv heads per rank {cfg.kv_heads_per_rank}"
           + (f", weights {cfg.quantization['quant_algo']}" if cfg.quantization.get("quant_algo") else ""))

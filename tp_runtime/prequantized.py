@@ -13,8 +13,16 @@ transformers writes the scheme into config.json's `quantization_config`; each qu
         P.qweight int32 (in / 8, out)      eight codes an int32 along the inputs: nibble j is input 8r + j
         P.qzeros  int32 (groups, out / 8)  along the outputs, nibble j is output 8c + j, stored as zero - 1
         P.scales  fp16  (groups, out)
-        P.g_idx   int32 (in,)              group of each input; only i // group (no act-order) is read
+        P.g_idx   int32 (in,)              group of each input: read when it is i // group (see act-order)
         W[o, i] = (code[i, o] - (zero[g_idx[i], o] + 1)) * scale[g_idx[i], o]
+
+GPTQ act-order (desc_act): the inputs are quantized in order of decreasing activation, and without
+static_groups each group is a run of that order, so g_idx is a scattered map and a group's inputs are
+not contiguous. The engine's layout (a scale per row and run of `group` inputs, as TensorRT-LLM's
+W4A16_GPTQ without act-order) cannot hold that: it would need the activations permuted before every
+quantized matmul, differently in each layer. Such a checkpoint is refused, naming the first linear.
+An act-order checkpoint made with static_groups=True has g_idx = i // group (the groups were fixed
+before the reordering) and is read like any other.
 
 Each becomes a quantize.QuantizedWeight (codes, scales, zeros in our layout), so the converter shards
 and writes it exactly as it does its own RTN output: the codes and scales are the checkpoint's own.
@@ -49,8 +57,8 @@ def _unpack_rows(packed: torch.Tensor) -> torch.Tensor:
 class PrequantizedReader:
     """Serves the virtual `P.weight` of a quantized linear as a QuantizedWeight (shape (out, in))."""
 
-    def __init__(self, ckpt: Checkpoint, method: str, group_size: int):
-        self.ckpt, self.method, self.group_size = ckpt, method, group_size
+    def __init__(self, ckpt: Checkpoint, method: str, group_size: int, desc_act: bool = False):
+        self.ckpt, self.method, self.group_size, self.desc_act = ckpt, method, group_size, desc_act
 
     def shape(self, prefix: str) -> tuple[int, int]:
         scales = self.ckpt.shape(f"{prefix}.scales")  # (groups, out)
@@ -74,8 +82,12 @@ class PrequantizedReader:
             if f"{prefix}.g_idx" in ck:
                 g_idx = ck.load(f"{prefix}.g_idx").long()
                 if not torch.equal(g_idx, torch.arange(in_f) // self.group_size):
-                    raise UserError(f"{prefix}: act-order GPTQ (desc_act, a permuted g_idx) is not supported; "
-                                    "quantize with desc_act=False")
+                    raise UserError(f"{prefix}: act-order GPTQ (desc_act) with a g_idx that is not input // "
+                                    f"{self.group_size}: its groups are scattered inputs, which the engine's "
+                                    "contiguous groups cannot hold; quantize with desc_act=False or "
+                                    "static_groups=True")
+            elif self.desc_act:
+                raise UserError(f"{prefix}: an act-order GPTQ checkpoint (desc_act) without {prefix}.g_idx")
         return qz.QuantizedWeight(codes.t().contiguous().to(torch.uint8), scales.t().float().contiguous(),
                                   zeros.t().contiguous().to(torch.uint8), None, "int4")
 
@@ -95,8 +107,6 @@ def scheme_of(config: dict) -> qz.QuantScheme | None:
         raise UserError(f"{method} checkpoints with {bits}-bit weights are not read; only 4-bit ones")
     if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
         raise UserError(f"AWQ version {qc.get('version')!r} is not read; only the GEMM packing")
-    if method == "gptq" and qc.get("desc_act"):
-        raise UserError("act-order GPTQ (desc_act=true) is not supported; quantize with desc_act=False")
     if not isinstance(group, int) or group < 2:
         raise UserError(f"{method} checkpoint: group_size {group!r} is not supported (per-group checkpoints only)")
     return qz.QuantScheme("int4", group, zero_point=True, algo=method, prequantized=True)
@@ -108,7 +118,8 @@ def open_prequantized(ckpt: Checkpoint) -> tuple[Checkpoint, qz.QuantScheme | No
     scheme = scheme_of(ckpt.config)
     if scheme is None:
         return ckpt, None
-    reader = PrequantizedReader(ckpt, scheme.algo, scheme.group_size)
+    desc_act = bool(ckpt.config["quantization_config"].get("desc_act"))  # g_idx is checked per linear
+    reader = PrequantizedReader(ckpt, scheme.algo, scheme.group_size, desc_act)
     names = ckpt.names()
     index = {n: (_Passthrough(ckpt), n) for n in names if n.rsplit(".", 1)[-1] not in PARTS}
     for n in names:
