@@ -95,18 +95,34 @@ class ServerState:
             return self.tokenizer.decode([token])
 
 
+DRAIN_FACTOR = 16  # an oversized body up to 16x the limit is read and dropped before the 413
+
+
 def error_response(e: api.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+async def _discard_rest(request: Request, budget: int) -> None:
+    """Read and drop what is left of an oversized body (up to `budget` bytes), so the client, still sending,
+    reads the 413 instead of a connection reset (a socket closed with unread data sends RST)."""
+    async for part in request.stream():
+        budget -= len(part)
+        if budget < 0:
+            return
+
+
 async def read_json(request: Request, limit: int) -> dict:
+    drain = DRAIN_FACTOR * limit
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
+        if int(length) <= drain:
+            await _discard_rest(request, drain)
         raise api.ApiError(413, f"the request body has {length} bytes, more than the limit of {limit}")
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > limit:
+            await _discard_rest(request, drain - len(body))
             raise api.ApiError(413, f"the request body is larger than the limit of {limit} bytes")
     try:
         data = json.loads(body)
