@@ -47,9 +47,11 @@ def test_compiled_decode_matches_transformers(mistral, tp):
             assert max(abs(a - b) for a, b in zip(ref, o["output_logprobs"])) < 1e-3
 
 
-def test_no_recompile_after_load(mistral):
+def test_no_recompile_after_load(mistral, monkeypatch):
     """The graphs built at load serve every later batch size and attention span: a recompile mid-generation
-    would stall the other ranks' collectives (and cost seconds on its own)."""
+    would stall the other ranks' collectives (and cost seconds on its own). Checked with all of Dynamo's
+    guards on (TP_RUNTIME_ALL_GUARDS=1); the default, which after load checks only the guards that tell the
+    graphs apart, must then give the same tokens and log-probs."""
     from torch._dynamo.utils import counters
 
     from tp_runtime import LLM, SamplingParams
@@ -57,15 +59,22 @@ def test_no_recompile_after_load(mistral):
     model, root = mistral
     engine = str(root / "in_process")
     convert(str(root / "hf"), engine, 1, progress=False)
+    monkeypatch.setenv("TP_RUNTIME_ALL_GUARDS", "1")
     llm = LLM(engine, compile="on", max_batch_size=4)
+    assert llm.model._guards_checked is False
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2  # batch 1 and batch >= 2, built at load
     prompts = random_prompts(97, seed=7)
     params = SamplingParams(max_tokens=9, ignore_eos=True)
-    for batch in (prompts[:3], prompts[:1], prompts[1:3], prompts[:4]):  # spans from ~5 to ~20, batches 1..4
-        llm.generate(batch, params)
+    batches = (prompts[:3], prompts[:1], prompts[1:3], prompts[:4])  # spans from ~5 to ~20, batches 1..4
+    checked = [llm.generate(batch, params) for batch in batches]
     assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["recompiles"], dict(counters["recompiles"])
+    llm.model._guards_checked = True  # what LLM does without the variable
+    for batch, want in zip(batches, checked):
+        got = llm.generate(batch, params)
+        assert [o.output_ids for o in got] == [o.output_ids for o in want]
+        assert [o.output_logprobs for o in got] == [o.output_logprobs for o in want]
     llm.close()
 
 
