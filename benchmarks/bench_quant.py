@@ -8,7 +8,11 @@ Per configuration: decode tok/s, TTFT, the bytes on disk of the quantized linear
 fp16, and the rank's RSS after the runs (KV cache sized for this one request); then the issue's ratios
 (int8 / our fp32, int4 / ORT GenAI int4).
 
-    .venv/bin/python benchmarks/bench_quant.py [--new_tokens 128] [--skip_ort] [--out benchmarks/results/quant.json]
+    .venv/bin/python benchmarks/bench_quant.py [--new_tokens 128] [--skip_ort] [--configs LABEL ...]
+        [--out benchmarks/results/quant.json]
+As on an AVX2-only CPU (torch's kernels restricted to AVX2; ORT GenAI keeps its own dispatch):
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/bench_quant.py \
+        --out benchmarks/results/quant_avx2.json
 """
 
 import argparse
@@ -42,6 +46,9 @@ CONFIGS = [  # label, quantize.parse_scheme arguments (tp-convert's flags)[, --w
     ("int8 + int8 lm_head, native_int8", dict(precision="int8", quantize_lm_head=True), "native_int8"),
     ("int4 g64 + int8 lm_head, native_int4", dict(precision="int4", group_size=64, quantize_lm_head=True),
      "native_int4"),
+    # activations rounded to int8 per 32 inputs in decode steps, as ONNX Runtime GenAI's CPU int4 does
+    ("int4 g32 + int8 lm_head, native_int4_q8", dict(precision="int4", group_size=32, quantize_lm_head=True),
+     "native_int4_q8"),
 ]
 
 
@@ -77,6 +84,17 @@ def linear_bytes(engine: str) -> tuple[int, int]:
                 cols *= 2  # two int4 codes a byte
             fp16 += rows * cols * 2
     return on_disk, fp16
+
+
+def machine() -> dict:
+    """The CPU and the instruction sets torch was allowed (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA=AVX2 make
+    an AVX-512 machine run torch's AVX2 code, as on the Zen 3 of the issues; ORT GenAI is not restricted)."""
+    import torch
+
+    from tp_runtime import woq
+
+    return {"cpu": woq._cpu_name(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
 
 
 def main() -> int:
@@ -137,7 +155,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nSmolLM2-135M-Instruct, tp=1 x {args.threads} threads, batch 1, 128 prompt ids, {args.new_tokens} new, "
+    print(f"\n{machine()}")
+    print(f"SmolLM2-135M-Instruct, tp=1 x {args.threads} threads, batch 1, 128 prompt ids, {args.new_tokens} new, "
           "greedy\n")
     print("| configuration | decode tok/s | TTFT ms | linears on disk MB | vs fp16 | engine MB | RSS MB | convert s "
           "| kernels |")
@@ -162,7 +181,8 @@ def main() -> int:
             print(f"{label} / ORT GenAI int4 decode: {by[label]['decode_tok_s'] / ort:.2f}x (goal >= 0.7x)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"threads": args.threads, "new_tokens": args.new_tokens, "rows": rows}, f, indent=1)
+        json.dump({"threads": args.threads, "new_tokens": args.new_tokens, "machine": machine(), "rows": rows}, f,
+                  indent=1)
     return 0
 
 

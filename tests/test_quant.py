@@ -116,8 +116,9 @@ def test_every_available_kernel_matches_the_dequantized_matmul(name, dtype):
             layer = woq.WeightOnlyLinear(qw)
             assert layer.kernel_name == kname
             y = layer(x.to(dtype).view(rows, 1, in_f)).float().view(rows, out_f)
-            # bf16 activations round x to 8 bits of mantissa; FBGEMM quantizes x to 8 bits per call
-            approx = dtype == torch.bfloat16 or kname.endswith("_bf16") or kname == "fbgemm_int8"
+            # bf16 activations round x to 8 bits of mantissa; FBGEMM and native_int4_q8 (decode rows) round x
+            # to 8-bit integers per call (the latter exactly checked below)
+            approx = (dtype == torch.bfloat16 or kname.endswith("_bf16") or kname in ("fbgemm_int8", "native_int4_q8"))
             tol = 3e-2 if approx else 1e-4
             err = ((y - ref).abs().max() / ref.abs().max()).item()
             assert err < tol, (name, dtype, kname, out_f, in_f, err)
@@ -148,6 +149,34 @@ def test_native_kernels_build_here_and_match_for_every_row_count():
             assert err < 1e-5, (name, rows, err)
     odd = quant_weight(SCHEMES["int4_g32"], 8, 96, 0)  # inputs not in blocks of 64: torch's kernels serve
     assert "native_int4" not in woq.candidates(odd, torch.float32)
+
+
+def test_native_int4_q8_rounds_activations_as_q8_0():
+    """native_int4_q8 against a reference written from the scheme: each 32 inputs of a decode row become
+    round(x / d) with d = max |x| / 127 (llama.cpp's Q8_0), meet the codes times their scale, and the group
+    minimum meets the exact sum of those inputs; prefill rows (> 16) are exact. Different data per row."""
+    from tp_runtime import native
+
+    if not {"avx2", "fma"} <= native.cpu_flags():
+        pytest.skip("the CPU lacks AVX2/FMA: the native kernels are not candidates here")
+    assert native.load(), native.why_not()
+    for name, (out_f, in_f) in (("int4_g32", (40, 192)), ("int4_g64_zp", (200, 576))):
+        qw = quant_weight(SCHEMES[name], out_f, in_f, 5)
+        assert "native_int4_q8" in woq.candidates(qw, torch.float32)
+        assert "native_int4_q8" not in woq.candidates(qw, torch.float32, auto=True)  # only when named
+        qw.kernel = "native_int4_q8"
+        layer = woq.WeightOnlyLinear(qw)
+        g = qw.group_size
+        scaled = qw.q.double() * qw.scale.double().repeat_interleave(g, 1)  # (out, in): code x scale
+        minimum = (-qw.zeros().double() * qw.scale.double()).repeat_interleave(g // 32, 1)  # (out, in / 32)
+        for rows in (1, 2, 3, 5, 33):
+            x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(100 + rows))
+            blocks = x.double().view(rows, -1, 32)
+            d = blocks.abs().amax(-1, keepdim=True) / 127
+            xq = torch.round(blocks / d) * d if rows <= 16 else blocks  # prefill: exact
+            ref = xq.view(rows, in_f) @ scaled.t() + blocks.sum(-1) @ minimum.t()
+            err = ((layer(x).double() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-5, (name, rows, err)
 
 
 def test_auto_choice_is_timed_once_and_cached(tmp_path):

@@ -21,6 +21,8 @@ once at load among the kernels that can serve it, and the winner is cached on di
     int4  aten_int4_cpu   torch.ops.aten._weight_int4pack_mm_for_cpu on _convert_weight_to_int4pack_for_cpu
           aten_int4_cpu_bf16  the same fed bf16 activations from an fp32 model
           native_int4     tp_runtime's AVX2 kernel (csrc/woq_cpu.cpp): fp32 activations, groups of 32k
+          native_int4_q8  the same weights against activations rounded to int8 per 32 inputs (Q8_0, as
+                          llama.cpp and ONNX Runtime GenAI's CPU int4 do): faster, less exact; only when named
           aten_int4_cuda  torch.ops.aten._weight_int4pack_mm (bf16, tinygemm layout) - written, not run here
           dequant_int4    unpack, dequantize and F.linear every call (fallback; correct, slow)
 
@@ -316,6 +318,21 @@ class NativeInt4(Kernel):
         return torch.ops.tp_woq.int4_mm(x.contiguous(), self.packed, self.scale, self.minimum)
 
 
+class NativeInt4Q8(NativeInt4):
+    """native_int4 with the decode rows' activations rounded to int8 per 32 inputs inside the op (llama.cpp's
+    Q8_0, ONNX Runtime GenAI's int4 accuracy level 4, its CPU default): 8-bit integer multiply-adds instead of
+    widening each code to float. Less exact than the fp32-fed kernels, so auto never picks it; prefill rows
+    take native_int4's dequantize-and-GEMM path, exact."""
+
+    name = "native_int4_q8"
+    auto = False
+
+    def __call__(self, x):
+        if x.shape[0] > self.GEMM_ROWS:
+            return super().__call__(x)
+        return torch.ops.tp_woq.int4_mm_q8(x.contiguous(), self.packed, self.scale, self.minimum)
+
+
 class AtenInt4Cuda(Kernel):
     """tinygemm's layout (as gpt-fast packs it: input 2j in the high nibble), bf16 activations."""
 
@@ -392,7 +409,7 @@ def bf16_variant(base: type) -> type:
 
 
 KERNELS = {k.name: k for k in (AtenInt8, bf16_variant(AtenInt8), NativeInt8, FbgemmInt8, DequantInt8,
-                               AtenInt4Cpu, bf16_variant(AtenInt4Cpu), NativeInt4, AtenInt4Cuda, DequantInt4)}
+                               AtenInt4Cpu, bf16_variant(AtenInt4Cpu), NativeInt4, NativeInt4Q8, AtenInt4Cuda, DequantInt4)}
 
 
 def candidates(w: QuantWeight, dtype: torch.dtype, auto: bool = False) -> list[str]:
@@ -423,7 +440,8 @@ def _cpu_name() -> str:
 
 def cache_key(w: QuantWeight, dtype: torch.dtype) -> str:
     dev = w.q.device
-    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{_cpu_name()} x{torch.get_num_threads()}"
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"  # CPU: + the ISA torch dispatches to
+             else f"{_cpu_name()} {torch.backends.cpu.get_cpu_capability()} x{torch.get_num_threads()}")
     return (f"{where}|torch {torch.__version__}|{w.precision} {w.out_features}x{w.in_features} "
             f"g{w.group_size} z{int(w.zero is not None)}|{str(dtype).removeprefix('torch.')}")
 
