@@ -4,7 +4,8 @@
 
 Per (shape, batch, kernel): microseconds per call (best of 5 rounds) and GB/s of weight bytes read
 (int8: 1 byte a weight, int4: half, fp32: 4; scales not counted). fp32 is the runtime's own layout
-(a transposed copy, x @ W^T). The int4 kernels run group 64 (576 is not a multiple of 128).
+(layers.pack_weight / matmul: tp_woq::f32_mm where tp_runtime's kernels build, else torch on a transposed
+copy; the row's kernel names which). The int4 kernels run group 64 (576 is not a multiple of 128).
 """
 
 import argparse
@@ -66,10 +67,15 @@ def main(argv=None):
         calls = 20 if big else 200
         for batch in args.batches:
             x = torch.randn(batch, in_f)
-            packed, transposed = pack_weight(w)
-            t = per_call(lambda v: matmul(v, packed, transposed), x, calls)
-            rows.append(dict(shape=f"{out_f}x{in_f}", what=what, batch=batch, kernel="fp32 (x @ W^T)",
+            packed, layout = pack_weight(w)
+            t = per_call(lambda v: matmul(v, packed, layout), x, calls)
+            rows.append(dict(shape=f"{out_f}x{in_f}", what=what, batch=batch, kernel=f"fp32 ({layout})",
                              us=t * 1e6, gbs=out_f * in_f * 4 / t / 1e9))
+            if layout != "transposed":  # torch's own fp32 GEMV beside it
+                wt = w.t().contiguous()
+                t = per_call(lambda v: v @ wt, x, calls)
+                rows.append(dict(shape=f"{out_f}x{in_f}", what=what, batch=batch, kernel="torch fp32 (x @ W^T)",
+                                 us=t * 1e6, gbs=out_f * in_f * 4 / t / 1e9))
             for precision in ("int8", "int4"):
                 qw = quant_weight(w, precision, 64)
                 ref = x @ qw.dequantize().t()

@@ -32,13 +32,13 @@ def matmul_sweep_ms(engine: str, reps: int = 10) -> tuple[float, float]:
     llm = LLM(engine, threads=torch.get_num_threads())
     from tp_runtime.layers import matmul
 
-    mods = [m for m in llm.model.modules() if hasattr(m, "transposed")]
+    mods = [m for m in llm.model.modules() if hasattr(m, "layout") and m.weight is not None]
     weights = [m.weight for m in mods]
-    vectors = [torch.randn(1, w.shape[0] if m.transposed else w.shape[1], dtype=w.dtype) for m, w in zip(mods, weights)]
+    vectors = [torch.randn(1, w.shape[0] if m.layout == "transposed" else w.shape[1], dtype=w.dtype) for m, w in zip(mods, weights)]
 
     def step():
         for m, v in zip(mods, vectors):
-            matmul(v, m.weight, m.transposed)
+            matmul(v, m.weight, m.layout)
 
     for _ in range(3):
         step()

@@ -151,6 +151,27 @@ def test_native_kernels_build_here_and_match_for_every_row_count():
     assert "native_int4" not in woq.candidates(odd, torch.float32)
 
 
+def test_native_fp32_gemv_matches_for_decode_and_prefill_rows():
+    """fp32 float linears on a CPU with the native kernels: (out, in) weights, tp_woq::f32_mm for up to
+    NATIVE_ROWS activation rows (1-4 per weight pass and remainders), F.linear beyond; (B, T, in) inputs."""
+    from tp_runtime import native
+    from tp_runtime.layers import NATIVE_ROWS, matmul, pack_weight
+
+    if not {"avx2", "fma"} <= native.cpu_flags():
+        pytest.skip("the CPU lacks AVX2/FMA: the native kernels are not candidates here")
+    for out_f, in_f in ((40, 200), (576, 1536), (7, 33)):  # widths that are not multiples of 32 take the tail
+        w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(out_f))
+        packed, layout = pack_weight(w)
+        assert layout == "native" and packed.shape == (out_f, in_f)
+        for shape in ((1, 1), (2, 1), (3, 1), (5, 1), (1, NATIVE_ROWS), (2, 9), (1, 40)):
+            x = torch.randn(*shape, in_f, generator=torch.Generator().manual_seed(sum(shape)))
+            ref = x.double() @ w.double().t()
+            y = matmul(x, packed, layout)
+            assert y.shape == (*shape, out_f)
+            err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-5, (out_f, in_f, shape, err)
+
+
 def test_native_int4_q8_rounds_activations_as_q8_0():
     """native_int4_q8 against a reference written from the scheme: each 32 inputs of a decode row become
     round(x / d) with d = max |x| / 127 (llama.cpp's Q8_0), meet the codes times their scale, and the group

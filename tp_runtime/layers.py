@@ -15,21 +15,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tp_runtime import native
 from tp_runtime.comm import Communicator
 from tp_runtime.woq import QuantWeight, WeightOnlyLinear
 
 
-def pack_weight(weight: torch.Tensor) -> tuple[nn.Parameter, bool]:
-    """The layout the matmul reads fastest: on CPU, fp32 GEMV runs ~20% faster on a transposed
-    (in, out) copy, while bf16 runs 2x faster on nn.Linear's own (out, in) layout (measured in
-    benchmarks/roofline.py's way on this project's machines). Returns (parameter, transposed)."""
-    transposed = weight.device.type == "cpu" and weight.dtype == torch.float32
-    w = weight.t().contiguous() if transposed else weight
-    return nn.Parameter(w, requires_grad=False), transposed
+NATIVE_ROWS = 16  # up to this many activation rows (decode) go to tp_runtime's fp32 GEMV; more: one GEMM
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
-    return x @ w if transposed else F.linear(x, w)
+def pack_weight(weight: torch.Tensor) -> tuple[nn.Parameter, str]:
+    """The layout the matmul reads fastest, and how to multiply by it:
+    "native": fp32 on a CPU where tp_runtime's kernels build (native.py): nn.Linear's (out, in) layout,
+        decode rows through tp_woq::f32_mm (output rows split over torch's threads), prefill through F.linear.
+        torch's own fp32 GEMV uses one thread whatever torch.get_num_threads() says (measured on SmolLM2's
+        120 decode matmuls: 20.4 ms with 1 or 2 threads, tp_woq::f32_mm 11.7 ms with 1 and 9.0 with 2).
+    "transposed": fp32 on a CPU without them: a transposed (in, out) copy, ~20 % faster than F.linear there.
+    "linear": F.linear on (out, in) (bf16 runs 2x faster on it on CPU; CUDA)."""
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        if native.load():
+            return nn.Parameter(weight.contiguous(), requires_grad=False), "native"
+        return nn.Parameter(weight.t().contiguous(), requires_grad=False), "transposed"
+    return nn.Parameter(weight, requires_grad=False), "linear"
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "transposed":
+        return x @ w
+    if layout == "native":
+        rows = x.numel() // x.shape[-1]
+        if rows <= NATIVE_ROWS:
+            y = torch.ops.tp_woq.f32_mm(x.reshape(rows, x.shape[-1]).contiguous(), w)
+            return y.view(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w)
 
 
 class _Linear(nn.Module):
@@ -38,13 +55,13 @@ class _Linear(nn.Module):
     def _set_weight(self, weight):
         self.woq = None
         if isinstance(weight, QuantWeight):
-            self.weight, self.transposed = None, False
+            self.weight, self.layout = None, "linear"
             self.woq = WeightOnlyLinear(weight)
         else:
-            self.weight, self.transposed = pack_weight(weight)
+            self.weight, self.layout = pack_weight(weight)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return self.woq(x) if self.woq is not None else matmul(x, self.weight, self.transposed)
+        return self.woq(x) if self.woq is not None else matmul(x, self.weight, self.layout)
 
 
 class ColumnParallelLinear(_Linear):

@@ -52,6 +52,10 @@ def _register_fakes() -> None:
     def _(x, packed, scale, minimum):
         return x.new_empty(x.shape[0], packed.shape[0])
 
+    @torch.library.register_fake("tp_woq::f32_mm")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
+
     @torch.library.register_fake("tp_woq::int8_mm")
     def _(x, q, scale):
         return x.new_empty(x.shape[0], q.shape[0])
@@ -60,7 +64,7 @@ def _register_fakes() -> None:
 def load() -> bool:
     """Build (first time) and load the kernels; True when torch.ops.tp_woq is ready."""
     with _lock:
-        if hasattr(torch.ops, "tp_woq") and hasattr(torch.ops.tp_woq, "int4_mm_q8"):
+        if hasattr(torch.ops, "tp_woq") and hasattr(torch.ops.tp_woq, "f32_mm"):
             return True
         if _reason:
             return False

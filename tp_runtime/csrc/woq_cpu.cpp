@@ -142,6 +142,30 @@ void int8_row(const float* x, int64_t in, const int8_t* wrow, float scale, float
   }
 }
 
+// One output row of an fp32 weight for NB activation rows (4 independent sums per row hide the FMA latency).
+template <int NB>
+void f32_row(const float* x, int64_t in, const float* wrow, float* y, int64_t out, int64_t o) {
+  __m256 a[NB][4];
+  for (int n = 0; n < NB; ++n) a[n][0] = a[n][1] = a[n][2] = a[n][3] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= in; i += 32) {
+    const __m256 w0 = _mm256_loadu_ps(wrow + i), w1 = _mm256_loadu_ps(wrow + i + 8);
+    const __m256 w2 = _mm256_loadu_ps(wrow + i + 16), w3 = _mm256_loadu_ps(wrow + i + 24);
+    for (int n = 0; n < NB; ++n) {
+      const float* xn = x + n * in + i;
+      a[n][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xn), a[n][0]);
+      a[n][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xn + 8), a[n][1]);
+      a[n][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xn + 16), a[n][2]);
+      a[n][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xn + 24), a[n][3]);
+    }
+  }
+  for (int n = 0; n < NB; ++n) {
+    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a[n][0], a[n][1]), _mm256_add_ps(a[n][2], a[n][3])));
+    for (int64_t j = i; j < in; ++j) acc += wrow[j] * x[n * in + j];
+    y[n * out + o] = acc;
+  }
+}
+
 void check_x(const at::Tensor& x, int64_t in, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               op, ": x must be a contiguous (rows, in) float32 CPU tensor");
@@ -264,6 +288,36 @@ at::Tensor int4_mm_q8(const at::Tensor& x, const at::Tensor& packed, const at::T
   return y;
 }
 
+at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t out = w.size(0), in = w.size(1);
+  check_x(x, in, "tp_woq::f32_mm");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2,
+              "f32_mm: w must be a contiguous (out, in) float32 tensor");
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, out}, x.options());
+  if (rows == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < rows; r += 4) {
+      const int64_t nb = std::min<int64_t>(4, rows - r);
+      const float* xr = xp + r * in;
+      float* yr = yp + r * out;
+      for (int64_t o = begin; o < end; ++o) {
+        const float* wrow = wp + o * in;
+        switch (nb) {
+          case 1: f32_row<1>(xr, in, wrow, yr, out, o); break;
+          case 2: f32_row<2>(xr, in, wrow, yr, out, o); break;
+          case 3: f32_row<3>(xr, in, wrow, yr, out, o); break;
+          default: f32_row<4>(xr, in, wrow, yr, out, o); break;
+        }
+      }
+    }
+  });
+  return y;
+}
+
 at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
   const int64_t out = q.size(0), in = q.size(1);
   check_x(x, in, "tp_woq::int8_mm");
@@ -301,10 +355,12 @@ TORCH_LIBRARY(tp_woq, m) {
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scale, Tensor minimum) -> Tensor");
   m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("int4_mm_q8(Tensor x, Tensor packed, Tensor scale, Tensor minimum) -> Tensor");
+  m.def("f32_mm(Tensor x, Tensor w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tp_woq, CPU, m) {
   m.impl("int4_mm", &int4_mm);
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm_q8", &int4_mm_q8);
+  m.impl("f32_mm", &f32_mm);
 }
