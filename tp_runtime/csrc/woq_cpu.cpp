@@ -123,20 +123,24 @@ void int4q8_row(const int8_t* xq, const float* dx, int64_t in, const uint8_t* wr
 // One output row of int8 (per-channel scale) for NB activation rows.
 template <int NB>
 void int8_row(const float* x, int64_t in, const int8_t* wrow, float scale, float* y, int64_t out, int64_t o) {
-  __m256 a0[NB], a1[NB];
-  for (int n = 0; n < NB; ++n) a0[n] = a1[n] = _mm256_setzero_ps();
+  __m256 a[NB][4];  // 4 independent sums per row hide the FMA latency
+  for (int n = 0; n < NB; ++n) a[n][0] = a[n][1] = a[n][2] = a[n][3] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 16 <= in; i += 16) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + i));
-    const __m256 w0 = sbytes_to_ps(raw), w1 = sbytes_to_ps(_mm_srli_si128(raw, 8));
+  for (; i + 32 <= in; i += 32) {
+    const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + i));
+    const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + i + 16));
+    const __m256 w0 = sbytes_to_ps(r0), w1 = sbytes_to_ps(_mm_srli_si128(r0, 8));
+    const __m256 w2 = sbytes_to_ps(r1), w3 = sbytes_to_ps(_mm_srli_si128(r1, 8));
     for (int n = 0; n < NB; ++n) {
       const float* xn = x + n * in + i;
-      a0[n] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xn), a0[n]);
-      a1[n] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xn + 8), a1[n]);
+      a[n][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xn), a[n][0]);
+      a[n][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xn + 8), a[n][1]);
+      a[n][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xn + 16), a[n][2]);
+      a[n][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xn + 24), a[n][3]);
     }
   }
   for (int n = 0; n < NB; ++n) {
-    float acc = hsum(_mm256_add_ps(a0[n], a1[n]));
+    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a[n][0], a[n][1]), _mm256_add_ps(a[n][2], a[n][3])));
     for (int64_t j = i; j < in; ++j) acc += float(wrow[j]) * x[n * in + j];
     y[n * out + o] = acc * scale;
   }
