@@ -61,7 +61,7 @@ def test_no_recompile_after_load(mistral, monkeypatch):
     convert(str(root / "hf"), engine, 1, progress=False)
     monkeypatch.setenv("TP_RUNTIME_ALL_GUARDS", "1")
     llm = LLM(engine, compile="on", max_batch_size=4)
-    assert llm.model._guards_checked is False
+    assert llm.model._skip_guards is False
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2  # batch 1 and batch >= 2, built at load
     prompts = random_prompts(97, seed=7)
@@ -70,7 +70,7 @@ def test_no_recompile_after_load(mistral, monkeypatch):
     checked = [llm.generate(batch, params) for batch in batches]
     assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["recompiles"], dict(counters["recompiles"])
-    llm.model._guards_checked = True  # what LLM does without the variable
+    llm.model._skip_guards = True  # what LLM does without the variable
     for batch, want in zip(batches, checked):
         got = llm.generate(batch, params)
         assert [o.output_ids for o in got] == [o.output_ids for o in want]

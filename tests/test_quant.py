@@ -124,15 +124,20 @@ def test_every_available_kernel_matches_the_dequantized_matmul(name, dtype):
             assert err < tol, (name, dtype, kname, out_f, in_f, err)
 
 
-def test_native_kernels_build_here_and_match_for_every_row_count():
-    """tp_runtime's AVX2 kernels: built on this machine (AVX2 and a compiler are there), exact against the
-    dequantized matmul for 1..9 activation rows (2- and 4-row passes and their remainders) and prefill rows,
-    different data per row, symmetric and zero-point weights, groups 32 / 64 / per channel."""
+def need_native():
+    """tp_runtime's AVX2 kernels: skip where the CPU cannot run them, else they must build here."""
     from tp_runtime import native
 
     if not {"avx2", "fma"} <= native.cpu_flags():
         pytest.skip("the CPU lacks AVX2/FMA: the native kernels are not candidates here")
     assert native.load(), native.why_not()
+
+
+def test_native_kernels_build_here_and_match_for_every_row_count():
+    """tp_runtime's AVX2 kernels: built on this machine (AVX2 and a compiler are there), exact against the
+    dequantized matmul for 1..9 activation rows (2- and 4-row passes and their remainders) and prefill rows,
+    different data per row, symmetric and zero-point weights, groups 32 / 64 / per channel."""
+    need_native()
     for name, (out_f, in_f) in (("int8", (72, 200)), ("int8_zp", (96, 576)), ("int4_g32", (40, 192)),
                                 ("int4_g64_zp", (200, 576)), ("int4_channel", (33, 128))):
         qw = quant_weight(SCHEMES[name], out_f, in_f, 3, prequant=name.endswith("zp"))
@@ -154,11 +159,9 @@ def test_native_kernels_build_here_and_match_for_every_row_count():
 def test_native_fp32_gemv_matches_for_decode_and_prefill_rows():
     """fp32 float linears on a CPU with the native kernels: (out, in) weights, tp_woq::f32_mm for up to
     NATIVE_ROWS activation rows (1-4 per weight pass and remainders), F.linear beyond; (B, T, in) inputs."""
-    from tp_runtime import native
     from tp_runtime.layers import NATIVE_ROWS, matmul, pack_weight
 
-    if not {"avx2", "fma"} <= native.cpu_flags():
-        pytest.skip("the CPU lacks AVX2/FMA: the native kernels are not candidates here")
+    need_native()
     for out_f, in_f in ((40, 200), (576, 1536), (7, 33)):  # widths that are not multiples of 32 take the tail
         w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(out_f))
         packed, layout = pack_weight(w)
@@ -176,11 +179,7 @@ def test_native_int4_q8_rounds_activations_as_q8_0():
     """native_int4_q8 against a reference written from the scheme: each 32 inputs of a decode row become
     round(x / d) with d = max |x| / 127 (llama.cpp's Q8_0), meet the codes times their scale, and the group
     minimum meets the exact sum of those inputs; prefill rows (> 16) are exact. Different data per row."""
-    from tp_runtime import native
-
-    if not {"avx2", "fma"} <= native.cpu_flags():
-        pytest.skip("the CPU lacks AVX2/FMA: the native kernels are not candidates here")
-    assert native.load(), native.why_not()
+    need_native()
     for name, (out_f, in_f) in (("int4_g32", (40, 192)), ("int4_g64_zp", (200, 576))):
         qw = quant_weight(SCHEMES[name], out_f, in_f, 5)
         assert "native_int4_q8" in woq.candidates(qw, torch.float32)

@@ -15,9 +15,9 @@
 //       codes meet them in 8-bit integer multiply-adds (vpmaddubsw), 4x fewer instructions than widening
 //       every code to float; the minimum's term uses the exact fp32 sums of the inputs
 //
-// x is (rows, in) float32, contiguous. A few activation rows (int4: 2, int8: 4) share each decoded weight
-// vector (the weight is read once per that many rows: these are decode kernels), and output rows are split across torch's intra-op
-// threads.
+// x is (rows, in) float32, contiguous. A few activation rows (int4: 2, int8 and fp32: 4) share each decoded
+// weight vector (the weight is read once per that many rows: these are decode kernels), and output rows are
+// split across torch's intra-op threads (over_outputs).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 namespace {
 
@@ -186,6 +187,27 @@ void check_int4(const at::Tensor& packed, const at::Tensor& scale, const at::Ten
               "int4_mm: minimum must be (out, in / 32) float32");
 }
 
+// Output rows split over torch's threads; activation rows in passes of up to MaxNB (each pass reads the
+// weight once). row(nb, r, o) computes output o of activation rows r .. r + nb - 1, nb a compile-time count.
+template <int MaxNB, class Row>
+void over_outputs(int64_t rows, int64_t out, const Row& row) {
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < rows; r += MaxNB) {
+      const int64_t nb = std::min<int64_t>(MaxNB, rows - r);
+      for (int64_t o = begin; o < end; ++o) {
+        if (nb == MaxNB) {
+          row(std::integral_constant<int, MaxNB>{}, r, o);
+        } else if (nb == 1) {
+          row(std::integral_constant<int, 1>{}, r, o);
+        } else if constexpr (MaxNB > 3) {
+          if (nb == 2) row(std::integral_constant<int, 2>{}, r, o);
+          else row(std::integral_constant<int, 3>{}, r, o);
+        }
+      }
+    }
+  });
+}
+
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                    const at::Tensor& minimum) {
   const int64_t out = packed.size(0), in = packed.size(1) * 2, halves = in / 32;
@@ -219,17 +241,9 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const float* sp = scale.data_ptr<float>();
   const float* mp = minimum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = 0; r < rows; r += 2) {
-      const float* xr = xsp + r * in;
-      const float* xsr = xsump + r * halves;
-      float* yr = yp + r * out;
-      for (int64_t o = begin; o < end; ++o) {
-        const uint8_t* wrow = wp + o * (in / 2);
-        if (rows - r >= 2) int4_row<2>(xr, in, wrow, sp + o * halves, mp + o * halves, xsr, yr, out, o);
-        else int4_row<1>(xr, in, wrow, sp + o * halves, mp + o * halves, xsr, yr, out, o);
-      }
-    }
+  over_outputs<2>(rows, out, [&](auto nb, int64_t r, int64_t o) {
+    int4_row<decltype(nb)::value>(xsp + r * in, in, wp + o * (in / 2), sp + o * halves, mp + o * halves,
+                                  xsump + r * halves, yp + r * out, out, o);
   });
   return y;
 }
@@ -276,18 +290,9 @@ at::Tensor int4_mm_q8(const at::Tensor& x, const at::Tensor& packed, const at::T
   const float* sp = scale.data_ptr<float>();
   const float* mp = minimum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = 0; r < rows; r += 2) {
-      const int8_t* xr = xqp + r * in;
-      const float* dr = dxp + r * halves;
-      const float* xsr = xsump + r * halves;
-      float* yr = yp + r * out;
-      for (int64_t o = begin; o < end; ++o) {
-        const uint8_t* wrow = wp + o * (in / 2);
-        if (rows - r >= 2) int4q8_row<2>(xr, dr, in, wrow, sp + o * halves, mp + o * halves, xsr, yr, out, o);
-        else int4q8_row<1>(xr, dr, in, wrow, sp + o * halves, mp + o * halves, xsr, yr, out, o);
-      }
-    }
+  over_outputs<2>(rows, out, [&](auto nb, int64_t r, int64_t o) {
+    int4q8_row<decltype(nb)::value>(xqp + r * in, dxp + r * halves, in, wp + o * (in / 2), sp + o * halves,
+                                    mp + o * halves, xsump + r * halves, yp + r * out, out, o);
   });
   return y;
 }
@@ -303,21 +308,8 @@ at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w) {
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = 0; r < rows; r += 4) {
-      const int64_t nb = std::min<int64_t>(4, rows - r);
-      const float* xr = xp + r * in;
-      float* yr = yp + r * out;
-      for (int64_t o = begin; o < end; ++o) {
-        const float* wrow = wp + o * in;
-        switch (nb) {
-          case 1: f32_row<1>(xr, in, wrow, yr, out, o); break;
-          case 2: f32_row<2>(xr, in, wrow, yr, out, o); break;
-          case 3: f32_row<3>(xr, in, wrow, yr, out, o); break;
-          default: f32_row<4>(xr, in, wrow, yr, out, o); break;
-        }
-      }
-    }
+  over_outputs<4>(rows, out, [&](auto nb, int64_t r, int64_t o) {
+    f32_row<decltype(nb)::value>(xp + r * in, in, wp + o * in, yp + r * out, out, o);
   });
   return y;
 }
@@ -334,21 +326,8 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const int8_t* wp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = 0; r < rows; r += 4) {
-      const int64_t nb = std::min<int64_t>(4, rows - r);
-      const float* xr = xp + r * in;
-      float* yr = yp + r * out;
-      for (int64_t o = begin; o < end; ++o) {
-        const int8_t* wrow = wp + o * in;
-        switch (nb) {
-          case 1: int8_row<1>(xr, in, wrow, sp[o], yr, out, o); break;
-          case 2: int8_row<2>(xr, in, wrow, sp[o], yr, out, o); break;
-          case 3: int8_row<3>(xr, in, wrow, sp[o], yr, out, o); break;
-          default: int8_row<4>(xr, in, wrow, sp[o], yr, out, o); break;
-        }
-      }
-    }
+  over_outputs<4>(rows, out, [&](auto nb, int64_t r, int64_t o) {
+    int8_row<decltype(nb)::value>(xp + r * in, in, wp + o * in, sp[o], yp + r * out, out, o);
   });
   return y;
 }
