@@ -177,26 +177,53 @@ def test_native_fp32_gemv_matches_for_decode_and_prefill_rows():
 
 def test_native_int4_q8_rounds_activations_as_q8_0():
     """native_int4_q8 against a reference written from the scheme: each 32 inputs of a decode row become
-    round(x / d) with d = max |x| / 127 (llama.cpp's Q8_0), meet the codes times their scale, and the group
-    minimum meets the exact sum of those inputs; prefill rows (> 16) are exact. Different data per row."""
+    round(x / d) with d = max |x| / 127 (llama.cpp's Q8_0) and meet the dequantized weights (so the minimum
+    meets the rounded inputs' sum); prefill rows (> 16) are exact. native_int4_q8x2 adds the
+    rounding error as a second int8 part: within 1e-4 of the exact matmul. Different data per row; output
+    rows not a multiple of the tile (8); every dot instruction this CPU has (VNNI, AVX-512 VNNI, AVX2)."""
     need_native()
-    for name, (out_f, in_f) in (("int4_g32", (40, 192)), ("int4_g64_zp", (200, 576))):
-        qw = quant_weight(SCHEMES[name], out_f, in_f, 5)
-        assert "native_int4_q8" in woq.candidates(qw, torch.float32)
-        assert "native_int4_q8" not in woq.candidates(qw, torch.float32, auto=True)  # only when named
-        qw.kernel = "native_int4_q8"
-        layer = woq.WeightOnlyLinear(qw)
-        g = qw.group_size
-        scaled = qw.q.double() * qw.scale.double().repeat_interleave(g, 1)  # (out, in): code x scale
-        minimum = (-qw.zeros().double() * qw.scale.double()).repeat_interleave(g // 32, 1)  # (out, in / 32)
-        for rows in (1, 2, 3, 5, 33):
-            x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(100 + rows))
-            blocks = x.double().view(rows, -1, 32)
-            d = blocks.abs().amax(-1, keepdim=True) / 127
-            xq = torch.round(blocks / d) * d if rows <= 16 else blocks  # prefill: exact
-            ref = xq.view(rows, in_f) @ scaled.t() + blocks.sum(-1) @ minimum.t()
-            err = ((layer(x).double() - ref).abs().max() / ref.abs().max()).item()
-            assert err < 1e-5, (name, rows, err)
+    best = torch.ops.tp_woq.q8_isa(-1)
+    try:
+        for isa in range(best + 1):
+            assert torch.ops.tp_woq.q8_isa(isa) == isa
+            for name, (out_f, in_f) in (("int4_g32", (40, 192)), ("int4_g64_zp", (200, 576)),
+                                        ("int4_g32", (33, 64))):
+                qw = quant_weight(SCHEMES[name], out_f, in_f, 5)
+                assert "native_int4_q8" in woq.candidates(qw, torch.float32)
+                assert "native_int4_q8" not in woq.candidates(qw, torch.float32, auto=True)  # only when named
+                assert "native_int4_q8x2" in woq.candidates(qw, torch.float32, auto=True)
+                layers = {}
+                for kname in ("native_int4_q8", "native_int4_q8x2"):
+                    qw.kernel = kname
+                    layers[kname] = woq.WeightOnlyLinear(qw)
+                for rows in (1, 2, 3, 5, 33):
+                    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(100 + rows))
+                    blocks = x.double().view(rows, -1, 32)
+                    d = blocks.abs().amax(-1, keepdim=True) / 127
+                    xq = torch.round(blocks / d) * d if rows <= 16 else blocks  # prefill: exact
+                    ref = xq.view(rows, in_f) @ qw.dequantize().double().t()
+                    y = layers["native_int4_q8"](x).double()
+                    assert y.shape == (rows, out_f)
+                    err = ((y - ref).abs().max() / ref.abs().max()).item()
+                    assert err < 1e-5, (isa, name, rows, err)
+                    exact = x.double() @ qw.dequantize().double().t()
+                    y2 = layers["native_int4_q8x2"](x).double()
+                    err2 = ((y2 - exact).abs().max() / exact.abs().max()).item()
+                    assert err2 < 1e-4, (isa, name, rows, err2)
+    finally:
+        torch.ops.tp_woq.q8_isa(best)
+
+
+def test_int4_tile_packing_round_trips():
+    from tp_runtime import native
+
+    q = torch.randint(0, 16, (24, 96), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    tiles = native.pack_int4_tiles(q)
+    assert tiles.shape == (3, 3, 128)
+    assert torch.equal(native.unpack_int4_tiles(tiles), q)
+    # row 1's inputs 4..7 sit in bytes 4..7 of the block's second vector (low nibbles), 20..23 above them
+    assert torch.equal(tiles[0, 0, 32 + 4 : 32 + 8] & 15, q[1, 4:8])
+    assert torch.equal(tiles[0, 0, 32 + 4 : 32 + 8] >> 4, q[1, 20:24])
 
 
 def test_auto_choice_is_timed_once_and_cached(tmp_path):

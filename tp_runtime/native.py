@@ -49,8 +49,8 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], packed.shape[0])
 
     @torch.library.register_fake("tp_woq::int4_mm_q8")
-    def _(x, packed, scale, minimum):
-        return x.new_empty(x.shape[0], packed.shape[0])
+    def _(x, tiles, scale, zero, parts):
+        return x.new_empty(x.shape[0], tiles.shape[0] * 8)
 
     @torch.library.register_fake("tp_woq::f32_mm")
     def _(x, w):
@@ -110,3 +110,30 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     out_f, half = packed.shape
     by = packed.view(out_f, half // 32, 8, 4).transpose(2, 3)  # (out, block, byte b, lane j)
     return torch.stack([by & 15, by >> 4], dim=3).reshape(out_f, half * 2)  # (out, block, b, nibble, j)
+
+
+TILE = 8  # output rows per tile of pack_int4_tiles
+
+
+def pack_int4_tiles(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) codes 0..15 -> (out / 8, in / 32, 128) uint8, int4_mm_q8's layout: per tile of 8 output rows
+    and block of 32 inputs, 4 vectors of 32 bytes; byte 4r + j of vector v holds row r's input 4v + j in its
+    low nibble and input 16 + 4v + j in its high one. out must be a multiple of 8, in of 32."""
+    out_f, in_f = q.shape
+    codes = q.to(torch.uint8).view(out_f // TILE, TILE, in_f // 32, 8, 4)  # (tile, row r, block, step, j)
+    codes = codes.permute(0, 2, 3, 1, 4)  # (tile, block, step, r, j)
+    return (codes[:, :, :4] | (codes[:, :, 4:] << 4)).reshape(out_f // TILE, in_f // 32, 128).contiguous()
+
+
+def unpack_int4_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """pack_int4_tiles' inverse: (out / 8, in / 32, 128) uint8 -> (out, in) uint8 codes."""
+    t, blocks, _ = tiles.shape
+    by = tiles.view(t, blocks, 4, TILE, 4)  # (tile, block, vector v, r, j)
+    codes = torch.cat([by & 15, by >> 4], dim=2)  # (tile, block, step, r, j)
+    return codes.permute(0, 3, 1, 2, 4).reshape(t * TILE, blocks * 32)
+
+
+def tile_rows(t: torch.Tensor) -> torch.Tensor:
+    """(out, groups) per-row values -> (out / 8, groups, 8), the tiles' order for int4_mm_q8's scales."""
+    out_f, groups = t.shape
+    return t.view(out_f // TILE, TILE, groups).transpose(1, 2).contiguous()

@@ -21,8 +21,10 @@ once at load among the kernels that can serve it, and the winner is cached on di
     int4  aten_int4_cpu   torch.ops.aten._weight_int4pack_mm_for_cpu on _convert_weight_to_int4pack_for_cpu
           aten_int4_cpu_bf16  the same fed bf16 activations from an fp32 model
           native_int4     tp_runtime's AVX2 kernel (csrc/woq_cpu.cpp): fp32 activations, groups of 32k
-          native_int4_q8  the same weights against activations rounded to int8 per 32 inputs (Q8_0, as
-                          llama.cpp and ONNX Runtime GenAI's CPU int4 do): faster, less exact; only when named
+          native_int4_q8  tp_runtime's tiled kernel: activations rounded to int8 per 32 inputs (Q8_0, as
+                          llama.cpp and ONNX Runtime GenAI's CPU int4 do), 8-bit integer dots over tiles of 8
+                          output rows (VNNI or AVX2); the fastest, less exact: only when named
+          native_int4_q8x2  the same with each activation block as two int8 parts (~15 bits): near-exact
           aten_int4_cuda  torch.ops.aten._weight_int4pack_mm (bf16, tinygemm layout) - written, not run here
           dequant_int4    unpack, dequantize and F.linear every call (fallback; correct, slow)
 
@@ -318,19 +320,61 @@ class NativeInt4(Kernel):
         return torch.ops.tp_woq.int4_mm(x.contiguous(), self.packed, self.scale, self.minimum)
 
 
-class NativeInt4Q8(NativeInt4):
-    """native_int4 with the decode rows' activations rounded to int8 per 32 inputs inside the op (llama.cpp's
-    Q8_0, ONNX Runtime GenAI's int4 accuracy level 4, its CPU default): 8-bit integer multiply-adds instead of
-    widening each code to float. Less exact than the fp32-fed kernels, so auto never picks it; prefill rows
-    take native_int4's dequantize-and-GEMM path, exact."""
+class NativeInt4Q8(Kernel):
+    """int4 weights against the decode rows' activations rounded to int8 per 32 inputs inside the op (llama.cpp's
+    Q8_0, ONNX Runtime GenAI's int4 accuracy level 4, its CPU default), in tiles of 8 output rows so that one
+    8-bit integer dot instruction (VNNI's vpdpbusd, or AVX2's vpmaddubsw + vpmaddwd) serves 8 rows at once.
+    Less exact than the fp32-fed kernels, so auto never picks it; prefill rows dequantize tiles for a GEMM
+    (exact). Output rows are padded to a multiple of 8 (zero codes and scales) and cut off after. A float scale
+    and a byte zero per group (none for symmetric weights): 20 bytes per 32 weights at group 32 instead of
+    24 with a float minimum."""
 
     name = "native_int4_q8"
+    precision = "int4"
     auto = False
+    PARTS = 1  # int8 parts per activation block
+    GEMM_ROWS = NativeInt4.GEMM_ROWS
+    SLICE_TILES = NativeInt4.SLICE // native.TILE
+
+    @staticmethod
+    def supports(w, dtype):
+        return (w.q.device.type == "cpu" and dtype == torch.float32 and w.in_features % 32 == 0
+                and w.group_size % 32 == 0 and native.load())
+
+    def __init__(self, w, dtype):
+        pad = -w.out_features % native.TILE
+        self.out_features, self.group = w.out_features, w.group_size
+        self.tiles = native.pack_int4_tiles(F.pad(w.q, (0, 0, 0, pad)))  # (out / 8, in / 32, 128)
+        self.scale = native.tile_rows(F.pad(w.scale.float(), (0, 0, 0, pad)))  # (out / 8, groups, 8)
+        symmetric = w.zero is None or bool((w.zero == 8).all())
+        self.zero = (torch.empty(0, dtype=torch.uint8) if symmetric  # empty: 8 everywhere, nothing to read
+                     else native.tile_rows(F.pad(w.zero.to(torch.uint8), (0, 0, 0, pad), value=8)))
+
+    def _dequantized(self, tiles: slice) -> torch.Tensor:
+        q = native.unpack_int4_tiles(self.tiles[tiles]).float()  # (rows, in)
+        rows, in_f = q.shape
+        scale = self.scale[tiles].transpose(1, 2).reshape(rows, -1, 1)
+        zero = 8.0 if self.zero.numel() == 0 else self.zero[tiles].transpose(1, 2).reshape(rows, -1, 1).float()
+        return ((q.view(rows, -1, self.group) - zero) * scale).view(rows, in_f)
 
     def __call__(self, x):
         if x.shape[0] > self.GEMM_ROWS:
-            return super().__call__(x)
-        return torch.ops.tp_woq.int4_mm_q8(x.contiguous(), self.packed, self.scale, self.minimum)
+            y = torch.cat([F.linear(x, self._dequantized(slice(t, t + self.SLICE_TILES)))
+                           for t in range(0, self.tiles.shape[0], self.SLICE_TILES)], dim=-1)
+        else:
+            y = torch.ops.tp_woq.int4_mm_q8(x.contiguous(), self.tiles, self.scale, self.zero, self.PARTS)
+        return y if y.shape[-1] == self.out_features else y[:, : self.out_features]
+
+
+class NativeInt4Q8x2(NativeInt4Q8):
+    """native_int4_q8's tiles and instructions with each 32-input block of a decode row held as two int8 parts:
+    the Q8_0 codes, then the rounding error they leave rounded the same way (its step is at most 1/254 of
+    the first). About 15 bits per block, finer than the bf16 activations of torch's fast CPU kernels (8
+    bits), for one more integer dot per 4 inputs; so auto may pick it."""
+
+    name = "native_int4_q8x2"
+    auto = True
+    PARTS = 2
 
 
 class AtenInt4Cuda(Kernel):
@@ -409,7 +453,8 @@ def bf16_variant(base: type) -> type:
 
 
 KERNELS = {k.name: k for k in (AtenInt8, bf16_variant(AtenInt8), NativeInt8, FbgemmInt8, DequantInt8,
-                               AtenInt4Cpu, bf16_variant(AtenInt4Cpu), NativeInt4, NativeInt4Q8, AtenInt4Cuda, DequantInt4)}
+                               AtenInt4Cpu, bf16_variant(AtenInt4Cpu), NativeInt4, NativeInt4Q8, NativeInt4Q8x2, AtenInt4Cuda,
+                               DequantInt4)}
 
 
 def candidates(w: QuantWeight, dtype: torch.dtype, auto: bool = False) -> list[str]:

@@ -10,10 +10,13 @@
 //       packed (out, in / 2) uint8: each block of 64 inputs is 32 bytes = 8 little-endian uint32 lanes, nibble
 //       k (bits 4k..4k+3) of lane j holding input 8k + j (pack_int4 in native.py)
 //   tp_woq::int8_mm(x, q, scale) -> y                         w[o, i] = q[o, i] * scale[o]
-//   tp_woq::int4_mm_q8(x, packed, scale, minimum) -> y        int4_mm with the activations rounded to int8
-//       per 32 inputs (one float step each, llama.cpp's Q8_0; ONNX Runtime's int4 accuracy level 4): the
-//       codes meet them in 8-bit integer multiply-adds (vpmaddubsw), 4x fewer instructions than widening
-//       every code to float; the minimum's term uses the exact fp32 sums of the inputs
+//   tp_woq::int4_mm_q8(x, tiles, scale, zero, parts) -> y     w[o, i] = (code[o, i] - zero[o, g]) * scale[o, g], g
+//       the group of 32k inputs (zero empty: 8 for all); the activations rounded to int8
+//       per 32 inputs (one float step each, llama.cpp's Q8_0; ONNX Runtime's int4 accuracy level 4), in its
+//       own layout of 8 output rows per tile (see q8_tile) so 8-bit integer dot products (vpdpbusd where the
+//       CPU has VNNI, vpmaddubsw + vpmaddwd on AVX2) serve 8 rows per instruction; a float scale and a byte
+//       zero per group (not repeated per 32, no float minimum: fewer bytes to read); parts = 2 adds the
+//       rounding error as a second int8 part
 //
 // x is (rows, in) float32, contiguous. A few activation rows (int4: 2, int8 and fp32: 4) share each decoded
 // weight vector (the weight is read once per that many rows: these are decode kernels), and output rows are
@@ -25,7 +28,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 
 namespace {
@@ -82,42 +87,189 @@ void int4_row(const float* xs, int64_t in, const uint8_t* wrow, const float* sca
   }
 }
 
-// One output row of int4 against int8 activations for NB rows. The bytes of a 64-input block (see int4_row)
-// hold input 16p + j in the low nibble and 16p + 8 + j in the high nibble of byte 4j + p, so the activations
-// are stored in that order (xq: per block 32 bytes for the low nibbles, then 32 for the high ones).
-// vpmaddubsw adds the products of bytes p = 0, 1 (inputs < 32) into the even 16-bit lanes and p = 2, 3
-// (inputs >= 32) into the odd ones (|sum| <= 4 x 15 x 127, no saturation); two vpmaddwd split the halves.
-template <int NB>
-void int4q8_row(const int8_t* xq, const float* dx, int64_t in, const uint8_t* wrow, const float* scale,
-                const float* minimum, const float* xsum, float* y, int64_t out, int64_t o) {
-  const int64_t halves = in / 32;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  const __m256i even = _mm256_set1_epi32(0x00000001), odd = _mm256_set1_epi32(0x00010000);
-  __m256 total[NB];
-  for (int n = 0; n < NB; ++n) total[n] = _mm256_setzero_ps();
-  for (int64_t blk = 0; blk < in / 64; ++blk) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + blk * 32));
-    const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-    for (int n = 0; n < NB; ++n) {
-      const int8_t* xb = xq + n * in + blk * 64;
-      const __m256i s = _mm256_add_epi16(
-          _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb))),
-          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 32))));
-      const float* d = dx + n * halves + 2 * blk;
-      total[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, even)),
-                                 _mm256_set1_ps(scale[2 * blk] * d[0]), total[n]);
-      total[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, odd)),
-                                 _mm256_set1_ps(scale[2 * blk + 1] * d[1]), total[n]);
+// int4 x int8 activations, for tiles of 8 output rows (int4_mm_q8). A tile's 32-input block is 128 bytes:
+// 4 vectors of 32 bytes, byte 4r + j of vector v holding row r's input 4v + j in its low nibble and input
+// 16 + 4v + j in its high nibble (pack_int4_tiles in native.py). So after masking, one 32-byte vector holds
+// 4 inputs of each of the 8 rows, and a u8 x s8 dot of 4 products per 32-bit lane against the 4 matching
+// activation bytes broadcast gives each row its partial sum in its own lane: no horizontal sums.
+// Dot policies: the 8 vectors of a block against the block's 8 words of 4 activation bytes -> int32 sums.
+struct DotMaddubs {  // AVX2: vpmaddubsw (2 products into 16 bits) then vpmaddwd; |8 x 2 x 15 x 127| < 2^15
+  static inline __m256i block(const __m256i* u, const int8_t* xb) {
+    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+    for (int s = 0; s < 8; s += 2) {
+      a = _mm256_add_epi16(a, _mm256_maddubs_epi16(u[s], word(xb, s)));
+      b = _mm256_add_epi16(b, _mm256_maddubs_epi16(u[s + 1], word(xb, s + 1)));
     }
+    return _mm256_madd_epi16(_mm256_add_epi16(a, b), _mm256_set1_epi16(1));
   }
-  for (int n = 0; n < NB; ++n) {
-    const float* xsn = xsum + n * halves;
-    __m256 m = _mm256_setzero_ps();
-    int64_t h = 0;
-    for (; h + 8 <= halves; h += 8) m = _mm256_fmadd_ps(_mm256_loadu_ps(minimum + h), _mm256_loadu_ps(xsn + h), m);
-    float acc = hsum(_mm256_add_ps(total[n], m));
-    for (; h < halves; ++h) acc += minimum[h] * xsn[h];
-    y[n * out + o] = acc;
+  static inline __m256i word(const int8_t* xb, int s) {  // activation bytes 4s..4s+3 in every lane
+    int32_t w;
+    std::memcpy(&w, xb + 4 * s, 4);
+    return _mm256_set1_epi32(w);
+  }
+};
+
+#if defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
+#define TP_HAVE_AVXVNNI 1
+struct DotAvxVnni {  // AVX-VNNI's vpdpbusd: the 4 products and their sum in one instruction
+  __attribute__((target("avx2,avxvnni"))) static inline __m256i block(const __m256i* u, const int8_t* xb) {
+    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+    for (int s = 0; s < 8; s += 2) {
+      a = _mm256_dpbusd_avx_epi32(a, u[s], DotMaddubs::word(xb, s));
+      b = _mm256_dpbusd_avx_epi32(b, u[s + 1], DotMaddubs::word(xb, s + 1));
+    }
+    return _mm256_add_epi32(a, b);
+  }
+};
+#endif
+
+struct DotAvx512Vnni {  // the same instruction in its AVX-512 VL encoding (CPUs with AVX512_VNNI only)
+  __attribute__((target("avx2,avx512vnni,avx512vl"))) static inline __m256i block(const __m256i* u,
+                                                                                  const int8_t* xb) {
+    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
+    for (int s = 0; s < 8; s += 2) {
+      a = _mm256_dpbusd_epi32(a, u[s], DotMaddubs::word(xb, s));
+      b = _mm256_dpbusd_epi32(b, u[s + 1], DotMaddubs::word(xb, s + 1));
+    }
+    return _mm256_add_epi32(a, b);
+  }
+};
+
+#ifndef TP_PF_DIST
+#define TP_PF_DIST 1024
+#endif
+#if TP_PF_DIST > 0
+#define TP_PREFETCH(p) do { _mm_prefetch(reinterpret_cast<const char*>(p) + TP_PF_DIST, _MM_HINT_T0); \
+  _mm_prefetch(reinterpret_cast<const char*>(p) + TP_PF_DIST + 64, _MM_HINT_T0); } while (0)
+#else
+#define TP_PREFETCH(p) do {} while (0)
+#endif
+
+// One tile t (output rows 8t .. 8t + 7) for NB activation rows of P int8 parts each (see quantize_rows_q8).
+// Per 32 inputs b of row n and part p: the integer sum times that part's step dx[n][p][b]; per group g of 32k
+// inputs: minus the rows' zeros times the group's (rounded) input sum, times the rows' scales.
+// xq: (NB, P, in) codes, dx: (NB, P, in / 32); scale, zero: (groups, 8) of this tile (zero null: all 8).
+template <int NB, int P, class Dot>
+__attribute__((always_inline)) inline void q8_tile(const int8_t* xq, const float* dx, const float* xsum,
+                                                   int64_t in, int64_t groups, const uint8_t* wt,
+                                                   const float* scale, const uint8_t* zero, float* y,
+                                                   int64_t out, int64_t t) {
+  const int64_t blocks = in / 32, per_group = blocks / groups;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[NB];
+  for (int n = 0; n < NB; ++n) acc[n] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 part[NB];
+    for (int n = 0; n < NB; ++n) part[n] = _mm256_setzero_ps();
+    for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+      __m256i u[8];
+      TP_PREFETCH(wt + b * 128);
+      for (int v = 0; v < 4; ++v) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + b * 128 + 32 * v));
+        u[v] = _mm256_and_si256(w, low4);
+        u[v + 4] = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+      }
+      for (int n = 0; n < NB; ++n) {
+        for (int p = 0; p < P; ++p) {
+          const __m256i s = Dot::block(u, xq + (n * P + p) * in + b * 32);
+          part[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dx[(n * P + p) * blocks + b]), part[n]);
+        }
+      }
+    }
+    const __m256 sc = _mm256_loadu_ps(scale + g * 8);
+    __m256 zf = _mm256_set1_ps(8.0f);
+    if (zero != nullptr) {
+      int64_t z8;
+      std::memcpy(&z8, zero + g * 8, 8);
+      zf = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(z8)));
+    }
+    for (int n = 0; n < NB; ++n)  // acc += scale * (sum of x q - zero * sum of x)
+      acc[n] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zf, _mm256_set1_ps(xsum[n * groups + g]), part[n]), sc, acc[n]);
+  }
+  for (int n = 0; n < NB; ++n) _mm256_storeu_ps(y + n * out + t * 8, acc[n]);
+}
+
+// The tiles begin..end for activation rows r.. (NB of them), compiled once per instruction set.
+struct Q8Args {
+  const int8_t* xq; const float* dx; const float* xsum; int64_t in, groups; const uint8_t* w;
+  const float* scale; const uint8_t* zero; float* y; int64_t out;
+};
+#define TP_Q8_TILES(NAME, DOT, TARGET)                                                                  \
+  template <int NB, int P>                                                                              \
+  TARGET void NAME(const Q8Args& a, int64_t r, int64_t begin, int64_t end) {                            \
+    const int64_t tile_bytes = a.in * 4, tile_floats = a.groups * 8;                                    \
+    for (int64_t t = begin; t < end; ++t)                                                               \
+      q8_tile<NB, P, DOT>(a.xq + r * P * a.in, a.dx + r * P * (a.in / 32), a.xsum + r * a.groups, a.in,  \
+                          a.groups, a.w + t * tile_bytes, a.scale + t * tile_floats,                   \
+                          a.zero ? a.zero + t * tile_floats : nullptr, a.y + r * a.out, a.out, t);     \
+  }
+TP_Q8_TILES(q8_tiles_avx2, DotMaddubs, )
+#ifdef TP_HAVE_AVXVNNI
+TP_Q8_TILES(q8_tiles_avxvnni, DotAvxVnni, __attribute__((target("avx2,avxvnni"))))
+#endif
+TP_Q8_TILES(q8_tiles_avx512vnni, DotAvx512Vnni, __attribute__((target("avx2,avx512vnni,avx512vl"))))
+#undef TP_Q8_TILES
+
+// Which dot instruction int4_mm_q8 uses: 2 AVX-VNNI, 1 AVX512-VNNI (its VL encoding), 0 AVX2's two-step dot;
+// the best this CPU has unless tp_woq::q8_isa set one (tests and benchmarks run every path on one machine).
+int best_q8_isa() {
+#ifdef TP_HAVE_AVXVNNI
+  if (__builtin_cpu_supports("avxvnni")) return 2;
+#endif
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return 1;
+  return 0;
+}
+std::atomic<int> q8_isa_used{-1};
+
+int64_t q8_isa(int64_t force) {  // force < 0: only report; else use min(force, best) from now on
+  const int best = best_q8_isa();
+  if (force >= 0) q8_isa_used = static_cast<int>(std::min<int64_t>(force, best));
+  if (q8_isa_used < 0) q8_isa_used = best;
+  return q8_isa_used;
+}
+
+// Activations of `rows` rows rounded to int8 per 32 inputs (llama.cpp's Q8_0): step d = max |x| / 127,
+// codes round-to-nearest-even(x / d). With P = 2 the rounding error is rounded the same way again (its step
+// is at most d / 254), so the two parts together carry ~15 bits per block. Writes xq (rows, P, in), the
+// steps dx (rows, P, in / 32), and xsum (rows, groups): each weight group's sum of the rounded inputs (not
+// of the exact ones), so the result is the rounded activations times the true weights and the rounding
+// error meets weights centred on zero instead of the codes 0..15 (measured ~2x smaller on SmolLM2).
+template <int P>
+void quantize_rows_q8(const float* x, int64_t rows, int64_t in, int64_t groups, int8_t* xq, float* dx,
+                      float* xsum) {
+  const int64_t blocks = in / 32, per_group = blocks / groups;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 gsum = _mm256_setzero_ps();
+      for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+        __m256 v[4];
+        for (int k = 0; k < 4; ++k) v[k] = _mm256_loadu_ps(x + r * in + b * 32 + 8 * k);
+        for (int p = 0; p < P; ++p) {  // part p rounds what the parts before it left over
+          __m256 amax = _mm256_setzero_ps();
+          for (int k = 0; k < 4; ++k) amax = _mm256_max_ps(amax, _mm256_and_ps(v[k], abs_mask));
+          __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+          m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+          m = _mm_max_ss(m, _mm_movehdup_ps(m));
+          const float top = _mm_cvtss_f32(m), d = top / 127.0f;
+          dx[(r * P + p) * blocks + b] = d;
+          const __m256 inv = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f), step = _mm256_set1_ps(d);
+          __m256i q[4];  // |x / d| <= 127: the packs below never saturate
+          for (int k = 0; k < 4; ++k) {
+            q[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], inv));  // nearest even
+            v[k] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(q[k]), step, v[k]);  // the rest, for the next part
+          }
+          const __m256i qs = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+          gsum = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qs), step, gsum);
+          // packs work within 128-bit halves: the dword permutation puts the 32 bytes back in input order
+          const __m256i q16 = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + (r * P + p) * in + b * 32),
+                              _mm256_permutevar8x32_epi32(q16, order));
+        }
+      }
+      xsum[r * groups + g] = hsum(gsum);
+    }
   }
 }
 
@@ -248,52 +400,59 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
-at::Tensor int4_mm_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                      const at::Tensor& minimum) {
-  const int64_t out = packed.size(0), in = packed.size(1) * 2, halves = in / 32;
-  check_x(x, in, "tp_woq::int4_mm_q8");
-  check_int4(packed, scale, minimum, out, in);
-  const int64_t rows = x.size(0);
-  at::Tensor y = at::empty({rows, out}, x.options());
-  if (rows == 0) return y;
-  // Per activation row and 32 inputs: the step d = max |x| / 127, the codes round(x / d) in int4q8_row's
-  // order, and the exact sum of the inputs.
-  at::Tensor xq = at::empty({rows, in}, x.options().dtype(at::kChar));
-  at::Tensor dx = at::empty({rows, halves}, x.options());
-  at::Tensor xsum = at::empty({rows, halves}, x.options());
-  const float* xp = x.data_ptr<float>();
-  int8_t* xqp = xq.data_ptr<int8_t>();
-  float* dxp = dx.data_ptr<float>();
-  float* xsump = xsum.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t h = 0; h < halves; ++h) {
-      const float* xh = xp + r * in + h * 32;
-      float amax = 0.0f, sum = 0.0f;
-      for (int j = 0; j < 32; ++j) {
-        amax = std::max(amax, std::fabs(xh[j]));
-        sum += xh[j];
+template <int P>
+void run_q8(const Q8Args& args, int64_t rows, int64_t tiles) {
+  const int isa = static_cast<int>(q8_isa(-1));
+  at::parallel_for(0, tiles, 2, [&](int64_t begin, int64_t end) {
+    for (int64_t r = 0; r < rows; r += 2) {
+      const bool two = rows - r >= 2;
+#ifdef TP_HAVE_AVXVNNI
+      if (isa == 2) {
+        two ? q8_tiles_avxvnni<2, P>(args, r, begin, end) : q8_tiles_avxvnni<1, P>(args, r, begin, end);
+        continue;
       }
-      const float d = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      dxp[r * halves + h] = d;
-      xsump[r * halves + h] = sum;
-      // input t = 32 (h % 2) + u of its 64-block sits at byte 4j + p of the low (u % 16 < 8) or high half,
-      // with u = 16p + j (low) or 16p + 8 + j (high): p = u / 16 + 2 (h % 2), j = u % 8
-      int8_t* xb = xqp + r * in + (h / 2) * 64;
-      for (int u = 0; u < 32; ++u) {
-        const int p = u / 16 + 2 * (h % 2), j = u % 8;
-        const int q = static_cast<int>(std::nearbyint(xh[u] * inv));
-        xb[(u % 16 < 8 ? 0 : 32) + 4 * j + p] = static_cast<int8_t>(std::max(-127, std::min(127, q)));
+#endif
+      if (isa == 1) {
+        two ? q8_tiles_avx512vnni<2, P>(args, r, begin, end) : q8_tiles_avx512vnni<1, P>(args, r, begin, end);
+      } else {
+        two ? q8_tiles_avx2<2, P>(args, r, begin, end) : q8_tiles_avx2<1, P>(args, r, begin, end);
       }
     }
-  }
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* mp = minimum.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  over_outputs<2>(rows, out, [&](auto nb, int64_t r, int64_t o) {
-    int4q8_row<decltype(nb)::value>(xqp + r * in, dxp + r * halves, in, wp + o * (in / 2), sp + o * halves,
-                                    mp + o * halves, xsump + r * halves, yp + r * out, out, o);
   });
+}
+
+at::Tensor int4_mm_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                      const at::Tensor& zero, int64_t parts) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 3 &&
+              packed.size(2) == 128, "int4_mm_q8: packed must be (out / 8, in / 32, 128) uint8");
+  TORCH_CHECK(parts == 1 || parts == 2, "int4_mm_q8: parts must be 1 or 2");
+  const int64_t tiles = packed.size(0), out = tiles * 8, in = packed.size(1) * 32;
+  check_x(x, in, "tp_woq::int4_mm_q8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 3 &&
+              scale.size(0) == tiles && scale.size(2) == 8 && scale.size(1) > 0 && (in / 32) % scale.size(1) == 0,
+              "int4_mm_q8: scale must be (out / 8, groups, 8) float32, groups of 32k inputs");
+  TORCH_CHECK(zero.numel() == 0 || (zero.scalar_type() == at::kByte && zero.is_contiguous() &&
+                                    zero.sizes() == scale.sizes()),
+              "int4_mm_q8: zero must be uint8 shaped like scale, or empty (8 for every group)");
+  const int64_t rows = x.size(0), groups = scale.size(1);
+  at::Tensor y = at::empty({rows, out}, x.options());
+  if (rows == 0) return y;
+  at::Tensor xq = at::empty({rows, parts, in}, x.options().dtype(at::kChar));
+  at::Tensor dx = at::empty({rows, parts, in / 32}, x.options());
+  at::Tensor xsum = at::empty({rows, groups}, x.options());
+  const Q8Args args{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xsum.data_ptr<float>(), in, groups,
+                    packed.data_ptr<uint8_t>(), scale.data_ptr<float>(),
+                    zero.numel() ? zero.data_ptr<uint8_t>() : nullptr,
+                    y.data_ptr<float>(), out};
+  if (parts == 1) {
+    quantize_rows_q8<1>(x.data_ptr<float>(), rows, in, groups, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
+                        xsum.data_ptr<float>());
+    run_q8<1>(args, rows, tiles);
+  } else {
+    quantize_rows_q8<2>(x.data_ptr<float>(), rows, in, groups, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
+                        xsum.data_ptr<float>());
+    run_q8<2>(args, rows, tiles);
+  }
   return y;
 }
 
@@ -337,8 +496,9 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
 TORCH_LIBRARY(tp_woq, m) {
   m.def("int4_mm(Tensor x, Tensor packed, Tensor scale, Tensor minimum) -> Tensor");
   m.def("int8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
-  m.def("int4_mm_q8(Tensor x, Tensor packed, Tensor scale, Tensor minimum) -> Tensor");
+  m.def("int4_mm_q8(Tensor x, Tensor tiles, Tensor scale, Tensor zero, int parts) -> Tensor");
   m.def("f32_mm(Tensor x, Tensor w) -> Tensor");
+  m.def("q8_isa(int force) -> int");
 }
 
 TORCH_LIBRARY_IMPL(tp_woq, CPU, m) {
@@ -346,4 +506,8 @@ TORCH_LIBRARY_IMPL(tp_woq, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm_q8", &int4_mm_q8);
   m.impl("f32_mm", &f32_mm);
+}
+
+TORCH_LIBRARY_IMPL(tp_woq, CompositeExplicitAutograd, m) {
+  m.impl("q8_isa", &q8_isa);
 }
