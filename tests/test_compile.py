@@ -97,3 +97,31 @@ def test_compile_switch(monkeypatch):
         pick_compile("on", cpu)
     monkeypatch.delenv("TP_RUNTIME_COMPILE")
     assert pick_compile("auto", cpu) is False  # no compiler: eager, no error
+
+
+def test_engines_of_different_layouts_compiled_in_one_process(mistral, tmp_path, monkeypatch):
+    """Several LLMs in one process (a benchmark taking turns, a notebook): each compiled decode step is its
+    own code object, so one model's cache entries and guards never meet another's weights (they did: six
+    engines of different layouts in one process raised KeyError 'weight' in Dynamo's guards)."""
+    from tp_runtime import LLM, SamplingParams
+    from tp_runtime import quantize as qz
+
+    model, root = mistral
+    monkeypatch.delenv("TP_RUNTIME_COMPILE", raising=False)
+    prompt = random_prompts(97, seed=11)[0]
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    llms, eager = [], []
+    for name, quant in (("fp32", None), ("int8", qz.parse_scheme("int8")), ("int4", qz.parse_scheme("int4", 32))):
+        engine = str(tmp_path / name)
+        convert(str(root / "hf"), engine, 1, progress=False, quant=quant)
+        ref = LLM(engine, compile="off", woq_kernel={"fp32": "auto", "int8": "dequant_int8", "int4": "dequant_int4"}[name])
+        eager.append(ref.generate([prompt], params)[0])
+        ref.close()
+        llms.append(LLM(engine, compile="on", max_batch_size=1, max_seq_len=64))
+    for _ in range(2):
+        for llm, ref in zip(llms, eager):
+            out = llm.generate([prompt], params)[0]
+            assert out.output_ids == ref.output_ids
+            assert max(abs(a - b) for a, b in zip(out.output_logprobs, ref.output_logprobs)) < 1e-3
+    for llm in llms:
+        llm.close()

@@ -298,9 +298,13 @@ def test_untraceable_kernel_keeps_the_eager_step(ckpt, tmp_path, monkeypatch):
 def test_int4_g32_engine_runs_at_tp2(ckpt, tmp_path):
     root, model = ckpt
     engine = str(tmp_path / "e")
-    convert(str(root / "hf"), engine, 2, progress=False, quant=qz.parse_scheme("int4", 32, zero_point=True))
+    convert(str(root / "hf"), engine, 2, progress=False,
+            quant=qz.parse_scheme("int4", 32, zero_point=True, quantize_lm_head="int4"))
     raw = ef.EngineConfig.load(engine).quantization
     assert raw["quant_algo"] == "W4A16" and raw["group_size"] == 32 and raw["has_zero_point"]
+    assert raw["lm_head_precision"] == "int4" and "lm_head" not in raw["exclude_modules"]
+    header, _ = ef.read_safetensors_header(os.path.join(engine, ef.rank_file(1)))
+    assert header[f"lm_head.{ef.INT4_SCALE}"]["shape"][1] == model.config.hidden_size // 32  # int4 head, g32
     prompts = random_prompts(103, seed=5)
     out = run_engine(engine, 2, prompts)
     # 4 bits on a random model: close to the float model's probabilities, though not within int8's margin
@@ -328,6 +332,8 @@ def test_plan_is_exact_for_quantized_engines(tmp_path):
 def test_bad_quantization_input(ckpt, tmp_path):
     root, _ = ckpt
     hf = str(root / "hf")
+    with pytest.raises(UserError, match="--quantize_lm_head takes int8 or int4"):
+        qz.parse_scheme("int4", 32, quantize_lm_head="int2")
 
     def convert_cli(*flags, code=2):
         res = run_ranks(1, [tool("tp-convert"), "--model_dir", hf, "--output_dir", str(tmp_path / "x"),

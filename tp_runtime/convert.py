@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int4: inputs per scale, e.g. 32, 64, 128 (default), or -1 per channel; int8 is per channel")
     q.add_argument("--zero_point", action="store_true", help="asymmetric codes with a zero point per group")
     q.add_argument("--quant_algo", default="rtn", help="rtn (round to nearest, default) or awq (int4)")
-    q.add_argument("--quantize_lm_head", action="store_true", help="also quantize lm_head (int8, per channel)")
+    q.add_argument("--quantize_lm_head", nargs="?", const="int8", default=None, choices=list(qz.PRECISIONS),
+                   help="also quantize lm_head: int8 per channel (the default when given alone) or int4 (in "
+                        "--group_size groups when the layers are int4, else 128)")
     q.add_argument("--calib_file", default=None,
                    help="awq: calibration text file (default: the documentation topics shipped with CPython)")
     q.add_argument("--calib_samples", type=int, default=None, help="awq: calibration samples (default 32)")

@@ -12,9 +12,11 @@ The KV cache is static: (max_batch, kv_heads_per_rank, max_seq, head_dim) per la
 lives in cache slot b (or slots[b]), and its tokens at positions 0..len_b-1.
 """
 
+import itertools
 import math
 import os
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -314,6 +316,17 @@ class TPDecoder(nn.Module):
 
     _compiled_body = None
     _skip_guards = False
+    _bodies = itertools.count()
+
+    def _own_decode_body(self):
+        """_decode_body bound to this model through a code object of its own. Dynamo keeps its compiled
+        graphs and guards per code object: shared by every model of a process, the graphs of one model were
+        tried against another's (six engines of different layouts in one process: KeyError 'weight' inside
+        Dynamo's guards, with their evaluation cut down after load)."""
+        code = TPDecoder._decode_body.__code__
+        name = f"_decode_body_{next(TPDecoder._bodies)}"
+        fn = types.FunctionType(code.replace(co_name=name, co_qualname=name), TPDecoder._decode_body.__globals__)
+        return types.MethodType(fn, self)
 
     def compile_decode(self, cache: KVCache, max_batch: int = 1) -> float:
         """Compile the decode step's body with torch.compile (Inductor; a C++ wrapper on CPU, so no
@@ -333,10 +346,17 @@ class TPDecoder(nn.Module):
         # per cache size, tracing 30 layers took 3-7 minutes on 2 cores instead of ~20 s.)
         for t in (*cache.k, *cache.v):
             torch._dynamo.mark_static(t)
+        # Nor for the quantized kernels' tensors, which are plain attributes (not parameters, which Dynamo
+        # keeps static): dynamic, a width equal to the traced span (a 96-input int4 tile has 3 blocks) was
+        # duck-shaped to it and recompiled at the next span.
+        for m in self.modules():
+            if isinstance(m, woq.WeightOnlyLinear):
+                for t in woq.kernel_tensors(m.kernel):
+                    torch._dynamo.mark_static(t)
         # Freezing: the weights become constants of the compiled code instead of ~500 graph inputs that every
         # call passes and checks (~1 us each: 0.5-0.8 ms of a 6 ms SmolLM2 int4 step); the caches stay inputs.
         freeze = os.environ.get("TP_RUNTIME_FREEZE", "1") != "0"
-        self._compiled_body = torch.compile(self._decode_body, dynamic=True, fullgraph=True,
+        self._compiled_body = torch.compile(self._own_decode_body(), dynamic=True, fullgraph=True,
                                             options={"freezing": freeze})
         dev = self.embedding.weight.device
         # Sizes that are equal at tracing share a symbol (torch's duck shaping), and a later call where they

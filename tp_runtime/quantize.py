@@ -49,6 +49,7 @@ class QuantScheme:
     zero_point: bool = False
     algo: str = "rtn"  # rtn | awq | gptq (read pre-quantized)
     quantize_lm_head: bool = False
+    lm_head_precision: str = "int8"  # with quantize_lm_head: int8 per channel, or int4 in the layers' groups
     prequantized: bool = False  # read as they are from an AWQ / GPTQ checkpoint (prequantized.py)
     awq: object = field(default=None, compare=False, repr=False)  # awq.AwqResult once searched
 
@@ -61,14 +62,19 @@ class QuantScheme:
     def config(self) -> dict:
         return {"quant_algo": self.quant_algo, "group_size": self.group_size, "has_zero_point": self.zero_point,
                 "exclude_modules": ["transformer.vocab_embedding"] + ([] if self.quantize_lm_head else ["lm_head"]),
-                "weight_only_precision": self.precision, "lm_head_precision": "int8" if self.quantize_lm_head else None}
+                "weight_only_precision": self.precision,
+                "lm_head_precision": self.lm_head_precision if self.quantize_lm_head else None}
 
     def quantizes(self, name: str) -> bool:
         return name.endswith(QUANTIZED_SUFFIXES) or (self.quantize_lm_head and name == LM_HEAD)
 
     def for_tensor(self, name: str) -> "QuantScheme":
-        """lm_head is int8 per channel whatever the layers use (its width is the vocabulary's rows)."""
+        """lm_head: int8 per channel whatever the layers use, or int4 (--quantize_lm_head int4) in the layers'
+        group size when they are int4, else 128; round to nearest either way (AWQ's search covers the layers)."""
         if name == LM_HEAD:
+            if self.lm_head_precision == "int4":
+                group = self.group_size if self.precision == "int4" else 128
+                return QuantScheme("int4", group, self.zero_point, "rtn", True, "int4")
             return QuantScheme("int8", -1, self.zero_point, "rtn", True)
         return self
 
@@ -79,8 +85,13 @@ class QuantScheme:
 
 
 def parse_scheme(precision: str | None, group_size: int | None = None, zero_point: bool = False,
-                 algo: str = "rtn", quantize_lm_head: bool = False) -> QuantScheme:
-    """Validate the command-line choice. group_size None: 128 for int4, per channel for int8."""
+                 algo: str = "rtn", quantize_lm_head: bool | str = False) -> QuantScheme:
+    """Validate the command-line choice. group_size None: 128 for int4, per channel for int8.
+    quantize_lm_head: False, True / "int8" (per channel) or "int4"."""
+    head = "int8" if quantize_lm_head is True else quantize_lm_head or "int8"
+    if head not in PRECISIONS:
+        raise UserError(f"--quantize_lm_head takes int8 or int4, got {quantize_lm_head!r}")
+    quantize_lm_head = bool(quantize_lm_head)
     if precision not in PRECISIONS:
         raise UserError(f"--weight_only_precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if algo not in ALGOS:
@@ -92,12 +103,12 @@ def parse_scheme(precision: str | None, group_size: int | None = None, zero_poin
                             f"drop --group_size {group_size} or pass -1")
         if algo == "awq":
             raise UserError("--quant_algo awq is for int4 (W4A16_AWQ); use --weight_only_precision int4")
-        return QuantScheme("int8", -1, zero_point, algo, quantize_lm_head)
+        return QuantScheme("int8", -1, zero_point, algo, quantize_lm_head, head)
     group_size = 128 if group_size is None else group_size
     if group_size != -1 and (group_size < 2 or group_size % 2):
         raise UserError(f"--group_size must be -1 (per channel) or an even size such as "
                         f"{', '.join(map(str, GROUP_SIZES))}; got {group_size}")
-    return QuantScheme("int4", group_size, zero_point, algo, quantize_lm_head)
+    return QuantScheme("int4", group_size, zero_point, algo, quantize_lm_head, head)
 
 
 @dataclass

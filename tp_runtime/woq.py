@@ -273,8 +273,8 @@ class AtenInt4Cpu(Kernel):
 
     @staticmethod
     def supports(w, dtype):
-        return (w.q.device.type == "cpu" and w.group_size in (32, 64, 128, 256)
-                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+        return (w.q.device.type == "cpu" and w.group_size in (32, 64, 128, 256) and w.out_features % 16 == 0
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))  # (its packing takes rows by 16)
 
     def __init__(self, w, dtype):
         self.group = w.group_size
@@ -589,6 +589,17 @@ def choose(w: QuantWeight, dtype: torch.dtype) -> str:
             _chosen[key] = min(times, key=times.get)
             _write_cache(key, _chosen[key])
     return _chosen[key]
+
+
+def kernel_tensors(kernel: Kernel) -> list:
+    """The tensors a kernel holds (those of a kernel it wraps included): plain attributes, not parameters."""
+    found = []
+    for v in vars(kernel).values():
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, Kernel):
+            found += kernel_tensors(v)
+    return found
 
 
 class WeightOnlyLinear(nn.Module):

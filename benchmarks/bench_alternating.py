@@ -1,0 +1,131 @@
+"""Our quantized engines, our fp32 engine and ONNX Runtime GenAI int4 in ONE process, taking turns.
+
+bench_quant.py runs each configuration in a fresh process one after another; on a shared 2-core guest whose
+speed drifts by +-20 % over minutes, a ratio of two such runs measures the drift as much as the engines. Here
+every configuration is loaded once (tp=1 x 2 threads, compiled decode step, batch 1), then each round runs
+every one of them once (the same 128 prompt ids, 128 greedy new tokens, EOS ignored), so drift hits all
+alike; per configuration the median decode tok/s over the rounds, and the issue's ratios of medians
+(int8 / our fp32 >= 1.5x, int4 / ORT GenAI int4 >= 0.7x), with every round's figures.
+
+    .venv/bin/python benchmarks/bench_alternating.py [--rounds 7] [--new_tokens 128] [--configs LABEL ...]
+        [--out benchmarks/results/alternating.json]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CONFIGS = [  # label, quantize.parse_scheme arguments (None: fp32)[, --woq_kernel]
+    ("fp32", None),
+    ("int8 + int8 lm_head", dict(precision="int8", quantize_lm_head=True)),
+    ("int4 g32 + int8 lm_head", dict(precision="int4", group_size=32, quantize_lm_head=True)),
+    ("int4 g32 + int4 lm_head", dict(precision="int4", group_size=32, quantize_lm_head="int4")),
+    ("int4 g64 + int8 lm_head", dict(precision="int4", group_size=64, quantize_lm_head=True)),
+    ("int4 g32 + int4 lm_head, native_int4_q8", dict(precision="int4", group_size=32, quantize_lm_head="int4"),
+     "native_int4_q8"),
+]
+ORT = "ONNX Runtime GenAI int4"
+
+
+def ort_runner(model_dir: str, threads: int, ids: list, new: int):
+    import onnxruntime_genai as og
+
+    cfg_path = os.path.join(model_dir, "genai_config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+    json.dump(cfg, open(cfg_path, "w"), indent=1)
+    model = og.Model(model_dir)
+
+    def once() -> float:
+        params = og.GeneratorParams(model)
+        total = len(ids) + new
+        params.set_search_options(do_sample=False, max_length=total, min_length=total)
+        gen = og.Generator(model, params)
+        gen.append_tokens(ids)
+        stamps = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            stamps.append(time.perf_counter())
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    return once
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--configs", nargs="+", default=None, help="only these labels (fp32 and ORT always run)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from tp_runtime import LLM, SamplingParams
+    from tp_runtime import quantize as qz
+    from tp_runtime.assets import smollm2_hf_dir
+    from tp_runtime.convert import convert
+
+    hf = smollm2_hf_dir()
+    text = open(os.path.join(HERE, "bench_decode.py")).read()  # bench_quant's prompt: its first 128 tokens
+    ids = AutoTokenizer.from_pretrained(hf)(text)["input_ids"][:128]
+    work = tempfile.mkdtemp(prefix="bench_alternating-")
+    runners, kernels = {}, {}
+    try:
+        for label, scheme, *kernel in CONFIGS:
+            if args.configs and label not in args.configs and scheme is not None:
+                continue
+            print(f"[bench_alternating] load {label}", file=sys.stderr, flush=True)
+            engine = os.path.join(work, f"e{len(runners)}")
+            convert(hf, engine, 1, progress=False, quant=qz.parse_scheme(**scheme) if scheme else None)
+            llm = LLM(engine, threads=args.threads, max_batch_size=1, max_seq_len=len(ids) + args.new_tokens + 1,
+                      woq_kernel=kernel[0] if kernel else "auto")
+            kernels[label] = sorted({m.woq.kernel_name for m in llm.model.modules()
+                                     if getattr(m, "woq", None) is not None})
+
+            def once(llm=llm) -> float:
+                llm.generate([ids], SamplingParams(max_tokens=args.new_tokens, ignore_eos=True))
+                return llm.last_timings.decode_tokens_per_s
+
+            runners[label] = once
+        ort_dir = os.path.join(work, "ort_int4")
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", ort_dir,
+                        "-p", "int4", "-e", "cpu"], check=True, capture_output=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        runners[ORT] = ort_runner(ort_dir, args.threads, ids, args.new_tokens)
+        for once in runners.values():  # warm-up
+            once()
+        rounds = {label: [] for label in runners}
+        for r in range(args.rounds):
+            for label, once in runners.items():
+                rounds[label].append(once())
+            print(f"[bench_alternating] round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {label: statistics.median(v) for label, v in rounds.items()}
+    print(f"\nSmolLM2-135M-Instruct, tp=1 x {args.threads} threads, batch 1, {len(ids)} prompt ids, "
+          f"{args.new_tokens} new, greedy; {args.rounds} rounds taking turns in one process\n")
+    print("| configuration | decode tok/s (median) | every round | kernels (auto unless named) | vs our fp32 | "
+          "vs ORT GenAI int4 |")
+    print("|---|---|---|---|---|---|")
+    for label, v in rounds.items():
+        print(f"| {label} | {med[label]:.1f} | {' '.join(f'{x:.0f}' for x in v)} | {', '.join(kernels.get(label, []))} "
+              f"| {med[label] / med['fp32']:.2f}x | {med[label] / med[ORT]:.2f}x |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rounds": rounds, "median": med, "kernels": kernels, "new_tokens": args.new_tokens,
+                       "threads": args.threads}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
