@@ -25,7 +25,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# Measurements, not tests (about 20 minutes on 2 cores; several GB of scratch space in /tmp).
+# Measurements, not tests (about 45 minutes on 2 cores; several GB of scratch space in /tmp).
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench_cpu_tp.py --out benchmarks/results/cpu_tp.json
@@ -38,6 +38,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_20b_shapes.py --out benchmarks/results/20b_shapes.json
 	$(BIN)/python benchmarks/bench_woq_kernels.py --json benchmarks/results/woq_kernels.json
 	$(BIN)/python benchmarks/bench_quant.py --out benchmarks/results/quant.json
+	$(BIN)/python benchmarks/bench_alternating.py --out benchmarks/results/alternating.json
 	$(BIN)/python benchmarks/bench_ray.py --out benchmarks/results/ray.json
 
 clean:

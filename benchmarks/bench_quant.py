@@ -6,7 +6,9 @@ process per configuration, one warm-up, median of 3 (bench_cpu_tp's protocol and
     | ORT GenAI int4 (its builder)
 Per configuration: decode tok/s, TTFT, the bytes on disk of the quantized linears beside the same linears in
 fp16, and the rank's RSS after the runs (KV cache sized for this one request); then the issue's ratios
-(int8 / our fp32, int4 / ORT GenAI int4).
+(int8 / our fp32, int4 / ORT GenAI int4). The configurations run one after another: on a machine whose speed
+drifts, read the ratios from bench_alternating.py, which takes turns in one process; this script is for sizes,
+RSS and TTFT.
 
     .venv/bin/python benchmarks/bench_quant.py [--new_tokens 128] [--skip_ort] [--configs LABEL ...]
         [--out benchmarks/results/quant.json]
@@ -41,12 +43,13 @@ CONFIGS = [  # label, quantize.parse_scheme arguments (tp-convert's flags)[, --w
     ("int4 g64 + int8 lm_head", dict(precision="int4", group_size=64, quantize_lm_head=True)),
     ("int4 g32", dict(precision="int4", group_size=32)),
     ("int4 g32 + int8 lm_head", dict(precision="int4", group_size=32, quantize_lm_head=True)),
+    ("int4 g32 + int4 lm_head", dict(precision="int4", group_size=32, quantize_lm_head="int4")),
     ("int4 g64 AWQ", dict(precision="int4", group_size=64, algo="awq")),
     # tp_runtime's AVX2 kernels forced (what `auto` picks on an AVX2-only CPU, where torch's are 15-60x slower)
     ("int8 + int8 lm_head, native_int8", dict(precision="int8", quantize_lm_head=True), "native_int8"),
     ("int4 g64 + int8 lm_head, native_int4", dict(precision="int4", group_size=64, quantize_lm_head=True),
      "native_int4"),
-    # activations rounded to int8 per 32 inputs in decode steps, as ONNX Runtime GenAI's CPU int4 does
+    # activations rounded to int8 per 32 inputs in decode steps (one part), as ONNX Runtime GenAI's CPU int4 does
     ("int4 g32 + int8 lm_head, native_int4_q8", dict(precision="int4", group_size=32, quantize_lm_head=True),
      "native_int4_q8"),
 ]
