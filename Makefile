@@ -28,6 +28,8 @@ test: setup
 # Measurements, not tests (about 45 minutes on 2 cores; several GB of scratch space in /tmp).
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
+	# llama.cpp as a peer: no wheel on PyPI, a source build (~10 minutes on 2 cores, once)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q 'llama-cpp-python>=0.3'
 	$(BIN)/python benchmarks/bench_cpu_tp.py --out benchmarks/results/cpu_tp.json
 	$(BIN)/python benchmarks/bench_allreduce.py --out benchmarks/results/allreduce.json
 	$(BIN)/python benchmarks/bench_decode.py --out benchmarks/results/decode.json

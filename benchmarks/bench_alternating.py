@@ -2,7 +2,8 @@
 
 bench_quant.py runs each configuration in a fresh process one after another; on a shared 2-core guest whose
 speed drifts by +-20 % over minutes, a ratio of two such runs measures the drift as much as the engines. Here
-every configuration is loaded once (tp=1 x 2 threads, compiled decode step, batch 1), then each round runs
+every configuration is loaded once (tp=1 x 2 threads, compiled decode step, batch 1; and llama.cpp on the GGUF
+through llama-cpp-python when it is installed), then each round runs
 every one of them once (the same 128 prompt ids, 128 greedy new tokens, EOS ignored), so drift hits all
 alike; per configuration the median decode tok/s over the rounds, and the issue's ratios of medians
 (int8 / our fp32 >= 1.5x, int4 / ORT GenAI int4 >= 0.7x), with every round's figures.
@@ -33,6 +34,7 @@ CONFIGS = [  # label, quantize.parse_scheme arguments (None: fp32)[, --woq_kerne
      "native_int4_q8"),
 ]
 ORT = "ONNX Runtime GenAI int4"
+LLAMA_CPP = "llama.cpp Q4_1 (the GGUF as shipped)"
 
 
 def ort_runner(model_dir: str, threads: int, ids: list, new: int):
@@ -59,6 +61,24 @@ def ort_runner(model_dir: str, threads: int, ids: list, new: int):
     return once
 
 
+def llama_cpp_runner(gguf: str, threads: int, ids: list, new: int):
+    """llama-cpp-python on the project's GGUF (Q4_1 layers, Q8_0 embedding / head), greedy, EOS ignored."""
+    from llama_cpp import Llama
+
+    model = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=len(ids) + new + 8,
+                  verbose=False)
+
+    def once() -> float:
+        stamps = []
+        for _ in model.generate(ids, top_k=1, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == new:
+                break
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    return once
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
@@ -72,7 +92,7 @@ def main(argv=None):
 
     from tp_runtime import LLM, SamplingParams
     from tp_runtime import quantize as qz
-    from tp_runtime.assets import smollm2_hf_dir
+    from tp_runtime.assets import fetch_smollm2_gguf, smollm2_hf_dir
     from tp_runtime.convert import convert
 
     hf = smollm2_hf_dir()
@@ -102,6 +122,12 @@ def main(argv=None):
                         "-p", "int4", "-e", "cpu"], check=True, capture_output=True,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
         runners[ORT] = ort_runner(ort_dir, args.threads, ids, args.new_tokens)
+        try:
+            import llama_cpp  # noqa: F401  (built from source: pip install llama-cpp-python, ~10 min on 2 cores)
+        except ImportError:
+            print("[bench_alternating] llama-cpp-python is not installed: no llama.cpp row", file=sys.stderr)
+        else:
+            runners[LLAMA_CPP] = llama_cpp_runner(fetch_smollm2_gguf(), args.threads, ids, args.new_tokens)
         for once in runners.values():  # warm-up
             once()
         rounds = {label: [] for label in runners}
