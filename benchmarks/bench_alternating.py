@@ -23,6 +23,8 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench_cpu_tp  # noqa: E402  (its ORT GenAI generator)
 
 CONFIGS = [  # label, quantize.parse_scheme arguments (None: fp32)[, --woq_kernel]
     ("fp32", None),
@@ -35,30 +37,6 @@ CONFIGS = [  # label, quantize.parse_scheme arguments (None: fp32)[, --woq_kerne
 ]
 ORT = "ONNX Runtime GenAI int4"
 LLAMA_CPP = "llama.cpp Q4_1 (the GGUF as shipped)"
-
-
-def ort_runner(model_dir: str, threads: int, ids: list, new: int):
-    import onnxruntime_genai as og
-
-    cfg_path = os.path.join(model_dir, "genai_config.json")
-    cfg = json.load(open(cfg_path))
-    cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
-    json.dump(cfg, open(cfg_path, "w"), indent=1)
-    model = og.Model(model_dir)
-
-    def once() -> float:
-        params = og.GeneratorParams(model)
-        total = len(ids) + new
-        params.set_search_options(do_sample=False, max_length=total, min_length=total)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids)
-        stamps = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            stamps.append(time.perf_counter())
-        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-
-    return once
 
 
 def llama_cpp_runner(gguf: str, threads: int, ids: list, new: int):
@@ -121,7 +99,8 @@ def main(argv=None):
         subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", ort_dir,
                         "-p", "int4", "-e", "cpu"], check=True, capture_output=True,
                        env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        runners[ORT] = ort_runner(ort_dir, args.threads, ids, args.new_tokens)
+        ort_once = bench_cpu_tp.ort_generator(ort_dir, args.threads, ids, args.new_tokens)
+        runners[ORT] = lambda: ort_once()[1]
         try:
             import llama_cpp  # noqa: F401  (built from source: pip install llama-cpp-python, ~10 min on 2 cores)
         except ImportError:

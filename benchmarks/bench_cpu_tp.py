@@ -61,7 +61,9 @@ def worker_tp(engine: str, threads: int, comm: str, compile: str, ids: list, new
     llm.close()
 
 
-def worker_ort(model_dir: str, threads: int, ids: list, new: int, out: str) -> None:
+def ort_generator(model_dir: str, threads: int, ids: list, new: int):
+    """ORT GenAI's model at `threads` intra-op threads; returns once() -> (TTFT ms, decode tok/s) of one greedy
+    generation of `new` tokens after `ids`, EOS ignored."""
     import onnxruntime_genai as og
 
     cfg_path = os.path.join(model_dir, "genai_config.json")
@@ -83,7 +85,11 @@ def worker_ort(model_dir: str, threads: int, ids: list, new: int, out: str) -> N
             stamps.append(time.perf_counter())
         return (stamps[0] - t0) * 1000, (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
-    write_medians(once, out)
+    return once
+
+
+def worker_ort(model_dir: str, threads: int, ids: list, new: int, out: str) -> None:
+    write_medians(ort_generator(model_dir, threads, ids, new), out)
 
 
 def worker_hf(hf_dir: str, threads: int, ids: list, new: int, out: str) -> None:

@@ -42,9 +42,6 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Eight codes (bytes) from the low 8 bytes of v as floats.
-inline __m256 bytes_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)); }
-inline __m256 sbytes_to_ps(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
 
 // One output row o of int4 for NB activation rows. A 64-input block is one 32-byte load seen as 8 lanes of
 // 8 nibbles: nibble k of lane j is input 8k + j, so `v & (15 << 4k)` holds 8 codes times 16^k, which
@@ -109,31 +106,25 @@ struct DotMaddubs {  // AVX2: vpmaddubsw (2 products into 16 bits) then vpmaddwd
   }
 };
 
+// vpdpbusd (VNNI): the 4 products and their sum in one instruction; AVX-VNNI's encoding, or AVX512-VNNI's VL one
+// on CPUs that have only that.
+#define TP_DOT_VNNI(NAME, TARGET, DPBUSD)                                                               \
+  struct NAME {                                                                                         \
+    __attribute__((target(TARGET))) static inline __m256i block(const __m256i* u, const int8_t* xb) {  \
+      __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();                                   \
+      for (int s = 0; s < 8; s += 2) {                                                                  \
+        a = DPBUSD(a, u[s], DotMaddubs::word(xb, s));                                                   \
+        b = DPBUSD(b, u[s + 1], DotMaddubs::word(xb, s + 1));                                           \
+      }                                                                                                 \
+      return _mm256_add_epi32(a, b);                                                                    \
+    }                                                                                                   \
+  };
 #if defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
 #define TP_HAVE_AVXVNNI 1
-struct DotAvxVnni {  // AVX-VNNI's vpdpbusd: the 4 products and their sum in one instruction
-  __attribute__((target("avx2,avxvnni"))) static inline __m256i block(const __m256i* u, const int8_t* xb) {
-    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
-    for (int s = 0; s < 8; s += 2) {
-      a = _mm256_dpbusd_avx_epi32(a, u[s], DotMaddubs::word(xb, s));
-      b = _mm256_dpbusd_avx_epi32(b, u[s + 1], DotMaddubs::word(xb, s + 1));
-    }
-    return _mm256_add_epi32(a, b);
-  }
-};
+TP_DOT_VNNI(DotAvxVnni, "avx2,avxvnni", _mm256_dpbusd_avx_epi32)
 #endif
-
-struct DotAvx512Vnni {  // the same instruction in its AVX-512 VL encoding (CPUs with AVX512_VNNI only)
-  __attribute__((target("avx2,avx512vnni,avx512vl"))) static inline __m256i block(const __m256i* u,
-                                                                                  const int8_t* xb) {
-    __m256i a = _mm256_setzero_si256(), b = _mm256_setzero_si256();
-    for (int s = 0; s < 8; s += 2) {
-      a = _mm256_dpbusd_epi32(a, u[s], DotMaddubs::word(xb, s));
-      b = _mm256_dpbusd_epi32(b, u[s + 1], DotMaddubs::word(xb, s + 1));
-    }
-    return _mm256_add_epi32(a, b);
-  }
-};
+TP_DOT_VNNI(DotAvx512Vnni, "avx2,avx512vnni,avx512vl", _mm256_dpbusd_epi32)
+#undef TP_DOT_VNNI
 
 #ifndef TP_PF_DIST
 #define TP_PF_DIST 1024
@@ -273,17 +264,21 @@ void quantize_rows_q8(const float* x, int64_t rows, int64_t in, int64_t groups, 
   }
 }
 
-// One output row of int8 (per-channel scale) for NB activation rows.
-template <int NB>
-void int8_row(const float* x, int64_t in, const int8_t* wrow, float scale, float* y, int64_t out, int64_t o) {
-  __m256 a[NB][4];  // 4 independent sums per row hide the FMA latency
+// Eight weights from w[0..7] as floats: fp32 as they are, int8 codes widened.
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+
+// One output row of an fp32 or int8 weight (times its per-channel scale) for NB activation rows; 4
+// independent sums per row hide the FMA latency.
+template <int NB, class W>
+void dot_row(const float* x, int64_t in, const W* wrow, float scale, float* y, int64_t out, int64_t o) {
+  __m256 a[NB][4];
   for (int n = 0; n < NB; ++n) a[n][0] = a[n][1] = a[n][2] = a[n][3] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= in; i += 32) {
-    const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + i));
-    const __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + i + 16));
-    const __m256 w0 = sbytes_to_ps(r0), w1 = sbytes_to_ps(_mm_srli_si128(r0, 8));
-    const __m256 w2 = sbytes_to_ps(r1), w3 = sbytes_to_ps(_mm_srli_si128(r1, 8));
+    const __m256 w0 = load8(wrow + i), w1 = load8(wrow + i + 8), w2 = load8(wrow + i + 16), w3 = load8(wrow + i + 24);
     for (int n = 0; n < NB; ++n) {
       const float* xn = x + n * in + i;
       a[n][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xn), a[n][0]);
@@ -296,30 +291,6 @@ void int8_row(const float* x, int64_t in, const int8_t* wrow, float scale, float
     float acc = hsum(_mm256_add_ps(_mm256_add_ps(a[n][0], a[n][1]), _mm256_add_ps(a[n][2], a[n][3])));
     for (int64_t j = i; j < in; ++j) acc += float(wrow[j]) * x[n * in + j];
     y[n * out + o] = acc * scale;
-  }
-}
-
-// One output row of an fp32 weight for NB activation rows (4 independent sums per row hide the FMA latency).
-template <int NB>
-void f32_row(const float* x, int64_t in, const float* wrow, float* y, int64_t out, int64_t o) {
-  __m256 a[NB][4];
-  for (int n = 0; n < NB; ++n) a[n][0] = a[n][1] = a[n][2] = a[n][3] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= in; i += 32) {
-    const __m256 w0 = _mm256_loadu_ps(wrow + i), w1 = _mm256_loadu_ps(wrow + i + 8);
-    const __m256 w2 = _mm256_loadu_ps(wrow + i + 16), w3 = _mm256_loadu_ps(wrow + i + 24);
-    for (int n = 0; n < NB; ++n) {
-      const float* xn = x + n * in + i;
-      a[n][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xn), a[n][0]);
-      a[n][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xn + 8), a[n][1]);
-      a[n][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xn + 16), a[n][2]);
-      a[n][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xn + 24), a[n][3]);
-    }
-  }
-  for (int n = 0; n < NB; ++n) {
-    float acc = hsum(_mm256_add_ps(_mm256_add_ps(a[n][0], a[n][1]), _mm256_add_ps(a[n][2], a[n][3])));
-    for (int64_t j = i; j < in; ++j) acc += wrow[j] * x[n * in + j];
-    y[n * out + o] = acc;
   }
 }
 
@@ -444,15 +415,13 @@ at::Tensor int4_mm_q8(const at::Tensor& x, const at::Tensor& packed, const at::T
                     packed.data_ptr<uint8_t>(), scale.data_ptr<float>(),
                     zero.numel() ? zero.data_ptr<uint8_t>() : nullptr,
                     y.data_ptr<float>(), out};
-  if (parts == 1) {
-    quantize_rows_q8<1>(x.data_ptr<float>(), rows, in, groups, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
-                        xsum.data_ptr<float>());
-    run_q8<1>(args, rows, tiles);
-  } else {
-    quantize_rows_q8<2>(x.data_ptr<float>(), rows, in, groups, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
-                        xsum.data_ptr<float>());
-    run_q8<2>(args, rows, tiles);
-  }
+  auto run = [&](auto p) {  // p: the parts, as a compile-time count
+    quantize_rows_q8<decltype(p)::value>(x.data_ptr<float>(), rows, in, groups, xq.data_ptr<int8_t>(),
+                                         dx.data_ptr<float>(), xsum.data_ptr<float>());
+    run_q8<decltype(p)::value>(args, rows, tiles);
+  };
+  if (parts == 1) run(std::integral_constant<int, 1>{});
+  else run(std::integral_constant<int, 2>{});
   return y;
 }
 
@@ -468,7 +437,7 @@ at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w) {
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   over_outputs<4>(rows, out, [&](auto nb, int64_t r, int64_t o) {
-    f32_row<decltype(nb)::value>(xp + r * in, in, wp + o * in, yp + r * out, out, o);
+    dot_row<decltype(nb)::value>(xp + r * in, in, wp + o * in, 1.0f, yp + r * out, out, o);
   });
   return y;
 }
@@ -486,7 +455,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   over_outputs<4>(rows, out, [&](auto nb, int64_t r, int64_t o) {
-    int8_row<decltype(nb)::value>(xp + r * in, in, wp + o * in, sp[o], yp + r * out, out, o);
+    dot_row<decltype(nb)::value>(xp + r * in, in, wp + o * in, sp[o], yp + r * out, out, o);
   });
   return y;
 }
