@@ -2,7 +2,8 @@
 
 SmolLM2-135M-Instruct (or --hf_dir, or --model llama-1b: the 1B-class random-weight Llama of configs/
 llama-1b-bench.json, fp32), batch 1, the same 128 prompt ids for everyone, greedy, 128 new tokens,
-EOS ignored; a fresh process per configuration, one warm-up, median of 3:
+EOS ignored; a fresh process per configuration, one warm-up, median of 3 (--rounds R: every configuration R
+times, taking turns, medians over the rounds):
     tp_runtime tp=1 x 2 threads, tp=1 x 1 thread, tp=2 x 1 thread over shared memory, tp=2 x 1 thread over gloo,
         each with the compiled decode step (--compile on), and tp=1 x 2 / tp=2 x 1 shm with the eager step
     ONNX Runtime GenAI fp32 and int4 (built here with its own builder, 2 threads; SmolLM2 only), transformers
@@ -10,7 +11,8 @@ Roofline: the bytes of weights one decode step reads (the engine's rank files) o
 this machine (torch sum over 2 GiB, 2 threads); each result is given as a fraction of that ceiling.
 Prints a table and draws benchmarks/results/cpu_tp.png. Needs the `bench` extra (pip install -e '.[bench]').
 
-    .venv/bin/python benchmarks/bench_cpu_tp.py [--new_tokens 128] [--out benchmarks/results/cpu_tp.json]
+    .venv/bin/python benchmarks/bench_cpu_tp.py [--new_tokens 128] [--rounds 1] [--only SUBSTR,...]
+        [--out benchmarks/results/cpu_tp.json]
 """
 
 import argparse
@@ -161,6 +163,10 @@ def main() -> int:
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--out", default=os.path.join(HERE, "results", "cpu_tp.json"))
     p.add_argument("--skip_ort", action="store_true")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times, taking turns (the machine's speed drifts over "
+                        "minutes); rows are medians and the ratio to the first row is the median of each round's")
+    p.add_argument("--only", default=None, help="comma-separated substrings: keep the configurations they match")
     args = p.parse_args()
     from tp_runtime.assets import smollm2_hf_dir
     from tp_runtime.convert import convert
@@ -200,10 +206,21 @@ def main() -> int:
                                 "-p", precision, "-e", "cpu"], check=True, capture_output=True, env=env)
                 configs.append((f"ONNX Runtime GenAI {precision}, 2 threads", ["ort", out_dir, 2, ids, n], 1,
                                 out_dir))
+        if args.only:
+            keep = args.only.split(",")
+            configs = [c for c in configs if any(k in c[0] for k in keep)]
         bandwidth = read_bandwidth_gbs()
+        runs = {label: [] for label, *_ in configs}
+        for rnd in range(args.rounds):
+            for label, wargs, ranks, weights in configs:
+                print(f"[bench_cpu_tp] round {rnd + 1}/{args.rounds}: {label}", file=sys.stderr, flush=True)
+                runs[label].append(run_worker(wargs, ranks))
+        first = configs[0][0]
         for label, wargs, ranks, weights in configs:
-            print(f"[bench_cpu_tp] {label}", file=sys.stderr, flush=True)
-            r = run_worker(wargs, ranks)
+            r = {k: statistics.median(x[k] for x in runs[label]) for k in ("ttft_ms", "decode_tok_s")}
+            r["decode_tok_s_rounds"] = [x["decode_tok_s"] for x in runs[label]]
+            r["vs_first_row"] = statistics.median(
+                x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[label], runs[first]))
             nbytes = engine_bytes(weights) if weights in (e1, e2) else sum(
                 os.path.getsize(os.path.join(weights, f)) for f in os.listdir(weights) if f.startswith("model.onnx"))
             ceiling = bandwidth * 1e9 / nbytes
@@ -212,15 +229,17 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{model_name}, fp32, 128 prompt ids, {args.new_tokens} new, greedy, batch 1; read bandwidth "
-          f"{bandwidth:.1f} GB/s (2 threads)\n")
-    print("| configuration | TTFT ms | decode tok/s | weights MB read per token | roofline tok/s | fraction |")
-    print("|---|---|---|---|---|---|")
+          f"{bandwidth:.1f} GB/s (2 threads); {args.rounds} round(s), medians\n")
+    print(f"| configuration | TTFT ms | decode tok/s | vs {rows[0]['config']} | weights MB read per token | "
+          "roofline tok/s | fraction |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} | {r['weight_bytes'] / 1e6:.0f} | "
-              f"{r['ceiling_tok_s']:.0f} | {r['fraction_of_ceiling']:.2f} |")
+        print(f"| {r['config']} | {r['ttft_ms']:.0f} | {r['decode_tok_s']:.1f} | {r['vs_first_row']:.2f}x | "
+              f"{r['weight_bytes'] / 1e6:.0f} | {r['ceiling_tok_s']:.0f} | {r['fraction_of_ceiling']:.2f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"model": model_name, "read_bandwidth_gbs": bandwidth, "rows": rows}, f, indent=1)
+        json.dump({"model": model_name, "read_bandwidth_gbs": bandwidth, "rounds": args.rounds, "rows": rows}, f,
+                  indent=1)
     try:
         import matplotlib
 

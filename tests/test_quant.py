@@ -175,6 +175,36 @@ def test_native_fp32_gemv_matches_for_decode_and_prefill_rows():
             assert err < 1e-5, (out_f, in_f, shape, err)
 
 
+def test_native_decode_attention_matches_softmax_attention():
+    """tp_woq::decode_attn (one new token per row over the cached keys and values, the query heads of a KV head
+    together) against softmax attention in float64: head sizes 64 / 128 / 80, groups 1-4, spans that are and are
+    not multiples of 8, per-row masks (a short row, a sliding window), keys and values as strided views of a
+    longer cache, large scores (the max is subtracted before exp)."""
+    from tp_runtime.model import decode_attention
+
+    need_native()
+    g = torch.Generator().manual_seed(0)
+    for B, Hkv, G, D, S in ((1, 3, 3, 64, 200), (2, 2, 4, 128, 37), (3, 1, 1, 80, 8), (1, 4, 2, 64, 1)):
+        cache_k = torch.randn(B + 1, Hkv, S + 5, D, generator=g) * 3
+        cache_v = torch.randn(B + 1, Hkv, S + 5, D, generator=g)
+        keys, values = cache_k[:B, :, :S], cache_v[:B, :, :S]
+        q = torch.randn(B, Hkv * G, 1, D, generator=g) * 3
+        pos = torch.arange(S)
+        mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        if B > 1:
+            mask[1] = pos < max(1, S // 2)  # a row that is earlier in its sequence
+        if B > 2:
+            mask[2] = pos > S - 4  # a sliding window of 3
+        ref = torch.softmax((q.double().reshape(B, Hkv, G, D) @ keys.double().transpose(-1, -2)) * D ** -0.5
+                            + torch.where(mask.reshape(B, 1, 1, S), 0.0, float("-inf")), dim=-1) @ values.double()
+        got = decode_attention(q, keys, values, mask, native=True)
+        assert got.shape == (B, Hkv * G, 1, D)
+        err = (got.double().reshape(B, Hkv, G, D) - ref).abs().max().item()
+        assert err < 2e-5, (B, Hkv, G, D, S, err)
+        eager = decode_attention(q, keys, values, mask)
+        assert (got - eager).abs().max().item() < 2e-5
+
+
 def test_native_int4_q8_rounds_activations_as_q8_0():
     """native_int4_q8 against a reference written from the scheme: each 32 inputs of a decode row become
     round(x / d) with d = max |x| / 127 (llama.cpp's Q8_0) and meet the dequantized weights (so the minimum

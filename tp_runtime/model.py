@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tp_runtime import engine_format as ef
-from tp_runtime import woq
+from tp_runtime import native, woq
 from tp_runtime.comm import Communicator
 from tp_runtime.engine_format import EngineConfig
 from tp_runtime.errors import UserError
@@ -85,13 +85,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([out, x[..., rot:]], dim=-1) if rot < x.shape[-1] else out
 
 
-def decode_attention(q, keys, values, mask):
-    """Attention of one new token per row, as plain matmuls (cheaper than SDPA's kernels at T == 1).
+def decode_attention(q, keys, values, mask, native: bool = False):
+    """Attention of one new token per row, as plain matmuls (cheaper than SDPA's kernels at T == 1), or,
+    native, tp_woq::decode_attn (fp32 on CPU: one call reads each cached row once for its query heads).
 
     q: (B, heads, 1, D); keys, values: (B, kv_heads, S, D); mask: (B, 1, 1, S), True = visible."""
     B, H, _, D = q.shape
     Hkv, S = keys.shape[1], keys.shape[2]
     q = q.reshape(B, Hkv, H // Hkv, D)  # (B, kv_heads, group, D): a group shares its KV head
+    if native:
+        return torch.ops.tp_woq.decode_attn(q, keys, values, mask.reshape(B, S)).reshape(B, H, 1, D)
     if torch.compiler.is_compiling():  # broadcast-multiply-sum: Inductor fuses each into one loop over the cache
         scores = (q.unsqueeze(3) * keys.unsqueeze(2)).sum(-1)  # (B, kv_heads, group, S)
     else:  # eagerly that would materialize (B, kv_heads, group, S, D): batched matmuls instead
@@ -120,6 +123,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    native_decode = False  # decode steps through tp_woq::decode_attn (set by TPDecoder)
+
     def __init__(self, cfg: EngineConfig, rank: int, w: dict, prefix: str, comm: Communicator):
         super().__init__()
         self.num_heads_per_rank = cfg.heads_per_rank[rank]
@@ -153,7 +158,7 @@ class Attention(nn.Module):
         else:
             keys, values = cache_k[slots, :, :S], cache_v[slots, :, :S]
         if T == 1:
-            o = decode_attention(q, keys, values, mask)
+            o = decode_attention(q, keys, values, mask, self.native_decode)
         else:
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
         o = o.transpose(1, 2).reshape(B, T, hq * D)  # (B, T, heads_per_rank * D)
@@ -247,6 +252,10 @@ class TPDecoder(nn.Module):
                              f"{sorted(weights)[:5]}; the engine and this tp_runtime disagree")
         cos, sin = rope_tables(cfg, max_seq_len)
         dtype = self.embedding.weight.dtype
+        native_attention = (emb.device.type == "cpu" and dtype == torch.float32 and cfg.head_size % 8 == 0
+                            and os.environ.get("TP_RUNTIME_NATIVE_ATTENTION", "1") != "0" and native.load())
+        for layer in self.layers:
+            layer.attention.native_decode = native_attention
         self.register_buffer("cos", cos.to(dtype), persistent=False)
         self.register_buffer("sin", sin.to(dtype), persistent=False)
         self.windows = sorted({layer.window for layer in self.layers}, key=lambda w: (w is not None, w or 0))
@@ -365,8 +374,10 @@ class TPDecoder(nn.Module):
         span = COMPILE_SPAN
         if cache.max_seq_len < span:
             raise UserError(f"--compile on needs --max_seq_len >= {span}, got {cache.max_seq_len}")
-        with torch.inference_mode():  # dummy tokens at position 2 of slots 0.., which a prefill overwrites
-            for B in sorted({1, max_batch}):
+        # Dynamo reads the global flag while tracing (a weight becomes a graph attribute rather than an input
+        # only then); torch.compile's options reach Inductor alone.
+        with torch.inference_mode(), inductor_config.patch(freezing=freeze):
+            for B in sorted({1, max_batch}):  # dummy tokens at position 2 of slots 0.., which a prefill overwrites
                 ids = torch.ones(B, 1, dtype=torch.long, device=dev)
                 positions = torch.full((B, 1), span - 1, dtype=torch.long, device=dev)  # not `ids`: no aliasing guard
                 self(ids, positions, cache, torch.zeros(B, dtype=torch.long, device=dev))

@@ -56,6 +56,10 @@ def _register_fakes() -> None:
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("tp_woq::decode_attn")
+    def _(q, keys, values, visible):
+        return q.new_empty(q.shape)
+
     @torch.library.register_fake("tp_woq::int8_mm")
     def _(x, q, scale):
         return x.new_empty(x.shape[0], q.shape[0])

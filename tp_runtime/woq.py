@@ -132,7 +132,10 @@ def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto") -> dict:
 # kernels: each prepares its own copy of the weight once, then maps x (N, in) -> y (N, out)
 
 
-class Kernel:
+class Kernel(nn.Module):
+    """A module whose tensors are all (non-persistent) buffers, so a frozen compiled step holds them as
+    constants: as plain attributes they were ~360 inputs of every SmolLM2 step, ~1 us each."""
+
     name = ""
     precision = ""
     auto = True  # a candidate of --woq_kernel auto (False: only when named)
@@ -142,10 +145,16 @@ class Kernel:
     def supports(w: QuantWeight, dtype: torch.dtype) -> bool:
         return True
 
-    def __init__(self, w: QuantWeight, dtype: torch.dtype):
-        raise NotImplementedError
+    # __init__(self, w: QuantWeight, dtype: torch.dtype): each kernel's, after nn.Module's (super().__init__())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __setattr__(self, name, value):
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            self.__dict__.pop(name, None)  # was None before
+            self.register_buffer(name, value, persistent=False)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -175,6 +184,7 @@ class AtenInt8(_Int8Kernel):
         return w.q.device.type in ("cpu", "cuda") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
     def __init__(self, w, dtype):
+        super().__init__()
         self.q = w.q.contiguous()  # (out, in) int8
         self.scale = w.scale[:, 0].to(dtype).contiguous()
         self._zeros(w)
@@ -185,7 +195,7 @@ class AtenInt8(_Int8Kernel):
     # grows ~15 us a row at SmolLM2's shapes (1536x576: 780 us at 128 rows); same tensors, no copy.
     GEMM_ROWS = 16
 
-    def __call__(self, x):
+    def forward(self, x):
         if x.shape[0] > self.GEMM_ROWS:
             w = self.q.to(x.dtype) if self.zero_col is None else self.q.to(x.dtype) - self.zero_col
             return F.linear(x, w) * self.scale
@@ -210,6 +220,7 @@ class FbgemmInt8(_Int8Kernel):
                 and (w.zero is None or not w.zero.any()))
 
     def __init__(self, w, dtype):
+        super().__init__()
         zeros = torch.zeros(w.out_features, dtype=torch.long)
         with warnings.catch_warnings():  # torch marks quantized tensors deprecated; FBGEMM still takes them
             warnings.simplefilter("ignore", UserWarning)
@@ -218,7 +229,7 @@ class FbgemmInt8(_Int8Kernel):
         self.dtype = dtype
         self._zeros(w)
 
-    def __call__(self, x):
+    def forward(self, x):
         y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, False)
         return self._finish(x, y.to(self.dtype))
 
@@ -227,13 +238,14 @@ class DequantInt8(_Int8Kernel):
     name = "dequant_int8"
 
     def __init__(self, w, dtype):
+        super().__init__()
         self.q = w.q
         self.scale = w.scale[:, 0].to(dtype)
         self._zeros(w)
         if self.zero_col is not None:
             self.zero_col = self.zero_col.to(dtype)
 
-    def __call__(self, x):
+    def forward(self, x):
         w = self.q.to(x.dtype) if self.zero_col is None else self.q.to(x.dtype) - self.zero_col
         return F.linear(x, w) * self.scale
 
@@ -249,11 +261,12 @@ class NativeInt8(_Int8Kernel):
         return w.q.device.type == "cpu" and dtype == torch.float32 and native.load()
 
     def __init__(self, w, dtype):
+        super().__init__()
         self.q = w.q.contiguous()
         self.scale = w.scale[:, 0].float().contiguous()
         self._zeros(w)
 
-    def __call__(self, x):
+    def forward(self, x):
         if x.shape[0] > AtenInt8.GEMM_ROWS:  # prefill: one GEMM on the codes cast to fp32 beats 4-row passes
             w = self.q.to(x.dtype) if self.zero_col is None else self.q.to(x.dtype) - self.zero_col
             return F.linear(x, w) * self.scale
@@ -277,11 +290,12 @@ class AtenInt4Cpu(Kernel):
                 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))  # (its packing takes rows by 16)
 
     def __init__(self, w, dtype):
+        super().__init__()
         self.group = w.group_size
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.q.to(torch.int32).contiguous(), 2)
         self.sz = _int4_scales_and_zeros(w, dtype)
 
-    def __call__(self, x):
+    def forward(self, x):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.sz)
 
 
@@ -301,6 +315,7 @@ class NativeInt4(Kernel):
                 and w.group_size % 32 == 0 and native.load())
 
     def __init__(self, w, dtype):
+        super().__init__()
         self.packed = native.pack_int4(w.q)  # (out, in / 2)
         per_half = w.group_size // 32  # the kernel takes a (scale, minimum) per 32 inputs
         self.scale = w.scale.float().repeat_interleave(per_half, dim=1).contiguous()  # (out, in / 32)
@@ -312,7 +327,7 @@ class NativeInt4(Kernel):
         q = q.view(out_f, -1, 32)  # (out, in / 32, 32)
         return (q * self.scale[rows].unsqueeze(-1) + self.minimum[rows].unsqueeze(-1)).view(out_f, -1)
 
-    def __call__(self, x):
+    def forward(self, x):
         if x.shape[0] > self.GEMM_ROWS:
             out_f = self.packed.shape[0]
             return torch.cat([F.linear(x, self._dequantized(slice(o, o + self.SLICE)))
@@ -342,6 +357,7 @@ class NativeInt4Q8(Kernel):
                 and w.group_size % 32 == 0 and native.load())
 
     def __init__(self, w, dtype):
+        super().__init__()
         pad = -w.out_features % native.TILE
         self.out_features, self.group = w.out_features, w.group_size
         self.tiles = native.pack_int4_tiles(F.pad(w.q, (0, 0, 0, pad)))  # (out / 8, in / 32, 128)
@@ -357,7 +373,7 @@ class NativeInt4Q8(Kernel):
         zero = 8.0 if self.zero.numel() == 0 else self.zero[tiles].transpose(1, 2).reshape(rows, -1, 1).float()
         return ((q.view(rows, -1, self.group) - zero) * scale).view(rows, in_f)
 
-    def __call__(self, x):
+    def forward(self, x):
         if x.shape[0] > self.GEMM_ROWS:
             y = torch.cat([F.linear(x, self._dequantized(slice(t, t + self.SLICE_TILES)))
                            for t in range(0, self.tiles.shape[0], self.SLICE_TILES)], dim=-1)
@@ -389,6 +405,7 @@ class AtenInt4Cuda(Kernel):
                 and w.in_features % 32 == 0)
 
     def __init__(self, w, dtype):
+        super().__init__()
         tiles = next(t for t in (8, 4, 2) if w.in_features % (t * 16) == 0)
         q = w.q.to(torch.uint8)
         high_first = (q[:, 0::2] << 4) | q[:, 1::2]  # (out, in / 2)
@@ -396,7 +413,7 @@ class AtenInt4Cuda(Kernel):
         self.group = w.group_size
         self.sz = _int4_scales_and_zeros(w, dtype)
 
-    def __call__(self, x):
+    def forward(self, x):
         return torch.ops.aten._weight_int4pack_mm(x, self.packed, self.group, self.sz)
 
 
@@ -405,12 +422,13 @@ class DequantInt4(Kernel):
     precision = "int4"
 
     def __init__(self, w, dtype):
+        super().__init__()
         self.packed = ef.pack_int4(w.q)  # (out, in / 2)
         self.scale = w.scale.to(dtype)
         self.zero = w.zeros().to(dtype)
         self.group = w.group_size
 
-    def __call__(self, x):
+    def forward(self, x):
         q = ef.unpack_int4(self.packed).to(x.dtype)  # (out, in)
         out_f, in_f = q.shape
         q = q.view(out_f, in_f // self.group, self.group)  # (out, groups, group)
@@ -443,9 +461,10 @@ def bf16_variant(base: type) -> type:
                     and base.supports(w, torch.bfloat16))
 
         def __init__(self, w, dtype):
+            super().__init__()
             self.inner = base(w, torch.bfloat16)
 
-        def __call__(self, x):
+        def forward(self, x):
             return self.inner(x.to(torch.bfloat16)).to(x.dtype)
 
     Variant.__name__ = Variant.__qualname__ = f"{base.__name__}Bf16"
@@ -592,14 +611,8 @@ def choose(w: QuantWeight, dtype: torch.dtype) -> str:
 
 
 def kernel_tensors(kernel: Kernel) -> list:
-    """The tensors a kernel holds (those of a kernel it wraps included): plain attributes, not parameters."""
-    found = []
-    for v in vars(kernel).values():
-        if isinstance(v, torch.Tensor):
-            found.append(v)
-        elif isinstance(v, Kernel):
-            found += kernel_tensors(v)
-    return found
+    """The tensors a kernel holds (those of a kernel it wraps included)."""
+    return list(kernel.buffers())
 
 
 class WeightOnlyLinear(nn.Module):
@@ -611,7 +624,7 @@ class WeightOnlyLinear(nn.Module):
         self.kernel_name = choose(w, dtype)
         self.kernel = KERNELS[self.kernel_name](w, dtype)
         self.in_features, self.out_features = w.in_features, w.out_features
-        self.pre_scale = w.pre_scale.to(dtype) if w.pre_scale is not None else None
+        self.register_buffer("pre_scale", w.pre_scale.to(dtype) if w.pre_scale is not None else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_scale is not None:

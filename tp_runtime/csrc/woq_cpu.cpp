@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -460,6 +461,113 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   return y;
 }
 
+// e^x for 8 floats (x <= 0 here: scores minus their maximum): x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6
+// polynomial (Cephes' coefficients), 2^n built in the exponent bits; about 1 ulp; exactly 0 below -87 (and
+// for -inf: masked positions).
+inline __m256 exp8(__m256 x0) {
+  const __m256 x = _mm256_max_ps(x0, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: exact n * hi
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)),
+                       _mm256_cmp_ps(x0, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
+}
+
+// Attention of one new token per batch row over the cached keys and values (decode steps), fp32:
+//   q (B, kv_heads, G, D), keys / values (B, kv_heads, S, D) with D contiguous (views of the cache),
+//   visible (B, S) bool -> out (B, kv_heads, G, D) = softmax(q k^T / sqrt(D), masked) v
+// The G query heads of a KV head share each key and value row as it is read. One (row, KV head) pair per
+// task across torch's threads, when the pairs hold enough work to pay for waking a thread.
+at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                       const at::Tensor& visible) {
+  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.dim() == 4 && visible.dim() == 2,
+              "decode_attn: q, keys, values are 4-D and visible 2-D");
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), S = keys.size(2);
+  TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
+                  values.scalar_type() == at::kFloat && visible.scalar_type() == at::kBool,
+              "decode_attn: float32 q / keys / values and a bool mask");
+  TORCH_CHECK(D % 8 == 0 && keys.size(0) == B && keys.size(1) == H && keys.size(3) == D &&
+                  values.sizes() == keys.sizes() && visible.size(0) == B && visible.size(1) == S,
+              "decode_attn: shapes do not match");
+  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "decode_attn: keys and values need D contiguous");
+  const at::Tensor qc = q.contiguous(), vis = visible.contiguous();
+  at::Tensor out = at::empty({B, H, G, D}, q.options());
+  if (B * H * G == 0) return out;
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  const float* vp = values.data_ptr<float>();
+  const bool* mp = vis.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), ks2 = keys.stride(2);
+  const int64_t vs0 = values.stride(0), vs1 = values.stride(1), vs2 = values.stride(2);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t per_task = S * D * G * 2;  // multiply-adds of one (row, KV head)
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(per_task, 1));
+  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * S + 8);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H;
+      const float* kb = kp + b * ks0 + h * ks1;
+      const float* vb = vp + b * vs0 + h * vs1;
+      const float* qb = qp + (b * H + h) * G * D;
+      const bool* mb = mp + b * S;
+      float* ob = op + (b * H + h) * G * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qb + g * D;
+        float* sg = scores.data() + g * S;
+        float best = -INFINITY;
+        for (int64_t s = 0; s < S; ++s) {
+          if (!mb[s]) {
+            sg[s] = -INFINITY;
+            continue;
+          }
+          const float* kr = kb + s * ks2;
+          __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(kr));
+          for (int64_t d = 8; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kr + d), acc);
+          sg[s] = hsum(acc) * scale;
+          best = std::max(best, sg[s]);
+        }
+        // softmax over the visible positions (an all-masked row gives zeros)
+        const __m256 top = _mm256_set1_ps(std::isinf(best) ? 0.0f : best);
+        __m256 tot = _mm256_setzero_ps();
+        int64_t s = 0;
+        for (; s + 8 <= S; s += 8) {
+          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + s), top));
+          _mm256_storeu_ps(sg + s, e);
+          tot = _mm256_add_ps(tot, e);
+        }
+        float total = hsum(tot);
+        for (; s < S; ++s) {
+          sg[s] = std::isinf(sg[s]) ? 0.0f : std::exp(sg[s] - (std::isinf(best) ? 0.0f : best));
+          total += sg[s];
+        }
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        for (int64_t d0 = 0; d0 < D; d0 += 32) {  // out[g, d0 : d0 + 32] = sum_s p[s] v[s, d0 : d0 + 32]
+          const int nv = static_cast<int>(std::min<int64_t>(32, D - d0) / 8);
+          __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+          for (int64_t t = 0; t < S; ++t) {
+            if (sg[t] == 0.0f) continue;
+            const __m256 p = _mm256_set1_ps(sg[t]);
+            const float* vr = vb + t * vs2 + d0;
+            for (int j = 0; j < nv; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+          }
+          for (int j = 0; j < nv; ++j) _mm256_storeu_ps(ob + g * D + d0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tp_woq, m) {
@@ -468,6 +576,7 @@ TORCH_LIBRARY(tp_woq, m) {
   m.def("int4_mm_q8(Tensor x, Tensor tiles, Tensor scale, Tensor zero, int parts) -> Tensor");
   m.def("f32_mm(Tensor x, Tensor w) -> Tensor");
   m.def("q8_isa(int force) -> int");
+  m.def("decode_attn(Tensor q, Tensor keys, Tensor values, Tensor visible) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tp_woq, CPU, m) {
@@ -475,6 +584,7 @@ TORCH_LIBRARY_IMPL(tp_woq, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm_q8", &int4_mm_q8);
   m.impl("f32_mm", &f32_mm);
+  m.impl("decode_attn", &decode_attn);
 }
 
 TORCH_LIBRARY_IMPL(tp_woq, CompositeExplicitAutograd, m) {
