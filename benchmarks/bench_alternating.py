@@ -1,4 +1,4 @@
-"""Our quantized engines, our fp32 engine and ONNX Runtime GenAI int4 in ONE process, taking turns.
+"""Our quantized engines, our fp32 engine and ONNX Runtime GenAI (int4 and fp32) in ONE process, taking turns.
 
 bench_quant.py runs each configuration in a fresh process one after another; on a shared 2-core guest whose
 speed drifts by +-20 % over minutes, a ratio of two such runs measures the drift as much as the engines. Here
@@ -6,7 +6,8 @@ every configuration is loaded once (tp=1 x 2 threads, compiled decode step, batc
 through llama-cpp-python when it is installed), then each round runs
 every one of them once (the same 128 prompt ids, 128 greedy new tokens, EOS ignored), so drift hits all
 alike; per configuration the median decode tok/s over the rounds, and the issue's ratios of medians
-(int8 / our fp32 >= 1.5x, int4 / ORT GenAI int4 >= 0.7x), with every round's figures.
+(int8 / our fp32 >= 1.5x, int4 / ORT GenAI int4 >= 0.7x and >= 1.0x, fp32 / ORT GenAI fp32 >= 1.0x), with every
+round's figures.
 
     .venv/bin/python benchmarks/bench_alternating.py [--rounds 7] [--new_tokens 128] [--configs LABEL ...]
         [--out benchmarks/results/alternating.json]
@@ -36,6 +37,7 @@ CONFIGS = [  # label, quantize.parse_scheme arguments (None: fp32)[, --woq_kerne
      "native_int4_q8"),
 ]
 ORT = "ONNX Runtime GenAI int4"
+ORT_FP32 = "ONNX Runtime GenAI fp32"
 LLAMA_CPP = "llama.cpp Q4_1 (the GGUF as shipped)"
 
 
@@ -95,12 +97,14 @@ def main(argv=None):
                 return llm.last_timings.decode_tokens_per_s
 
             runners[label] = once
-        ort_dir = os.path.join(work, "ort_int4")
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", ort_dir,
-                        "-p", "int4", "-e", "cpu"], check=True, capture_output=True,
-                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
-        ort_once = bench_cpu_tp.ort_generator(ort_dir, args.threads, ids, args.new_tokens)
-        runners[ORT] = lambda: ort_once()[1]
+        for label, precision in ((ORT, "int4"), (ORT_FP32, "fp32")):
+            print(f"[bench_alternating] build {label}", file=sys.stderr, flush=True)
+            ort_dir = os.path.join(work, f"ort_{precision}")
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", ort_dir,
+                            "-p", precision, "-e", "cpu"], check=True, capture_output=True,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            ort_once = bench_cpu_tp.ort_generator(ort_dir, args.threads, ids, args.new_tokens)
+            runners[label] = lambda ort_once=ort_once: ort_once()[1]
         try:
             import llama_cpp  # noqa: F401  (built from source: pip install llama-cpp-python, ~10 min on 2 cores)
         except ImportError:
@@ -121,11 +125,11 @@ def main(argv=None):
     print(f"\nSmolLM2-135M-Instruct, tp=1 x {args.threads} threads, batch 1, {len(ids)} prompt ids, "
           f"{args.new_tokens} new, greedy; {args.rounds} rounds taking turns in one process\n")
     print("| configuration | decode tok/s (median) | every round | kernels (auto unless named) | vs our fp32 | "
-          "vs ORT GenAI int4 |")
-    print("|---|---|---|---|---|---|")
+          "vs ORT GenAI fp32 | vs ORT GenAI int4 |")
+    print("|---|---|---|---|---|---|---|")
     for label, v in rounds.items():
         print(f"| {label} | {med[label]:.1f} | {' '.join(f'{x:.0f}' for x in v)} | {', '.join(kernels.get(label, []))} "
-              f"| {med[label] / med['fp32']:.2f}x | {med[label] / med[ORT]:.2f}x |")
+              f"| {med[label] / med['fp32']:.2f}x | {med[label] / med[ORT_FP32]:.2f}x | {med[label] / med[ORT]:.2f}x |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"rounds": rounds, "median": med, "kernels": kernels, "new_tokens": args.new_tokens,

@@ -176,18 +176,19 @@ def test_native_fp32_gemv_matches_for_decode_and_prefill_rows():
 
 
 def test_native_decode_attention_matches_softmax_attention():
-    """tp_woq::decode_attn (one new token per row over the cached keys and values, the query heads of a KV head
-    together) against softmax attention in float64: head sizes 64 / 128 / 80, groups 1-4, spans that are and are
-    not multiples of 8, per-row masks (a short row, a sliding window), keys and values as strided views of a
-    longer cache, large scores (the max is subtracted before exp)."""
-    from tp_runtime.model import decode_attention
+    """tp_woq::decode_attn (one new token per row, read straight from its slot of the cache, the query heads of
+    a KV head together) against softmax attention in float64 and the plain decode_attention: head sizes
+    64 / 128 / 80, groups 1-4, spans that are and are not multiples of 8, rows in other slots than their
+    index, per-row masks (a short row, a sliding window), large scores (the max is subtracted before exp)."""
+    from tp_runtime.model import decode_attention, native_decode_attention
 
     need_native()
     g = torch.Generator().manual_seed(0)
     for B, Hkv, G, D, S in ((1, 3, 3, 64, 200), (2, 2, 4, 128, 37), (3, 1, 1, 80, 8), (1, 4, 2, 64, 1)):
-        cache_k = torch.randn(B + 1, Hkv, S + 5, D, generator=g) * 3
-        cache_v = torch.randn(B + 1, Hkv, S + 5, D, generator=g)
-        keys, values = cache_k[:B, :, :S], cache_v[:B, :, :S]
+        cache_k = torch.randn(B + 2, Hkv, S + 5, D, generator=g) * 3
+        cache_v = torch.randn(B + 2, Hkv, S + 5, D, generator=g)
+        slots = torch.randperm(B + 2, generator=g)[:B]
+        keys, values = cache_k[slots, :, :S], cache_v[slots, :, :S]
         q = torch.randn(B, Hkv * G, 1, D, generator=g) * 3
         pos = torch.arange(S)
         mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
@@ -197,12 +198,13 @@ def test_native_decode_attention_matches_softmax_attention():
             mask[2] = pos > S - 4  # a sliding window of 3
         ref = torch.softmax((q.double().reshape(B, Hkv, G, D) @ keys.double().transpose(-1, -2)) * D ** -0.5
                             + torch.where(mask.reshape(B, 1, 1, S), 0.0, float("-inf")), dim=-1) @ values.double()
-        got = decode_attention(q, keys, values, mask, native=True)
+        got = native_decode_attention(q, cache_k, cache_v, slots, mask)
         assert got.shape == (B, Hkv * G, 1, D)
         err = (got.double().reshape(B, Hkv, G, D) - ref).abs().max().item()
         assert err < 2e-5, (B, Hkv, G, D, S, err)
-        eager = decode_attention(q, keys, values, mask)
-        assert (got - eager).abs().max().item() < 2e-5
+        assert (got - decode_attention(q, keys, values, mask)).abs().max().item() < 2e-5
+    with pytest.raises(RuntimeError, match="not in the cache"):
+        native_decode_attention(q, cache_k, cache_v, torch.tensor([B + 2]), mask)
 
 
 def test_native_int4_q8_rounds_activations_as_q8_0():

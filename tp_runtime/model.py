@@ -85,16 +85,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([out, x[..., rot:]], dim=-1) if rot < x.shape[-1] else out
 
 
-def decode_attention(q, keys, values, mask, native: bool = False):
-    """Attention of one new token per row, as plain matmuls (cheaper than SDPA's kernels at T == 1), or,
-    native, tp_woq::decode_attn (fp32 on CPU: one call reads each cached row once for its query heads).
+def decode_attention(q, keys, values, mask):
+    """Attention of one new token per row, as plain matmuls (cheaper than SDPA's kernels at T == 1).
 
     q: (B, heads, 1, D); keys, values: (B, kv_heads, S, D); mask: (B, 1, 1, S), True = visible."""
     B, H, _, D = q.shape
     Hkv, S = keys.shape[1], keys.shape[2]
     q = q.reshape(B, Hkv, H // Hkv, D)  # (B, kv_heads, group, D): a group shares its KV head
-    if native:
-        return torch.ops.tp_woq.decode_attn(q, keys, values, mask.reshape(B, S)).reshape(B, H, 1, D)
     if torch.compiler.is_compiling():  # broadcast-multiply-sum: Inductor fuses each into one loop over the cache
         scores = (q.unsqueeze(3) * keys.unsqueeze(2)).sum(-1)  # (B, kv_heads, group, S)
     else:  # eagerly that would materialize (B, kv_heads, group, S, D): batched matmuls instead
@@ -106,6 +103,18 @@ def decode_attention(q, keys, values, mask, native: bool = False):
     else:
         out = probs @ values
     return out.reshape(B, H, 1, D)  # (B, heads, 1, D)
+
+
+def native_decode_attention(q, cache_k, cache_v, slots, mask):
+    """decode_attention through tp_woq::decode_attn (fp32 on CPU): one call per layer that reads each cached
+    row once for the query heads of its KV head, straight from the cache (row b of the batch is slot slots[b];
+    the span is the mask's: no gathered copy of the keys and values, which a compiled step made before).
+
+    q: (B, heads, 1, D); cache_k, cache_v: (slots, kv_heads, max_seq_len, D); slots: (B,); mask: (B, 1, 1, S)."""
+    B, H, _, D = q.shape
+    Hkv, S = cache_k.shape[1], mask.shape[-1]
+    out = torch.ops.tp_woq.decode_attn(q.reshape(B, Hkv, H // Hkv, D), cache_k, cache_v, slots, mask.reshape(B, S))
+    return out.reshape(B, H, 1, D)
 
 
 COMPILE_SPAN = 3  # the attention span compile_decode traces with (see there)
@@ -152,15 +161,19 @@ class Attention(nn.Module):
         q = qk[:, :, :hq].transpose(1, 2)  # (B, heads_per_rank, T, D)
         cache_k[batch_idx, :, positions] = qk[:, :, hq:]  # slots (B, T) <- (B, T, kv_heads_per_rank, D)
         cache_v[batch_idx, :, positions] = v.view(B, T, hkv, D)
-        S = mask.shape[-1]
-        if slots is None:  # rows are slots 0..B-1: a view, no copy
-            keys, values = cache_k[:B, :, :S], cache_v[:B, :, :S]  # (B, kv_heads_per_rank, S, D)
+        if T == 1 and self.native_decode:  # read straight from the cache
+            o = native_decode_attention(q, cache_k, cache_v, torch.arange(B, device=x.device) if slots is None
+                                        else slots, mask)
         else:
-            keys, values = cache_k[slots, :, :S], cache_v[slots, :, :S]
-        if T == 1:
-            o = decode_attention(q, keys, values, mask, self.native_decode)
-        else:
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
+            S = mask.shape[-1]
+            if slots is None:  # rows are slots 0..B-1: a view, no copy
+                keys, values = cache_k[:B, :, :S], cache_v[:B, :, :S]  # (B, kv_heads_per_rank, S, D)
+            else:
+                keys, values = cache_k[slots, :, :S], cache_v[slots, :, :S]
+            if T == 1:
+                o = decode_attention(q, keys, values, mask)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
         o = o.transpose(1, 2).reshape(B, T, hq * D)  # (B, T, heads_per_rank * D)
         return self.dense(o)
 

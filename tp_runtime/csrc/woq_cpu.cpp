@@ -409,16 +409,19 @@ at::Tensor int4_mm_q8(const at::Tensor& x, const at::Tensor& packed, const at::T
   const int64_t rows = x.size(0), groups = scale.size(1);
   at::Tensor y = at::empty({rows, out}, x.options());
   if (rows == 0) return y;
-  at::Tensor xq = at::empty({rows, parts, in}, x.options().dtype(at::kChar));
-  at::Tensor dx = at::empty({rows, parts, in / 32}, x.options());
-  at::Tensor xsum = at::empty({rows, groups}, x.options());
-  const Q8Args args{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xsum.data_ptr<float>(), in, groups,
-                    packed.data_ptr<uint8_t>(), scale.data_ptr<float>(),
-                    zero.numel() ? zero.data_ptr<uint8_t>() : nullptr,
+  // The rounded activations live in the calling thread's scratch, reused by every call (a SmolLM2 decode
+  // step makes 121: three tensor allocations each were ~0.1 ms of the step).
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> dx, xsum;
+  xq.resize(rows * parts * in);
+  dx.resize(rows * parts * (in / 32));
+  xsum.resize(rows * groups);
+  const Q8Args args{xq.data(), dx.data(), xsum.data(), in, groups, packed.data_ptr<uint8_t>(),
+                    scale.data_ptr<float>(), zero.numel() ? zero.data_ptr<uint8_t>() : nullptr,
                     y.data_ptr<float>(), out};
   auto run = [&](auto p) {  // p: the parts, as a compile-time count
-    quantize_rows_q8<decltype(p)::value>(x.data_ptr<float>(), rows, in, groups, xq.data_ptr<int8_t>(),
-                                         dx.data_ptr<float>(), xsum.data_ptr<float>());
+    quantize_rows_q8<decltype(p)::value>(x.data_ptr<float>(), rows, in, groups, xq.data(), dx.data(),
+                                         xsum.data());
     run_q8<decltype(p)::value>(args, rows, tiles);
   };
   if (parts == 1) run(std::integral_constant<int, 1>{});
@@ -482,87 +485,105 @@ inline __m256 exp8(__m256 x0) {
                        _mm256_cmp_ps(x0, _mm256_set1_ps(-87.0f), _CMP_GE_OQ));
 }
 
-// Attention of one new token per batch row over the cached keys and values (decode steps), fp32:
-//   q (B, kv_heads, G, D), keys / values (B, kv_heads, S, D) with D contiguous (views of the cache),
-//   visible (B, S) bool -> out (B, kv_heads, G, D) = softmax(q k^T / sqrt(D), masked) v
-// The G query heads of a KV head share each key and value row as it is read. One (row, KV head) pair per
-// task across torch's threads, when the pairs hold enough work to pay for waking a thread.
-at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                       const at::Tensor& visible) {
-  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.dim() == 4 && visible.dim() == 2,
-              "decode_attn: q, keys, values are 4-D and visible 2-D");
-  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), S = keys.size(2);
-  TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
-                  values.scalar_type() == at::kFloat && visible.scalar_type() == at::kBool,
-              "decode_attn: float32 q / keys / values and a bool mask");
-  TORCH_CHECK(D % 8 == 0 && keys.size(0) == B && keys.size(1) == H && keys.size(3) == D &&
-                  values.sizes() == keys.sizes() && visible.size(0) == B && visible.size(1) == S,
+// The sums of 8 vectors, one per lane: lane j = the sum of a[j]'s 8 floats.
+inline __m256 hsum8x8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// One query head's attention: scores of 8 positions at a time (8 accumulators, summed across lanes
+// together), the softmax over the visible positions (an all-masked row gives zeros), then the weighted sum
+// of the value rows in chunks of up to 64 of the head's D outputs.
+void attend_one(const float* qg, const float* kb, int64_t ks, const float* vb, int64_t vs, const bool* mb,
+                int64_t S, int64_t D, float scale, float* sg, float* og) {
+  float best = -INFINITY;
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(qg + d);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + (s + j) * ks + d), acc[j]);
+    }
+    _mm256_storeu_ps(sg + s, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
+  }
+  for (; s < S; ++s) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kb + s * ks + d), acc);
+    sg[s] = hsum(acc) * scale;
+  }
+  for (s = 0; s < S; ++s) {
+    if (!mb[s]) sg[s] = -INFINITY;
+    best = std::max(best, sg[s]);
+  }
+  const float top = std::isinf(best) ? 0.0f : best;
+  __m256 tot = _mm256_setzero_ps();
+  for (s = 0; s + 8 <= S; s += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + s), _mm256_set1_ps(top)));
+    _mm256_storeu_ps(sg + s, e);
+    tot = _mm256_add_ps(tot, e);
+  }
+  float total = hsum(tot);
+  for (; s < S; ++s) {
+    sg[s] = std::isinf(sg[s]) ? 0.0f : std::exp(sg[s] - top);
+    total += sg[s];
+  }
+  const __m256 inv = _mm256_set1_ps(total > 0.0f ? 1.0f / total : 0.0f);
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    const int nv = static_cast<int>(std::min<int64_t>(64, D - d0) / 8);
+    __m256 acc[8];
+    for (int j = 0; j < nv; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < S; ++t) {
+      if (sg[t] == 0.0f) continue;
+      const __m256 p = _mm256_set1_ps(sg[t]);
+      const float* vr = vb + t * vs + d0;
+      for (int j = 0; j < nv; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < nv; ++j) _mm256_storeu_ps(og + d0 + 8 * j, _mm256_mul_ps(acc[j], inv));
+  }
+}
+
+// Attention of one new token per batch row over its slot of the KV cache (decode steps), fp32:
+//   q (B, kv_heads, G, D); cache_k / cache_v (slots, kv_heads, max_seq_len, D), D contiguous; slots (B,)
+//   int64: batch row b reads slot slots[b]; visible (B, S) bool over the first S cached positions
+//   -> out (B, kv_heads, G, D) = softmax(q k^T / sqrt(D), masked) v
+// One query head per task across torch's threads (the G heads of a KV head read the same rows, from cache
+// after the first), when the tasks hold enough work to pay for waking a thread.
+at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v,
+                       const at::Tensor& slots, const at::Tensor& visible) {
+  TORCH_CHECK(q.dim() == 4 && cache_k.dim() == 4 && cache_v.dim() == 4 && slots.dim() == 1 && visible.dim() == 2,
+              "decode_attn: q, cache_k, cache_v are 4-D, slots 1-D and visible 2-D");
+  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), S = visible.size(1);
+  TORCH_CHECK(q.scalar_type() == at::kFloat && cache_k.scalar_type() == at::kFloat &&
+                  cache_v.scalar_type() == at::kFloat && slots.scalar_type() == at::kLong &&
+                  visible.scalar_type() == at::kBool,
+              "decode_attn: float32 q / caches, int64 slots and a bool mask");
+  TORCH_CHECK(D % 8 == 0 && cache_k.size(1) == H && cache_k.size(3) == D && cache_v.sizes() == cache_k.sizes() &&
+                  slots.size(0) == B && visible.size(0) == B && S <= cache_k.size(2),
               "decode_attn: shapes do not match");
-  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "decode_attn: keys and values need D contiguous");
-  const at::Tensor qc = q.contiguous(), vis = visible.contiguous();
+  TORCH_CHECK(cache_k.stride(3) == 1 && cache_v.stride(3) == 1, "decode_attn: the caches need D contiguous");
+  const at::Tensor qc = q.contiguous(), vis = visible.contiguous(), sl = slots.contiguous();
   at::Tensor out = at::empty({B, H, G, D}, q.options());
   if (B * H * G == 0) return out;
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < cache_k.size(0), "decode_attn: slot ", sp[b], " is not in the cache");
   const float* qp = qc.data_ptr<float>();
-  const float* kp = keys.data_ptr<float>();
-  const float* vp = values.data_ptr<float>();
+  const float* kp = cache_k.data_ptr<float>();
+  const float* vp = cache_v.data_ptr<float>();
   const bool* mp = vis.data_ptr<bool>();
   float* op = out.data_ptr<float>();
-  const int64_t ks0 = keys.stride(0), ks1 = keys.stride(1), ks2 = keys.stride(2);
-  const int64_t vs0 = values.stride(0), vs1 = values.stride(1), vs2 = values.stride(2);
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  const int64_t per_task = S * D * G * 2;  // multiply-adds of one (row, KV head)
-  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(per_task, 1));
-  at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * S + 8);
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(S * D * 2, 1));
+  at::parallel_for(0, B * H * G, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(S + 8);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / H, h = task % H;
-      const float* kb = kp + b * ks0 + h * ks1;
-      const float* vb = vp + b * vs0 + h * vs1;
-      const float* qb = qp + (b * H + h) * G * D;
-      const bool* mb = mp + b * S;
-      float* ob = op + (b * H + h) * G * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qb + g * D;
-        float* sg = scores.data() + g * S;
-        float best = -INFINITY;
-        for (int64_t s = 0; s < S; ++s) {
-          if (!mb[s]) {
-            sg[s] = -INFINITY;
-            continue;
-          }
-          const float* kr = kb + s * ks2;
-          __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(qg), _mm256_loadu_ps(kr));
-          for (int64_t d = 8; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kr + d), acc);
-          sg[s] = hsum(acc) * scale;
-          best = std::max(best, sg[s]);
-        }
-        // softmax over the visible positions (an all-masked row gives zeros)
-        const __m256 top = _mm256_set1_ps(std::isinf(best) ? 0.0f : best);
-        __m256 tot = _mm256_setzero_ps();
-        int64_t s = 0;
-        for (; s + 8 <= S; s += 8) {
-          const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + s), top));
-          _mm256_storeu_ps(sg + s, e);
-          tot = _mm256_add_ps(tot, e);
-        }
-        float total = hsum(tot);
-        for (; s < S; ++s) {
-          sg[s] = std::isinf(sg[s]) ? 0.0f : std::exp(sg[s] - (std::isinf(best) ? 0.0f : best));
-          total += sg[s];
-        }
-        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-        for (int64_t d0 = 0; d0 < D; d0 += 32) {  // out[g, d0 : d0 + 32] = sum_s p[s] v[s, d0 : d0 + 32]
-          const int nv = static_cast<int>(std::min<int64_t>(32, D - d0) / 8);
-          __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-          for (int64_t t = 0; t < S; ++t) {
-            if (sg[t] == 0.0f) continue;
-            const __m256 p = _mm256_set1_ps(sg[t]);
-            const float* vr = vb + t * vs2 + d0;
-            for (int j = 0; j < nv; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * j), acc[j]);
-          }
-          for (int j = 0; j < nv; ++j) _mm256_storeu_ps(ob + g * D + d0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
-        }
-      }
+      const int64_t b = task / (H * G), h = task / G % H, slot = sp[b];
+      attend_one(qp + task * D, kp + slot * cache_k.stride(0) + h * cache_k.stride(1), cache_k.stride(2),
+                 vp + slot * cache_v.stride(0) + h * cache_v.stride(1), cache_v.stride(2), mp + b * S, S, D,
+                 scale, scores.data(), op + task * D);
     }
   });
   return out;
@@ -576,7 +597,7 @@ TORCH_LIBRARY(tp_woq, m) {
   m.def("int4_mm_q8(Tensor x, Tensor tiles, Tensor scale, Tensor zero, int parts) -> Tensor");
   m.def("f32_mm(Tensor x, Tensor w) -> Tensor");
   m.def("q8_isa(int force) -> int");
-  m.def("decode_attn(Tensor q, Tensor keys, Tensor values, Tensor visible) -> Tensor");
+  m.def("decode_attn(Tensor q, Tensor cache_k, Tensor cache_v, Tensor slots, Tensor visible) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tp_woq, CPU, m) {
