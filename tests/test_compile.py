@@ -50,8 +50,8 @@ def test_compiled_decode_matches_transformers(mistral, tp):
 def test_no_recompile_after_load(mistral, monkeypatch):
     """The graphs built at load serve every later batch size and attention span: a recompile mid-generation
     would stall the other ranks' collectives (and cost seconds on its own). Checked with all of Dynamo's
-    guards on (TP_RUNTIME_ALL_GUARDS=1); the default, which after load checks only the guards that tell the
-    graphs apart, must then give the same tokens and log-probs."""
+    guards on (TP_RUNTIME_ALL_GUARDS=1); the default, which after load runs each graph's bytecode directly
+    (chosen by batch size, no guards), must then give the same tokens and log-probs."""
     from torch._dynamo.utils import counters
 
     from tp_runtime import LLM, SamplingParams
@@ -70,6 +70,7 @@ def test_no_recompile_after_load(mistral, monkeypatch):
     checked = [llm.generate(batch, params) for batch in batches]
     assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["recompiles"], dict(counters["recompiles"])
+    assert set(llm.model._graphs) == {1, 2}  # Dynamo's bytecode per graph, which the default runs directly
     llm.model._skip_guards = True  # what LLM does without the variable
     for batch, want in zip(batches, checked):
         got = llm.generate(batch, params)
