@@ -25,12 +25,14 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# Measurements, not tests (about 45 minutes on 2 cores; several GB of scratch space in /tmp).
+# Measurements, not tests (about 75 minutes on 2 cores; several GB of scratch space in /tmp).
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	# llama.cpp as a peer: no wheel on PyPI, a source build (~10 minutes on 2 cores, once)
 	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q 'llama-cpp-python>=0.3'
-	$(BIN)/python benchmarks/bench_cpu_tp.py --out benchmarks/results/cpu_tp.json
+	$(BIN)/python benchmarks/bench_cpu_tp.py --rounds 2 --out benchmarks/results/cpu_tp.json
+	$(BIN)/python benchmarks/roofline.py --tp_ceiling llama-1b-bench --rounds 5 --out benchmarks/results/tp_ceiling_1b.json
+	$(BIN)/python benchmarks/bench_cpu_tp.py --model llama-1b --new_tokens 32 --rounds 3 --out benchmarks/results/cpu_tp_1b.json
 	$(BIN)/python benchmarks/bench_allreduce.py --out benchmarks/results/allreduce.json
 	$(BIN)/python benchmarks/bench_decode.py --out benchmarks/results/decode.json
 	$(BIN)/tp-convert --model_dir "$$($(BIN)/python -m tp_runtime.assets smollm2 --hf)" \
@@ -40,7 +42,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_20b_shapes.py --out benchmarks/results/20b_shapes.json
 	$(BIN)/python benchmarks/bench_woq_kernels.py --json benchmarks/results/woq_kernels.json
 	$(BIN)/python benchmarks/bench_quant.py --out benchmarks/results/quant.json
-	$(BIN)/python benchmarks/bench_alternating.py --out benchmarks/results/alternating.json
+	$(BIN)/python benchmarks/bench_alternating.py --rounds 5 --out benchmarks/results/alternating.json
 	$(BIN)/python benchmarks/bench_ray.py --out benchmarks/results/ray.json
 
 clean:

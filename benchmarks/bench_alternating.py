@@ -5,7 +5,8 @@ speed drifts by +-20 % over minutes, a ratio of two such runs measures the drift
 every configuration is loaded once (tp=1 x 2 threads, compiled decode step, batch 1; and llama.cpp on the GGUF
 through llama-cpp-python when it is installed), then each round runs
 every one of them once (the same 128 prompt ids, 128 greedy new tokens, EOS ignored), so drift hits all
-alike; per configuration the median decode tok/s over the rounds, and the issue's ratios of medians
+alike; per configuration the median decode tok/s over the rounds, and the issue's ratios (of the medians, and
+the median of the rounds' own ratios)
 (int8 / our fp32 >= 1.5x, int4 / ORT GenAI int4 >= 0.7x and >= 1.0x, fp32 / ORT GenAI fp32 >= 1.0x), with every
 round's figures.
 
@@ -57,6 +58,25 @@ def llama_cpp_runner(gguf: str, threads: int, ids: list, new: int):
         return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
     return once
+
+
+def print_table(rounds: dict, kernels: dict, threads: int, prompt: int, new: int) -> None:
+    """Per configuration the median tok/s and its ratios to our fp32 and ORT GenAI's: the ratio of the medians,
+    and in brackets the median of each round's ratio (rounds are taken together, so drift cancels within one)."""
+    med = {label: statistics.median(v) for label, v in rounds.items()}
+
+    def ratio(label, ref):
+        per_round = statistics.median(a / b for a, b in zip(rounds[label], rounds[ref]))
+        return f"{med[label] / med[ref]:.2f}x ({per_round:.2f}x)"
+
+    print(f"\nSmolLM2-135M-Instruct, tp=1 x {threads} threads, batch 1, {prompt} prompt ids, {new} new, greedy; "
+          f"{len(next(iter(rounds.values())))} rounds taking turns in one process\n")
+    print("| configuration | decode tok/s (median) | every round | kernels (auto unless named) | vs our fp32 | "
+          "vs ORT GenAI fp32 | vs ORT GenAI int4 |")
+    print("|---|---|---|---|---|---|---|")
+    for label, v in rounds.items():
+        print(f"| {label} | {med[label]:.1f} | {' '.join(f'{x:.0f}' for x in v)} | {', '.join(kernels.get(label, []))} "
+              f"| {ratio(label, 'fp32')} | {ratio(label, ORT_FP32)} | {ratio(label, ORT)} |")
 
 
 def main(argv=None):
@@ -121,18 +141,11 @@ def main(argv=None):
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    med = {label: statistics.median(v) for label, v in rounds.items()}
-    print(f"\nSmolLM2-135M-Instruct, tp=1 x {args.threads} threads, batch 1, {len(ids)} prompt ids, "
-          f"{args.new_tokens} new, greedy; {args.rounds} rounds taking turns in one process\n")
-    print("| configuration | decode tok/s (median) | every round | kernels (auto unless named) | vs our fp32 | "
-          "vs ORT GenAI fp32 | vs ORT GenAI int4 |")
-    print("|---|---|---|---|---|---|---|")
-    for label, v in rounds.items():
-        print(f"| {label} | {med[label]:.1f} | {' '.join(f'{x:.0f}' for x in v)} | {', '.join(kernels.get(label, []))} "
-              f"| {med[label] / med['fp32']:.2f}x | {med[label] / med[ORT_FP32]:.2f}x | {med[label] / med[ORT]:.2f}x |")
+    print_table(rounds, kernels, args.threads, len(ids), args.new_tokens)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"rounds": rounds, "median": med, "kernels": kernels, "new_tokens": args.new_tokens,
+            json.dump({"rounds": rounds, "median": {label: statistics.median(v) for label, v in rounds.items()},
+                       "kernels": kernels, "new_tokens": args.new_tokens,
                        "threads": args.threads}, f, indent=1)
 
 
