@@ -285,8 +285,7 @@ class TPDecoder(nn.Module):
         decode steps (T == 1) once `compile_decode` was called, compiled."""
         B, T = ids.shape
         if T == 1 and last is not None and self._compiled_body is not None:
-            rows = torch.arange(B, device=ids.device) if slots is None else slots  # one graph: slots always given
-            args = (ids, *self._prepare(ids, positions, rows), positions, cache.k, cache.v, rows, last)
+            args = self._decode_args(ids, positions, cache, last, slots)
             if self._skip_guards:
                 direct = self._graphs.get(min(B, 2))
                 if direct is not None:
@@ -298,6 +297,11 @@ class TPDecoder(nn.Module):
         if last is not None:
             x = x[torch.arange(B, device=ids.device), last]  # (B, hidden)
         return self.logits(x)
+
+    def _decode_args(self, ids, positions, cache, last, slots=None) -> tuple:
+        """The compiled decode body's arguments for a step."""
+        rows = torch.arange(ids.shape[0], device=ids.device) if slots is None else slots  # one graph: slots given
+        return (ids, *self._prepare(ids, positions, rows), positions, cache.k, cache.v, rows, last)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head of hidden states (..., hidden) -> (..., vocab), gathered to every rank."""
@@ -399,8 +403,9 @@ class TPDecoder(nn.Module):
             for B in sorted({1, max_batch}):  # dummy tokens at position 2 of slots 0.., which a prefill overwrites
                 ids = torch.ones(B, 1, dtype=torch.long, device=dev)
                 positions = torch.full((B, 1), span - 1, dtype=torch.long, device=dev)  # not `ids`: no aliasing guard
-                self(ids, positions, cache, torch.zeros(B, dtype=torch.long, device=dev))
-                graphs[min(B, 2)] = self._newest_graph()
+                last = torch.zeros(B, dtype=torch.long, device=dev)
+                want = self(ids, positions, cache, last)
+                graphs[min(B, 2)] = self._checked_graph(want, self._decode_args(ids, positions, cache, last))
         # From here on Dynamo checks only the guards that tell its graphs apart (batch 1 or more), not the
         # metadata of every weight and cache tensor: that check cost ~0.3-1 ms of a ~5 ms SmolLM2 int4 step.
         # The weights and caches never change shape, dtype or device after load.
@@ -413,13 +418,15 @@ class TPDecoder(nn.Module):
         self._graphs = {k: g for k, g in graphs.items() if g is not None}
         return time.perf_counter() - t0
 
-    def _newest_graph(self):
+    def _checked_graph(self, want: torch.Tensor, args: tuple):
         """Dynamo's bytecode for the graph it built last for this model's decode body, as a function of the
-        body's arguments (self first), or None where this torch does not expose it."""
+        body's arguments (self first), if it gives `want` (the compiled body's output) on `args`; else None:
+        this torch does not expose the bytecode or runs it differently."""
         try:
             from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
             code = self._compiled_body._torchdynamo_orig_callable.__func__.__code__
-            return types.FunctionType(_debug_get_cache_entry_list(code)[0].code, TPDecoder._decode_body.__globals__)
-        except (ImportError, AttributeError, IndexError, TypeError):
+            graph = types.FunctionType(_debug_get_cache_entry_list(code)[0].code, TPDecoder._decode_body.__globals__)
+            return graph if torch.equal(graph(self, *args), want) else None
+        except Exception:  # any failure only costs the faster path: the stance serves
             return None
