@@ -50,7 +50,7 @@ STEP_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30  # SmolLM2
 
 
 def held_bytes(kernel) -> int:
-    return sum(v.numel() * v.element_size() for v in vars(kernel).values() if isinstance(v, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in kernel.buffers())  # a kernel it wraps included
 
 
 def streamed(threads: int) -> list:
@@ -84,9 +84,8 @@ def streamed(threads: int) -> list:
             if name.startswith("dequant"):
                 continue
             kernels = [woq.KERNELS[name](qw, torch.float32) for qw in qws]
-            # (bf16 variants hold their tensors on an inner kernel; FBGEMM's are in an opaque prepacked
-            # object: its codes' bytes are counted)
-            nbytes = (sum(held_bytes(getattr(k, "inner", k)) for k in kernels)
+            # (FBGEMM's tensors are in an opaque prepacked object: its codes' bytes are counted)
+            nbytes = (sum(held_bytes(k) for k in kernels)
                       or sum(qw.q.numel() // (1 if precision == "int8" else 2) for qw in qws))
             run(name, kernels, nbytes)
             if name.startswith("native_int4_q8") and torch.ops.tp_woq.q8_isa(-1) > 0:

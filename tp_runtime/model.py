@@ -161,9 +161,8 @@ class Attention(nn.Module):
         q = qk[:, :, :hq].transpose(1, 2)  # (B, heads_per_rank, T, D)
         cache_k[batch_idx, :, positions] = qk[:, :, hq:]  # slots (B, T) <- (B, T, kv_heads_per_rank, D)
         cache_v[batch_idx, :, positions] = v.view(B, T, hkv, D)
-        if T == 1 and self.native_decode:  # read straight from the cache
-            o = native_decode_attention(q, cache_k, cache_v, torch.arange(B, device=x.device) if slots is None
-                                        else slots, mask)
+        if T == 1 and self.native_decode:  # read straight from the cache, row b from slot batch_idx[b, 0]
+            o = native_decode_attention(q, cache_k, cache_v, batch_idx[:, 0], mask)
         else:
             S = mask.shape[-1]
             if slots is None:  # rows are slots 0..B-1: a view, no copy
@@ -382,13 +381,12 @@ class TPDecoder(nn.Module):
         # Dynamo treats module buffers.
         for m in self.modules():
             if isinstance(m, woq.WeightOnlyLinear):
-                for t in woq.kernel_tensors(m.kernel):
+                for t in m.kernel.buffers():
                     torch._dynamo.mark_static(t)
         # Freezing: the weights become constants of the compiled code instead of ~500 graph inputs that every
         # call passes and checks (~1 us each: 5.0 -> 4.2 ms a SmolLM2 int4 step); the caches stay inputs.
         freeze = os.environ.get("TP_RUNTIME_FREEZE", "1") != "0"
-        self._compiled_body = torch.compile(self._own_decode_body(), dynamic=True, fullgraph=True,
-                                            options={"freezing": freeze})
+        self._compiled_body = torch.compile(self._own_decode_body(), dynamic=True, fullgraph=True)
         dev = self.embedding.weight.device
         # Sizes that are equal at tracing share a symbol (torch's duck shaping), and a later call where they
         # differ recompiles - on one rank, mid-generation. So the dummy span (position + 1 = 3) is none of
@@ -396,8 +394,9 @@ class TPDecoder(nn.Module):
         span = COMPILE_SPAN
         if cache.max_seq_len < span:
             raise UserError(f"--compile on needs --max_seq_len >= {span}, got {cache.max_seq_len}")
-        # Dynamo reads the global flag while tracing (a weight becomes a graph attribute rather than an input
-        # only then); torch.compile's options reach Inductor alone.
+        # Freezing is Inductor's global flag, set while the graphs are traced and compiled (here, at their
+        # first call): Dynamo reads it too (a weight becomes a graph constant rather than an input only then),
+        # where torch.compile's options= would reach Inductor alone.
         graphs = {}
         with torch.inference_mode(), inductor_config.patch(freezing=freeze):
             for B in sorted({1, max_batch}):  # dummy tokens at position 2 of slots 0.., which a prefill overwrites
@@ -413,7 +412,7 @@ class TPDecoder(nn.Module):
                                 and hasattr(torch.compiler, "set_stance"))  # torch >= 2.6
         # Further: each step runs the bytecode Dynamo made for its graph directly (the frame as Dynamo rewrote
         # it: unpack the inputs, call the compiled graph), chosen here by batch size, so Dynamo's frame
-        # handling (cache lookup, ~0.3-0.5 ms of a ~3.6 ms SmolLM2 int4 step even with guards skipped) is
+        # handling (cache lookup, ~0.2-0.5 ms of a ~3.6 ms SmolLM2 int4 step even with guards skipped) is
         # gone. Only where this torch exposes the bytecode; else the stance above serves.
         self._graphs = {k: g for k, g in graphs.items() if g is not None}
         return time.perf_counter() - t0

@@ -610,11 +610,6 @@ def choose(w: QuantWeight, dtype: torch.dtype) -> str:
     return _chosen[key]
 
 
-def kernel_tensors(kernel: Kernel) -> list:
-    """The tensors a kernel holds (those of a kernel it wraps included)."""
-    return list(kernel.buffers())
-
-
 class WeightOnlyLinear(nn.Module):
     """x (..., in) -> (..., out) through the chosen kernel; no bias (the parallel layers add it)."""
 

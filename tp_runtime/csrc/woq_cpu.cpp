@@ -1,5 +1,5 @@
-// Weight-only int4 / int8 matmuls for CPUs with AVX2 + FMA: tp_runtime's own kernels for the few rows of a
-// decode step (batch rows as activations, fp32 in and out).
+// tp_runtime's own CPU kernels (AVX2 + FMA) for the few rows of a decode step (batch rows as activations, fp32
+// in and out): weight-only int4 / int8 matmuls, an fp32 GEMV, and decode attention over the KV cache.
 //
 // Built on first use by tp_runtime/native.py (torch.utils.cpp_extension, -O3 -mavx2 -mfma) and registered as
 // torch operators, so torch.compile graphs call them like any aten op:
@@ -17,6 +17,8 @@
 //       CPU has VNNI, vpmaddubsw + vpmaddwd on AVX2) serve 8 rows per instruction; a float scale and a byte
 //       zero per group (not repeated per 32, no float minimum: fewer bytes to read); parts = 2 adds the
 //       rounding error as a second int8 part
+//   tp_woq::f32_mm(x, w) -> y                                 w (out, in) float32
+//   tp_woq::decode_attn(q, cache_k, cache_v, slots, visible)  one new token's attention per batch row (see there)
 //
 // x is (rows, in) float32, contiguous. A few activation rows (int4: 2, int8 and fp32: 4) share each decoded
 // weight vector (the weight is read once per that many rows: these are decode kernels), and output rows are
