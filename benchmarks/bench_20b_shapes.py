@@ -36,7 +36,7 @@ def vm(field: str) -> int:
 
 
 def worker_convert(hf: str, engine: str, tp: int, out: str) -> None:
-    from tp_runtime.convert import convert
+    from tp_runtime.convert.pipeline import convert
 
     t = time.perf_counter()
     convert(hf, engine, tp, progress=False)
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    from tp_runtime.plan import plan
-    from tp_runtime.synthetic import load_preset, write_synthetic
+    from tp_runtime.cli.plan import plan
+    from tp_runtime.convert.synthetic import load_preset, write_synthetic
 
     work = args.work or tempfile.mkdtemp(prefix="bench20b-")
     rows = []

@@ -21,8 +21,8 @@ SIZES = (576, 2048, 8192, 49152, 1 << 20)
 def worker(kind: str, iters: int, out: str) -> None:
     import torch
 
-    from tp_runtime.comm import make_communicator
-    from tp_runtime.launch import detect_launch
+    from tp_runtime.distributed.comm import make_communicator
+    from tp_runtime.distributed.launch import detect_launch
 
     torch.set_num_threads(1)
     comm = make_communicator(detect_launch(), torch.device("cpu"), 60, kind)

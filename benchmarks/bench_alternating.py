@@ -91,9 +91,9 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     from tp_runtime import LLM, SamplingParams
-    from tp_runtime import quantize as qz
+    from tp_runtime.convert import quantize as qz
     from tp_runtime.assets import fetch_smollm2_gguf, smollm2_hf_dir
-    from tp_runtime.convert import convert
+    from tp_runtime.convert.pipeline import convert
 
     hf = smollm2_hf_dir()
     text = open(os.path.join(HERE, "bench_decode.py")).read()  # bench_quant's prompt: its first 128 tokens

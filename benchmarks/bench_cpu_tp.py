@@ -145,8 +145,7 @@ def read_bandwidth_gbs() -> float:
 
 
 def engine_bytes(engine: str) -> int:
-    from tp_runtime import engine_format as ef
-
+    from tp_runtime.engine import format as ef
     total = 0
     for name in sorted(os.listdir(engine)):
         if name.startswith("rank") and name.endswith(".safetensors"):
@@ -169,7 +168,7 @@ def main() -> int:
     p.add_argument("--only", default=None, help="comma-separated substrings: keep the configurations they match")
     args = p.parse_args()
     from tp_runtime.assets import smollm2_hf_dir
-    from tp_runtime.convert import convert
+    from tp_runtime.convert.pipeline import convert
 
     from transformers import AutoTokenizer
 
@@ -178,7 +177,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="bench_cpu_tp-")
     hf = args.hf_dir or smollm2_hf_dir()
     if args.model == "llama-1b":
-        from tp_runtime.synthetic import load_preset, write_synthetic
+        from tp_runtime.convert.synthetic import load_preset, write_synthetic
 
         hf = os.path.join(work, "llama-1b")
         write_synthetic(load_preset("llama-1b-bench"), hf, dtype="float32", progress=False)

@@ -71,8 +71,7 @@ def worker(engine: str, threads: int, ids: list, new: int, out: str, kernel: str
 
 def linear_bytes(engine: str) -> tuple[int, int]:
     """(bytes on disk of the attention / MLP / lm_head tensors, the same linears' weights in fp16)."""
-    from tp_runtime import engine_format as ef
-
+    from tp_runtime.engine import format as ef
     header, _ = ef.read_safetensors_header(os.path.join(engine, ef.rank_file(0)))
     cfg = ef.EngineConfig.load(engine)
     on_disk = fp16 = 0
@@ -94,8 +93,7 @@ def machine() -> dict:
     an AVX-512 machine run torch's AVX2 code, as on the Zen 3 of the issues; ORT GenAI is not restricted)."""
     import torch
 
-    from tp_runtime import woq
-
+    from tp_runtime.runtime import woq
     return {"cpu": woq._cpu_name(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
 
@@ -112,9 +110,9 @@ def main() -> int:
     args = p.parse_args()
     from transformers import AutoTokenizer
 
-    from tp_runtime import quantize as qz
+    from tp_runtime.convert import quantize as qz
     from tp_runtime.assets import smollm2_hf_dir
-    from tp_runtime.convert import convert
+    from tp_runtime.convert.pipeline import convert
 
     hf = args.hf_dir or smollm2_hf_dir()
     text = open(os.path.join(HERE, "bench_decode.py")).read()

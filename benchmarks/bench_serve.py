@@ -1,7 +1,7 @@
 """Load test of tp-serve on loopback: SmolLM2-135M-Instruct at tp=1 and tp=2, 1 / 4 / 16 / 64 concurrent
 streaming clients.
 
-For each tp size this starts one server (`python -m tp_runtime.serve`, which starts the tp=2 ranks itself),
+For each tp size this starts one server (`python -m tp_runtime.cli.serve`, which starts the tp=2 ranks itself),
 waits for /health, measures its idle CPU use, sends two warm-up requests, then for each concurrency c
 runs c client tasks (aiohttp) that send streaming chat completions back to back until max(8, 2c)
 requests have been answered or --level_s has passed. Every request asks for --max_tokens tokens with
@@ -52,7 +52,7 @@ def server_procs(proc):
     import psutil
 
     root = psutil.Process(proc.pid)
-    return [p for p in [root, *root.children(recursive=True)] if "tp_runtime.serve" in " ".join(p.cmdline())]
+    return [p for p in [root, *root.children(recursive=True)] if "tp_runtime.cli.serve" in " ".join(p.cmdline())]
 
 
 def rss_mb(proc) -> float:
@@ -141,7 +141,7 @@ def bench_tp(engine: str, tp: int, args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "MPI_LOCAL"))}
-    proc = subprocess.Popen([sys.executable, "-m", "tp_runtime.serve", "--engine", engine, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "tp_runtime.cli.serve", "--engine", engine, "--port", str(port),
                              "--served_model_name", "smollm2", "--max_batch_size", str(max(args.concurrency)),
                              "--max_seq_len", str(args.max_seq_len)], env=env)
     try:
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from tp_runtime.assets import smollm2_hf_dir
-    from tp_runtime.convert import convert
+    from tp_runtime.convert.pipeline import convert
 
     root = args.engine_root or tempfile.mkdtemp(prefix="bench_serve_")
     results = []

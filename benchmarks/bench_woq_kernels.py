@@ -1,4 +1,4 @@
-"""Every weight-only kernel of tp_runtime.woq beside fp32 F.linear, at SmolLM2-135M's shapes and 4096x4096.
+"""Every weight-only kernel of tp_runtime.runtime.woq beside fp32 F.linear, at SmolLM2-135M's shapes and 4096x4096.
 
     python benchmarks/bench_woq_kernels.py [--threads 2] [--batches 1 8] [--json OUT]
 
@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from tp_runtime import woq
-from tp_runtime.layers import matmul, pack_weight
+from tp_runtime.runtime import woq
+from tp_runtime.runtime.layers import matmul, pack_weight
 
 SHAPES = [  # (out, in, what)
     (576, 576, "q / dense"),

@@ -40,7 +40,7 @@ def matmul_sweep_ms(engine: str, reps: int = 10) -> tuple[float, float]:
     from tp_runtime import LLM
 
     llm = LLM(engine, threads=torch.get_num_threads())
-    from tp_runtime.layers import matmul
+    from tp_runtime.runtime.layers import matmul
 
     mods = [m for m in llm.model.modules() if hasattr(m, "layout") and m.weight is not None]
     weights = [m.weight for m in mods]
@@ -62,8 +62,8 @@ def matmul_sweep_ms(engine: str, reps: int = 10) -> tuple[float, float]:
 
 def preset_sweep(preset: str, share: int, threads: int, reps: int = 6) -> tuple[float, float]:
     """(seconds per step, bytes per step) of 1/share of the preset's decode-step weights through f32_mm."""
-    from tp_runtime import native
-    from tp_runtime.synthetic import load_preset
+    from tp_runtime.runtime import native
+    from tp_runtime.convert.synthetic import load_preset
 
     assert native.load(), native.why_not()
     torch.set_num_threads(threads)

@@ -16,4 +16,4 @@ ENGINE=$1; shift
 export RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
 exec ray job submit --working-dir "${WORKING_DIR:-$HERE}" \
     --runtime-env-json '{"excludes": [".git", ".venv", "engines", "benchmarks/results", "*.safetensors"]}' \
-    -- python -m tp_runtime.run --launcher ray --ray_address auto --engine "$ENGINE" "$@"
+    -- python -m tp_runtime.cli.run --launcher ray --ray_address auto --engine "$ENGINE" "$@"

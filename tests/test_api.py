@@ -9,8 +9,8 @@ import torch
 
 from helpers import build_checkpoint, run_ranks
 from tp_runtime import LLM, SamplingParams
-from tp_runtime.convert import convert
-from tp_runtime.sampling import RowSampler, apply_repetition_penalty, filter_top_k_top_p
+from tp_runtime.convert.pipeline import convert
+from tp_runtime.runtime.sampling import RowSampler, apply_repetition_penalty, filter_top_k_top_p
 
 PROMPTS = [[5, 9, 11, 40], [7, 3, 3, 80, 12, 19, 44, 2, 9], [60]]
 

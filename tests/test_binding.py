@@ -3,8 +3,8 @@
 import pytest
 
 from helpers import build_checkpoint, run_ranks, tool
-from tp_runtime.binding import plan_binding
-from tp_runtime.convert import convert
+from tp_runtime.distributed.binding import plan_binding
+from tp_runtime.convert.pipeline import convert
 from tp_runtime.errors import UserError
 
 TWO_NODES = {0: tuple(range(0, 8)), 1: tuple(range(8, 16))}

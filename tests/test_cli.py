@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers import run_ranks, tool, tp_run_json
-from tp_runtime.convert import convert
+from tp_runtime.convert.pipeline import convert
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from helpers import build_checkpoint, random_prompts, reference_greedy, reference_logprobs, run_ranks, tool, tp_run_json
-from tp_runtime.convert import convert
+from tp_runtime.convert.pipeline import convert
 from tp_runtime.errors import UserError
-from tp_runtime.llm import pick_compile
+from tp_runtime.runtime.llm import pick_compile
 
 NEW_TOKENS = 6
 
@@ -105,8 +105,7 @@ def test_engines_of_different_layouts_compiled_in_one_process(mistral, tmp_path,
     own code object, so one model's cache entries and guards never meet another's weights (they did: six
     engines of different layouts in one process raised KeyError 'weight' in Dynamo's guards)."""
     from tp_runtime import LLM, SamplingParams
-    from tp_runtime import quantize as qz
-
+    from tp_runtime.convert import quantize as qz
     model, root = mistral
     monkeypatch.delenv("TP_RUNTIME_COMPILE", raising=False)
     prompt = random_prompts(97, seed=11)[0]

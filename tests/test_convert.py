@@ -10,9 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import build_checkpoint
-from tp_runtime import engine_format as ef
-from tp_runtime.convert import convert
-from tp_runtime.writer import StreamingSafetensorsWriter
+from tp_runtime.engine import format as ef
+from tp_runtime.convert.pipeline import convert
+from tp_runtime.convert.writer import StreamingSafetensorsWriter
 
 
 def rank_tensors(engine, r):

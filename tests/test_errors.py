@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import build_checkpoint, free_port, run_ranks, tool
-from tp_runtime.convert import convert
+from tp_runtime.convert.pipeline import convert
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import torch
 
 from helpers import build_checkpoint, run_ranks
 from tp_runtime import LLM
-from tp_runtime.convert import convert
-from tp_runtime.eval import main as tp_eval
-from tp_runtime.perplexity import sliding_windows
-from tp_runtime.summarize import DEFAULT_DATA, read_data
+from tp_runtime.convert.pipeline import convert
+from tp_runtime.cli.eval import main as tp_eval
+from tp_runtime.cli.perplexity import sliding_windows
+from tp_runtime.cli.summarize import DEFAULT_DATA, read_data
 
-EVAL = [sys.executable, "-m", "tp_runtime.eval"]
+EVAL = [sys.executable, "-m", "tp_runtime.cli.eval"]
 
 
 def train_tokenizer(path: str, texts: list[str]):

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from helpers import assert_engine_matches, build_checkpoint, random_prompts, run_ranks, tool
-from tp_runtime.convert import convert
+from tp_runtime.convert.pipeline import convert
 from tp_runtime.errors import UserError
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import build_checkpoint, reference_greedy, reference_logprobs, tp_run_json
-from tp_runtime.convert import convert
+from tp_runtime.convert.pipeline import convert
 
 NEW_TOKENS = 8
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tp_runtime import partition as pt
+from tp_runtime.convert import partition as pt
 from tp_runtime.errors import UserError
 
 

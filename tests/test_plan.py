@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from helpers import run_ranks, tool, tp_run_json
-from tp_runtime import engine_format as ef
-from tp_runtime.convert import convert
-from tp_runtime.plan import parse_bytes, plan
-from tp_runtime.synthetic import load_preset, write_synthetic
+from tp_runtime.engine import format as ef
+from tp_runtime.convert.pipeline import convert
+from tp_runtime.cli.plan import parse_bytes, plan
+from tp_runtime.convert.synthetic import load_preset, write_synthetic
 
 BASE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=128, bos_token_id=1, eos_token_id=2)

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from helpers import build_checkpoint, random_prompts, reference_logprobs, run_ranks, tool, tp_run_json
-from tp_runtime import engine_format as ef
-from tp_runtime import partition as pt
-from tp_runtime import quantize as qz
-from tp_runtime import woq
-from tp_runtime.adapters import COLUMN, QKV, ROW_ATTN, ROW_MLP, VOCAB, get_adapter
-from tp_runtime.convert import convert, row_span, shard_tensor
+from tp_runtime.engine import format as ef
+from tp_runtime.convert import partition as pt
+from tp_runtime.convert import quantize as qz
+from tp_runtime.runtime import woq
+from tp_runtime.convert.adapters import COLUMN, QKV, ROW_ATTN, ROW_MLP, VOCAB, get_adapter
+from tp_runtime.convert.pipeline import convert, row_span, shard_tensor
 from tp_runtime.errors import UserError
-from tp_runtime.plan import plan
+from tp_runtime.cli.plan import plan
 
 SCHEMES = {
     "int8": qz.QuantScheme("int8", -1),
@@ -126,8 +126,7 @@ def test_every_available_kernel_matches_the_dequantized_matmul(name, dtype):
 
 def need_native():
     """tp_runtime's AVX2 kernels: skip where the CPU cannot run them, else they must build here."""
-    from tp_runtime import native
-
+    from tp_runtime.runtime import native
     if not {"avx2", "fma"} <= native.cpu_flags():
         pytest.skip("the CPU lacks AVX2/FMA: the native kernels are not candidates here")
     assert native.load(), native.why_not()
@@ -159,7 +158,7 @@ def test_native_kernels_build_here_and_match_for_every_row_count():
 def test_native_fp32_gemv_matches_for_decode_and_prefill_rows():
     """fp32 float linears on a CPU with the native kernels: (out, in) weights, tp_woq::f32_mm for up to
     NATIVE_ROWS activation rows (1-4 per weight pass and remainders), F.linear beyond; (B, T, in) inputs."""
-    from tp_runtime.layers import NATIVE_ROWS, matmul, pack_weight
+    from tp_runtime.runtime.layers import NATIVE_ROWS, matmul, pack_weight
 
     need_native()
     for out_f, in_f in ((40, 200), (576, 1536), (7, 33)):  # widths that are not multiples of 32 take the tail
@@ -180,7 +179,7 @@ def test_native_decode_attention_matches_softmax_attention():
     a KV head together) against softmax attention in float64 and the plain decode_attention: head sizes
     64 / 128 / 80, groups 1-4, spans that are and are not multiples of 8, rows in other slots than their
     index, per-row masks (a short row, a sliding window), large scores (the max is subtracted before exp)."""
-    from tp_runtime.model import decode_attention, native_decode_attention
+    from tp_runtime.runtime.model import decode_attention, native_decode_attention
 
     need_native()
     g = torch.Generator().manual_seed(0)
@@ -247,8 +246,7 @@ def test_native_int4_q8_rounds_activations_as_q8_0():
 
 
 def test_int4_tile_packing_round_trips():
-    from tp_runtime import native
-
+    from tp_runtime.runtime import native
     q = torch.randint(0, 16, (24, 96), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     tiles = native.pack_int4_tiles(q)
     assert tiles.shape == (3, 3, 128)
@@ -348,7 +346,7 @@ def test_int4_g32_engine_runs_at_tp2(ckpt, tmp_path):
 
 def test_plan_is_exact_for_quantized_engines(tmp_path):
     from test_plan import data_bytes, family_config
-    from tp_runtime.synthetic import write_synthetic
+    from tp_runtime.convert.synthetic import write_synthetic
 
     cfg = dict(family_config("llama"), intermediate_size=128)
     write_synthetic(cfg, str(tmp_path / "hf"), dtype="float32", progress=False)
@@ -404,8 +402,7 @@ def test_bad_quantization_input(ckpt, tmp_path):
 
 
 def test_awq_search_lowers_the_reconstruction_error_of_its_calibration_rows():
-    from tp_runtime import awq
-
+    from tp_runtime.convert import awq
     g = torch.Generator().manual_seed(7)
     w = torch.randn(96, 128, generator=g) * 0.05
     x = torch.randn(400, 128, generator=g)
@@ -483,8 +480,7 @@ def test_awq_engine_is_closer_to_the_float_model_than_rtn(awq_ckpt, tmp_path):
 def test_clip_search_errors_are_the_clipped_weights_output_errors(group, zero_point):
     """search_clip's reported errors, recomputed from the clamp it returns and quantize_rtn; the clip
     lowers the output error; the ranges are the full ranges shrunk by a grid ratio in [0.55, 1]."""
-    from tp_runtime import awq
-
+    from tp_runtime.convert import awq
     g = torch.Generator().manual_seed(3)
     w = torch.randn(40, 128, generator=g) * 0.05
     w[torch.rand(w.shape, generator=g) < 0.01] *= 8  # a few large weights per row: worth clipping
@@ -513,8 +509,8 @@ def test_awq_clip_lowers_the_output_error_on_the_calibration_activations(awq_ckp
     """The AWQ search with clipping against the same search without, on the same calibration activations
     of a tiny model: same scales; q and k never clipped; every other quantized linear's output error on
     its calibration rows (recomputed here from transform() and quantize_rtn) lower in sum."""
-    from tp_runtime import awq
-    from tp_runtime.checkpoint import open_checkpoint
+    from tp_runtime.convert import awq
+    from tp_runtime.convert.checkpoint import open_checkpoint
 
     root, _ = awq_ckpt
     hf = str(root / "hf")

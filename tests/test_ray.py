@@ -11,7 +11,7 @@ import pytest
 
 from helpers import build_checkpoint, free_port, random_prompts, tool, tp_run_json
 from tp_runtime import SamplingParams
-from tp_runtime.comm import CommError
+from tp_runtime.distributed.comm import CommError
 from tp_runtime.errors import UserError
 
 NEW_TOKENS = 8
@@ -74,7 +74,7 @@ def test_ray_engine_matches_mpirun(ray_local, engine, prompts, mpirun_outputs):
 
 def test_cluster_too_small_is_refused_at_once(ray_local, engine):
     from tp_runtime import RayEngine
-    from tp_runtime.ray_cluster import launch_ranks
+    from tp_runtime.distributed.ray_cluster import launch_ranks
 
     t0 = time.monotonic()
     with pytest.raises(UserError, match=r"tp_size=3 needs 3 x \(1 CPU\) on one node.*largest node .* 2 CPU"):
@@ -144,7 +144,7 @@ def test_tp_serve_launcher_ray(ray_local, smollm2_hf, tmp_path):
     from openai import OpenAI
 
     from test_serve import _wait_healthy
-    from tp_runtime.convert import convert
+    from tp_runtime.convert.pipeline import convert
 
     engine = str(tmp_path / "smollm2_tp2")
     convert(smollm2_hf, engine, 2, progress=False)

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import run_ranks, tool, tp_run_json
-from tp_runtime.convert import convert
+from tp_runtime.convert.pipeline import convert
 
 NEW = 32
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea, then explain each line of it."]

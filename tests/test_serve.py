@@ -17,15 +17,15 @@ import psutil
 import pytest
 
 from helpers import REPO, build_checkpoint, free_port, tool, tp_run_json
-from tp_runtime.convert import convert
-from tp_runtime.engine_loop import Event, Scheduler, ServeRequest
-from tp_runtime.generator import Request
-from tp_runtime.llm import LLM
-from tp_runtime.sampling import SamplingParams
+from tp_runtime.convert.pipeline import convert
+from tp_runtime.runtime.engine_loop import Event, Scheduler, ServeRequest
+from tp_runtime.runtime.generator import Request
+from tp_runtime.runtime.llm import LLM
+from tp_runtime.runtime.sampling import SamplingParams
 
 KEY = "test-key-123"
 MAX_SEQ_LEN = 256
-SERVE = [sys.executable, "-m", "tp_runtime.serve"]
+SERVE = [sys.executable, "-m", "tp_runtime.cli.serve"]
 
 
 # --- the scheduler, in one process ---
@@ -123,7 +123,7 @@ def test_presence_and_frequency_penalties():
     """OpenAI's rule: logit - count * frequency_penalty - (count > 0) * presence_penalty, over generated tokens."""
     import torch
 
-    from tp_runtime.sampling import RowSampler
+    from tp_runtime.runtime.sampling import RowSampler
 
     logits = torch.tensor([1.0, 0.9, 0.0, -1.0])
     plain = RowSampler(SamplingParams(greedy=True).resolved({}), [2], 4)
@@ -221,7 +221,7 @@ def server(smollm2_tp2):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     _wait_healthy(url, proc)
-    ranks = [p for p in _children(proc.pid) if "tp_runtime.serve" in " ".join(p.cmdline())]
+    ranks = [p for p in _children(proc.pid) if "tp_runtime.cli.serve" in " ".join(p.cmdline())]
     assert len(ranks) == 2
     yield {"url": url, "engine": smollm2_tp2}
     out, err = _stop(proc, ranks)

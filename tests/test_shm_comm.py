@@ -9,7 +9,7 @@ import time
 import pytest
 
 from helpers import build_checkpoint, run_ranks, tp_run_json
-from tp_runtime.convert import convert
+from tp_runtime.convert.pipeline import convert
 
 WORKER = os.path.join(os.path.dirname(__file__), "workers", "comm_worker.py")
 

@@ -8,15 +8,15 @@
 
 __version__ = "0.1.0"
 
-from tp_runtime.llm import LLM, RequestOutput  # noqa: E402
-from tp_runtime.sampling import SamplingParams  # noqa: E402
+from tp_runtime.runtime.llm import LLM, RequestOutput  # noqa: E402
+from tp_runtime.runtime.sampling import SamplingParams  # noqa: E402
 
 __all__ = ["LLM", "RayEngine", "RequestOutput", "SamplingParams", "__version__"]
 
 
 def __getattr__(name):
     if name == "RayEngine":  # lazily, so that `import tp_runtime` never imports ray
-        from tp_runtime.ray_engine import RayEngine
+        from tp_runtime.runtime.ray_engine import RayEngine
 
         return RayEngine
     raise AttributeError(f"module 'tp_runtime' has no attribute {name!r}")

@@ -26,7 +26,7 @@ def exit_on_user_error(main):
         except KeyboardInterrupt:
             sys.exit(130)
         except Exception as e:
-            from tp_runtime.comm import CommError
+            from tp_runtime.distributed.comm import CommError
 
             if not isinstance(e, CommError):
                 raise
@@ -54,7 +54,7 @@ def _exit(code: int, force: bool = False):
 
 def _rank_prefix():
     # Imported lazily: launch reads launcher variables, which is its concern alone.
-    from tp_runtime.launch import detect_launch
+    from tp_runtime.distributed.launch import detect_launch
 
     info = detect_launch()
     return f"[rank {info.rank}] " if info.world_size > 1 else ""

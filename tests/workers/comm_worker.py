@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from tp_runtime.comm import make_communicator
-from tp_runtime.launch import detect_launch
+from tp_runtime.distributed.comm import make_communicator
+from tp_runtime.distributed.launch import detect_launch
 
 mode = sys.argv[1]
 info = detect_launch()

@@ -1,0 +1,115 @@
+"""tp-plan: how a model splits over tp ranks, and whether each rank's share fits its memory.
+
+    tp-plan --config internlm2-20b --tp_size 2 --dtype bfloat16 --max_batch_size 4 --max_seq_len 4096 \\
+            --memory_per_rank 24GiB
+
+Runs the converter's own planning on meta tensors (no weights read or needed), so the weight bytes per
+rank are exactly those of the rank files tp-convert would write. KV cache bytes per rank:
+2 (k and v) x layers x batch x kv_heads_per_rank x seq x head_size x element size. Activations and
+the runtime's own overhead are not counted. With --weight_only_precision the converter plans the
+quantized rank files too (codes, scales), so those figures are exact as well; embeddings and lm_head
+stay in the engine dtype.
+"""
+
+import argparse
+import json
+import re
+import sys
+
+import torch
+
+from tp_runtime.convert import partition as pt
+from tp_runtime.convert import quantize as qz
+from tp_runtime.convert.checkpoint import Checkpoint
+from tp_runtime.convert.pipeline import DTYPES, plan_engine
+from tp_runtime.errors import UserError, exit_on_user_error
+from tp_runtime.convert.synthetic import load_preset, source_shapes
+
+GiB = 1 << 30
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*", text.lower())
+    if not m:
+        raise UserError(f"--memory_per_rank {text!r} is not a size such as 24GiB, 80GB or 1073741824")
+    units = {None: 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+    return int(float(m.group(1)) * units[m.group(2)])
+
+
+def meta_checkpoint(cfg: dict) -> Checkpoint:
+    dtype = DTYPES.get(cfg.get("torch_dtype") or cfg.get("dtype"), torch.bfloat16)
+    tensors = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape in source_shapes(cfg).items()}
+    return Checkpoint(cfg, tensors, None, tokenizer_dir="")
+
+
+def plan(cfg: dict, tp_size: int, dtype: str = "auto", precision: str | None = None, group_size: int | None = None,
+         max_batch_size: int = 1, max_seq_len: int | None = None, memory_per_rank: int | None = None,
+         parallel_embedding: bool = False) -> dict:
+    quant = None
+    if precision is not None:
+        quant = qz.parse_scheme(precision, group_size if precision == "int4" else None)
+    if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 1):
+        raise UserError("--max_batch_size and --max_seq_len must be >= 1")
+    ep = plan_engine(meta_checkpoint(cfg), tp_size, dtype, cfg.get("_name", "model"), max_seq_len, max_batch_size,
+                     parallel_embedding, quant)
+    ec = ep.config
+    seq = ec.max_seq_len
+    kv_elem = torch.empty((), dtype=ep.out_dtype).element_size()
+    ranks = []
+    for r in range(tp_size):
+        w = ep.rank_bytes(r)
+        kv = 2 * ec.num_hidden_layers * max_batch_size * ec.kv_heads_per_rank[r] * seq * ec.head_size * kv_elem
+        ranks.append({"rank": r, "heads": ec.heads_per_rank[r], "kv_heads": ec.kv_heads_per_rank[r],
+                      "weight_bytes": w, "kv_cache_bytes": kv, "total_bytes": w + kv,
+                      "fits": None if memory_per_rank is None else w + kv <= memory_per_rank})
+    return {"architecture": ec.source_architecture, "tp_size": tp_size, "dtype": ec.dtype,
+            "weight_only_precision": precision, "max_batch_size": max_batch_size, "max_seq_len": seq,
+            "num_attention_heads": ec.num_attention_heads, "num_key_value_heads": ec.num_key_value_heads,
+            "valid_tp_sizes": pt.valid_tp_sizes(ec.num_attention_heads, ec.num_key_value_heads),
+            "memory_per_rank": memory_per_rank, "ranks": ranks}
+
+
+def render(report: dict) -> str:
+    lines = [f"{report['architecture']}: {report['num_attention_heads']} heads / {report['num_key_value_heads']} KV "
+             f"heads, tp_size {report['tp_size']}, {report['dtype']}"
+             + (f" weights {report['weight_only_precision']}" if report["weight_only_precision"] else "")
+             + f", KV cache for {report['max_batch_size']} x {report['max_seq_len']} tokens", ""]
+    mem = report["memory_per_rank"]
+    head = "| rank | heads | KV heads | weights GiB | KV cache GiB | total GiB |"
+    lines += [head + (f" fits {mem / GiB:.1f} GiB |" if mem else ""), "|---" * (7 if mem else 6) + "|"]
+    for r in report["ranks"]:
+        row = (f"| {r['rank']} | {r['heads']} | {r['kv_heads']} | {r['weight_bytes'] / GiB:.2f} | "
+               f"{r['kv_cache_bytes'] / GiB:.2f} | {r['total_bytes'] / GiB:.2f} |")
+        lines.append(row + (f" {'yes' if r['fits'] else 'NO'} |" if mem else ""))
+    lines += ["", f"valid tp sizes for these heads: {', '.join(map(str, report['valid_tp_sizes']))}"]
+    return "\n".join(lines)
+
+
+@exit_on_user_error
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="tp-plan", description="Per-rank memory of a model split over tp ranks.")
+    p.add_argument("--config", required=True, help="preset name (configs/NAME.json), a config .json or a model folder")
+    p.add_argument("--tp_size", type=int, required=True)
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="engine dtype; auto: the config's torch_dtype, else bfloat16")
+    p.add_argument("--weight_only_precision", choices=["int8", "int4"], default=None)
+    p.add_argument("--group_size", type=int, default=None,
+                   help="int4 quantization group along the input dim (default 128; -1: per channel)")
+    p.add_argument("--max_batch_size", type=int, default=1)
+    p.add_argument("--max_seq_len", type=int, default=None, help="default min(max_position_embeddings, 4096)")
+    p.add_argument("--memory_per_rank", default=None, help="e.g. 24GiB, 80GB")
+    p.add_argument("--use_parallel_embedding", action="store_true", help="as tp-convert's: split the embedding")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    cfg = load_preset(args.config)
+    cfg.setdefault("_name", args.config)
+    mem = parse_bytes(args.memory_per_rank) if args.memory_per_rank else None
+    report = plan(cfg, args.tp_size, args.dtype, args.weight_only_precision, args.group_size,
+                  args.max_batch_size, args.max_seq_len, mem, args.use_parallel_embedding)
+    print(json.dumps(report, indent=1) if args.json else render(report))
+    return 0 if mem is None or all(r["fits"] for r in report["ranks"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""LlamaForCausalLM (SmolLM2 included), MistralForCausalLM (sliding window), Qwen2ForCausalLM (qkv bias)."""
+
+from tp_runtime.convert.adapters.base import DecoderAdapter, fetch, fetch_qkv, rope_settings
+
+
+class LlamaAdapter(DecoderAdapter):
+    architectures = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+    model_types = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+    def config(self) -> dict:
+        heads = int(self.get("num_attention_heads"))
+        hidden = int(self.get("hidden_size"))
+        layers = int(self.get("num_hidden_layers"))
+        theta, scaling = rope_settings(self.hf)
+        attention_bias = bool(self.hf.get("attention_bias", False))
+        return dict(
+            **self.common(),
+            architecture="LlamaForCausalLM",
+            vocab_size=int(self.get("vocab_size")),
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=int(self.get("num_key_value_heads", heads)),
+            head_size=int(self.hf.get("head_dim") or hidden // heads),
+            intermediate_size=int(self.get("intermediate_size")),
+            max_position_embeddings=int(self.get("max_position_embeddings", 4096)),
+            hidden_act=str(self.hf.get("hidden_act", "silu")),
+            norm_epsilon=float(self.hf.get("rms_norm_eps", 1e-6)),
+            rotary_base=theta,
+            rotary_scaling=scaling,
+            tie_word_embeddings=bool(self.hf.get("tie_word_embeddings", False)),
+            qkv_bias=attention_bias or self.arch == "Qwen2ForCausalLM",
+            dense_bias=attention_bias,
+            mlp_bias=bool(self.hf.get("mlp_bias", False)),
+            sliding_window_per_layer=self._sliding_windows(layers),
+        )
+
+    def _sliding_windows(self, layers: int) -> list | None:
+        hf = self.hf
+        window = hf.get("sliding_window")
+        if not window:
+            return None
+        types = hf.get("layer_types")
+        if isinstance(types, list) and len(types) == layers:
+            out = [int(window) if t == "sliding_attention" else None for t in types]
+        elif self.arch == "Qwen2ForCausalLM":
+            if not hf.get("use_sliding_window", False):
+                return None
+            first = int(hf.get("max_window_layers", layers))
+            out = [int(window) if i >= first else None for i in range(layers)]
+        else:
+            out = [int(window)] * layers
+        return out if any(w is not None for w in out) else None
+
+    def embedding(self):
+        return fetch(self.ckpt, "model.embed_tokens.weight")
+
+    def layer(self, i: int, cfg: dict) -> dict:
+        ck, src = self.ckpt, f"model.layers.{i}"
+        attn = f"{src}.self_attn"
+        out = {
+            "input_layernorm.weight": fetch(ck, f"{src}.input_layernorm.weight"),
+            "attention.qkv.weight": fetch_qkv(ck, *(f"{attn}.{p}_proj.weight" for p in "qkv")),
+            "attention.dense.weight": fetch(ck, f"{attn}.o_proj.weight"),
+            "post_layernorm.weight": fetch(ck, f"{src}.post_attention_layernorm.weight"),
+            "mlp.fc.weight": fetch(ck, f"{src}.mlp.gate_proj.weight"),
+            "mlp.gate.weight": fetch(ck, f"{src}.mlp.up_proj.weight"),
+            "mlp.proj.weight": fetch(ck, f"{src}.mlp.down_proj.weight"),
+        }
+        if cfg["qkv_bias"]:
+            out["attention.qkv.bias"] = fetch_qkv(ck, *(f"{attn}.{p}_proj.bias" for p in "qkv"))
+        if cfg["dense_bias"]:
+            out["attention.dense.bias"] = fetch(ck, f"{attn}.o_proj.bias")
+        if cfg["mlp_bias"]:
+            out["mlp.fc.bias"] = fetch(ck, f"{src}.mlp.gate_proj.bias")
+            out["mlp.gate.bias"] = fetch(ck, f"{src}.mlp.up_proj.bias")
+            out["mlp.proj.bias"] = fetch(ck, f"{src}.mlp.down_proj.bias")
+        return out
+
+    def final_norm(self) -> dict:
+        return {"weight": fetch(self.ckpt, "model.norm.weight")}
+
+    def lm_head(self, cfg: dict):
+        tied = cfg["tie_word_embeddings"] or "lm_head.weight" not in self.ckpt
+        return fetch(self.ckpt, "model.embed_tokens.weight" if tied else "lm_head.weight")

@@ -1,0 +1,366 @@
+"""AWQ (activation-aware weight quantization) for the converter: per-input-channel scales searched on
+calibration activations, then round-to-nearest.
+
+For a linear fed x, and any per-input-channel s > 0:   x W^T = (x / s) (W * s)^T.
+Quantizing W * s instead of W protects the input channels with large activations (their weights are
+scaled up, so rounding costs them less), at the price of the others. As AutoAWQ does, s = mean|x|^alpha
+(normalised), alpha on a grid in [0, 1) chosen per layer group to minimise || x W^T - (x/s) Q(W s)^T ||
+on the calibration activations (alpha = 0 is plain RTN, so the search never does worse on them).
+
+Then, as AutoAWQ's auto_clip, a clipping search on the scaled weights W s (fed x / s): for each row and
+group of every quantized linear but the query and key projections (their errors go through the softmax),
+the range kept before rounding is shrunk by a ratio r in 1, 0.95, ..., 0.55 ([M r, -7/8 M r] with M the
+group's value of largest magnitude, symmetric Q4_0's own range; [lo r, hi r] with zero points), r chosen
+per (row, group) to minimise the squared error of that group's share of the output on the calibration
+tokens:
+
+    err[o, g] = (dW[o, g] X_g^T X_g dW[o, g]^T) / n        dW = Q(clip(W s)) - W s, X = x / s (n tokens)
+
+computed from each group's Gram matrix X_g^T X_g (one (group, group) matrix per group, not one product per
+token). A weight whose clipped groups add up to a larger error of its whole output (the groups' cross
+terms) keeps its full ranges, so the clip never does worse on the calibration tokens. The weights are
+clamped to the chosen ranges as they are loaded, then rounded as usual. Clipping sacrifices the few
+largest weights of a group for a finer step on the rest; weighing the error by real activations is what
+makes that pay (a weight-space MSE clip did not: quantize.py's _round).
+
+The 1 / s goes where the math allows, so it costs nothing at run time:
+    qkv       <- input_layernorm (weight and bias divided by s)            pre-norm families
+    fc, gate  <- post_layernorm                                             pre-norm families
+    proj      <- the rows of mlp.gate (HF up_proj): act(fc x) * (gate x) is linear in gate's output
+    dense     <- the rows of v, when every query head has its own KV head (no GQA)
+and otherwise into a `prequant_scaling_factor` that multiplies the activation before the matmul.
+
+Calibration activations come from the project's own runtime, the one converter -> runtime use DESIGN
+allows: an unquantized tp=1 float32 engine is built in a temporary directory, run through the public
+LLM API on the calibration text, and forward pre-hooks on its linear layers record their inputs.
+"""
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import torch
+
+from tp_runtime.engine import format as ef
+from tp_runtime.convert import quantize as qz
+from tp_runtime.errors import UserError
+
+GRID = 20  # alpha in 0, 0.05, ..., 0.95
+CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5  # clip ratios 1, 0.95, ..., 0.55 (AutoAWQ's n_grid, max_shrink)
+MAX_ROWS = 1024  # calibration tokens kept per linear for the search (mean |x| uses them all)
+
+
+@dataclass
+class AwqResult:
+    """What the converter applies: tensor transforms by engine name, and prequant factors."""
+
+    col_scale: dict = field(default_factory=dict)  # weight name -> s (in,): columns multiplied by s
+    row_div: dict = field(default_factory=dict)  # tensor name -> s: divided by s along dim 0 (norms, rows)
+    qkv_v_div: dict = field(default_factory=dict)  # qkv weight / bias name -> s: v's rows divided by s
+    prequant: dict = field(default_factory=dict)  # weight name -> 1 / s (in,)
+    alphas: dict = field(default_factory=dict)  # group name -> chosen alpha (reported)
+    errors: dict = field(default_factory=dict)  # group name -> (rtn error, awq error) on the calibration rows
+    clip: dict = field(default_factory=dict)  # weight name -> {part: (lo, hi) (out, groups)}; part 2 = qkv's v
+    clip_errors: dict = field(default_factory=dict)  # weight name -> (error unclipped, clipped), summed over parts
+
+
+def calibration_text(path: str | None) -> str:
+    if path is None:
+        from pydoc_data.topics import topics  # CPython's documentation topics: English text on every machine
+
+        return "\n\n".join(topics[k] for k in sorted(topics))
+    if not os.path.isfile(path):
+        raise UserError(f"--calib_file {path} does not exist")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if not text.strip():
+        raise UserError(f"--calib_file {path} is empty; give a text file of at least one --calib_seq_len of tokens")
+    return text
+
+
+def calibration_samples(ids: list[int], samples: int, seq_len: int, source: str) -> list[list[int]]:
+    """`samples` windows of seq_len tokens spread over the text (fewer if the text is short)."""
+    if samples < 1 or seq_len < 2:
+        raise UserError(f"--calib_samples must be >= 1 and --calib_seq_len >= 2, got {samples} and {seq_len}")
+    if len(ids) < seq_len:
+        raise UserError(f"the calibration text ({source}) has {len(ids)} tokens, shorter than one sample of "
+                        f"--calib_seq_len {seq_len}; give a longer --calib_file or a smaller --calib_seq_len")
+    windows = len(ids) // seq_len
+    picks = sorted({round(i * (windows - 1) / max(samples - 1, 1)) for i in range(min(samples, windows))})
+    return [ids[w * seq_len:(w + 1) * seq_len] for w in picks]
+
+
+class _Recorder:
+    """Forward pre-hook: mean |x| per input channel over every token, and a sample of token rows."""
+
+    def __init__(self, seed: int):
+        self.abs_sum, self.count, self.rows = None, 0, []
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, module, args):
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
+        s = x.abs().sum(0)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.count += x.shape[0]
+        keep = max(1, MAX_ROWS // 8)
+        idx = torch.randperm(x.shape[0], generator=self.gen)[:keep]
+        self.rows.append(x[idx])
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.cat(self.rows)
+        if rows.shape[0] > MAX_ROWS:
+            rows = rows[torch.randperm(rows.shape[0], generator=self.gen)[:MAX_ROWS]]
+        return self.abs_sum / self.count, rows
+
+
+def collect_activations(model_dir: str, calib_file: str | None, samples: int, seq_len: int) -> dict:
+    """{(layer, 'qkv' | 'dense' | 'fc_gate' | 'proj'): (mean |x| (in,), rows (n, in))} from an fp32 tp=1 run."""
+    from tp_runtime.convert.pipeline import convert  # the converter builds the temporary engine
+    from tp_runtime.runtime.llm import LLM  # the public runtime API
+    from tp_runtime.runtime.sampling import SamplingParams
+
+    text = calibration_text(calib_file)
+    tmp = tempfile.mkdtemp(prefix="tp_awq_calib-")
+    try:
+        engine = os.path.join(tmp, "engine")
+        convert(model_dir, engine, 1, dtype="float32", progress=False, max_seq_len=seq_len + 1, max_batch_size=1)
+        llm = LLM(engine, device="cpu", bind="none", max_batch_size=1, max_seq_len=seq_len + 1)
+        try:
+            if not llm.has_tokenizer:
+                raise UserError(f"{model_dir} has no tokenizer, which AWQ calibration needs to read its text")
+            source = calib_file or "pydoc_data.topics"
+            budget = samples * seq_len * 12  # characters: enough for the samples at any tokenizer's rate
+            ids = llm.tokenizer(text if calib_file else text[:budget])["input_ids"]
+            windows = calibration_samples(ids, samples, seq_len, source)
+            recorders, handles = {}, []
+            for i, layer in enumerate(llm.model.layers):
+                mlp = layer.mlp
+                mods = {"qkv": layer.attention.qkv, "dense": layer.attention.dense,
+                        "fc_gate": getattr(mlp, "fc_gate", None) or mlp.fc, "proj": mlp.proj}
+                for name, mod in mods.items():
+                    rec = recorders[(i, name)] = _Recorder(seed=i * 4 + len(recorders))
+                    handles.append(mod.register_forward_pre_hook(rec))
+            try:
+                params = SamplingParams(max_tokens=1, ignore_eos=True)
+                for w in windows:
+                    llm.generate([w], params)
+            finally:
+                for h in handles:
+                    h.remove()
+        finally:
+            llm.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {k: r.result() for k, r in recorders.items()}
+
+
+def _quant_error(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor, scheme: qz.QuantScheme) -> float:
+    """|| x W^T - (x / s) Q(W s)^T ||^2 / rows."""
+    deq = qz.dequantize(qz.quantize_rtn(w * s, scheme)) / s
+    return ((x @ (w - deq).t()) ** 2).sum().item() / x.shape[0]
+
+
+def search_scale(w: torch.Tensor, mean_abs: torch.Tensor, x: torch.Tensor, scheme: qz.QuantScheme):
+    """Best s = mean|x|^alpha (normalised) for weight w (out, in) fed rows x (n, in).
+    Returns (s, alpha, rtn error, best error)."""
+    w, x = w.float(), x.float()
+    base = mean_abs.float().clamp(min=1e-8)
+    rtn = _quant_error(w, x, torch.ones_like(base), scheme)
+    best = (torch.ones_like(base), 0.0, rtn)
+    for k in range(1, GRID):
+        alpha = k / GRID
+        s = base.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        err = _quant_error(w, x, s, scheme)
+        if err < best[2]:
+            best = (s, alpha, err)
+    return best[0], best[1], rtn, best[2]
+
+
+def _group_errors(dw: torch.Tensor, x: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+    """err[o, g] = mean over tokens of (x_g dw[o, g]^T)^2. dw: (out, groups, group); x: (n, in)."""
+    if gram is not None:  # (groups, group, group): out * in * group multiply-adds
+        return torch.einsum("ogi,gij,ogj->og", dw, gram, dw)
+    groups, g = dw.shape[1], dw.shape[2]  # wide groups (per channel): out * in * n instead
+    xg = x.reshape(x.shape[0], groups, g).transpose(0, 1)  # (groups, n, group)
+    part = torch.bmm(xg, dw.permute(1, 2, 0))  # (groups, n, out)
+    return part.pow(2).mean(1).t()  # (out, groups)
+
+
+_CODES = {"int8": (-128, 127), "int4": (0, 15)}
+
+
+def _full_range(wg: torch.Tensor, scheme: qz.QuantScheme):
+    """(lo, hi) (out, groups): the part of each group's range that quantize._round can represent.
+    Zero points: [min, max] widened to hold 0. Symmetric int4 (Q4_0): M, the signed value of largest
+    magnitude, maps to code 0 and code 15 reaches -7/8 M, so [M, -7/8 M] (ordered): clamping there
+    changes nothing, and keeps M's sign the largest magnitude once both ends are shrunk. int8: [-m, m]."""
+    if scheme.zero_point:
+        return wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    if scheme.precision == "int8":
+        m = wg.abs().amax(-1)
+        return -m, m
+    big = wg.gather(-1, wg.abs().argmax(-1, keepdim=True)).squeeze(-1)  # M (out, groups)
+    other = big * (-7 / 8)
+    return torch.minimum(big, other), torch.maximum(big, other)
+
+
+def _scale_zero(lo: torch.Tensor, hi: torch.Tensor, scheme: qz.QuantScheme):
+    """quantize._round's scale and zero for groups whose range is exactly [lo, hi] (as _full_range
+    shrunk by a ratio gives): the same operations, so the same floats, at (out, groups) cost."""
+    lo_code, hi_code = _CODES[scheme.precision]
+    if scheme.zero_point:
+        scale = (hi - lo) / (hi_code - lo_code)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        return scale, (torch.round(-lo / scale) + lo_code).clamp(lo_code, hi_code)
+    if scheme.precision == "int8":
+        scale = hi / 127
+    else:
+        scale = torch.where(hi.abs() > lo.abs(), hi, lo) / -8  # M
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, torch.full_like(scale, 0 if scheme.precision == "int8" else 8)
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, scheme: qz.QuantScheme):
+    """Per (row, group) clip range for weight w (out, in) fed rows x (n, in), both as the engine will
+    have them (AWQ-scaled). Returns lo, hi (out, groups) to clamp w to, and the output error
+    || x W^T - x Q(W)^T ||^2 / rows without and with the clip."""
+    w, x = w.float(), x.float()
+    out_f, in_f = w.shape
+    g = in_f if scheme.group_size == -1 else scheme.group_size
+    wg = w.reshape(out_f, in_f // g, g)  # (out, groups, group)
+    gram = None
+    if g <= x.shape[0]:
+        xg = x.reshape(x.shape[0], in_f // g, g).transpose(0, 1)  # (groups, n, group)
+        gram = xg.transpose(1, 2) @ xg / x.shape[0]  # (groups, group, group)
+    lo0, hi0 = _full_range(wg, scheme)
+    best_err, best_r = None, torch.ones_like(hi0)
+    for k in range(round(CLIP_GRID * CLIP_MAX_SHRINK)):
+        r = 1 - k / CLIP_GRID
+        lo, hi = lo0 * r, hi0 * r
+        scale, zero = _scale_zero(lo, hi, scheme)  # (out, groups): _round's, of the clamped group
+        clipped = torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1))
+        q = (torch.round(clipped / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(*_CODES[scheme.precision])
+        dw = (q - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - wg  # (out, groups, group)
+        err = _group_errors(dw, x, gram)  # (out, groups)
+        if best_err is None:
+            best_err, dw_full = err, dw
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+    lo, hi = lo0 * best_r, hi0 * best_r
+    clipped = torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(out_f, in_f)
+    dw_clip = qz.dequantize(qz.quantize_rtn(clipped, scheme)) - w
+    before = (x @ dw_full.reshape(out_f, in_f).t()).pow(2).sum().item() / x.shape[0]
+    after = (x @ dw_clip.t()).pow(2).sum().item() / x.shape[0]
+    return lo, hi, before, after
+
+
+def _clip_layer(res: AwqResult, tensors: dict, names: list, rows: torch.Tensor, s, scheme) -> None:
+    """Clip search for one layer group's weights, as transform() will hand them to the quantizer."""
+    x = rows if s is None else rows / s  # the linear's input once the scale is folded in
+    for n in names:
+        t = transform(n, tensors[n].load(False), res)
+        parts = t if isinstance(t, tuple) else (t,)
+        res.clip[n], errs = {}, [0.0, 0.0]
+        for i, part in enumerate(parts):
+            if isinstance(t, tuple) and i < 2:  # q and k of (q, k, v): AutoAWQ's avoid_clipping
+                continue
+            lo, hi, before, after = search_clip(part, x, scheme)
+            if after < before:  # groups chosen one by one can add up worse (their cross terms): then none
+                res.clip[n][i] = (lo, hi)
+            else:
+                after = before
+            errs[0] += before
+            errs[1] += after
+        res.clip_errors[n] = tuple(errs)
+
+
+def search(model_dir: str, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme, calib_file: str | None,
+           samples: int, seq_len: int, progress: bool = False, clip: bool = True, acts: dict | None = None
+           ) -> AwqResult:
+    """ckpt_tensors: engine name -> CanonicalTensor (global, unsharded); cfg: the canonical config fields.
+    clip: also search the clipping ranges; acts: collect_activations' result, when already at hand."""
+    if acts is None:
+        acts = collect_activations(model_dir, calib_file, samples, seq_len)
+    res = AwqResult()
+    pre_norm = cfg.get("norm_placement", "pre") == "pre"
+    gated = cfg.get("gated_mlp", True)
+    no_gqa = cfg["num_key_value_heads"] == cfg["num_attention_heads"]
+    from tqdm import tqdm
+
+    for i in tqdm(range(cfg["num_hidden_layers"]), desc="AWQ search", unit="layer", disable=not progress):
+        p = ef.layer_prefix(i)
+
+        def load(name):
+            return ckpt_tensors[name].load(False)
+
+        groups = [("qkv", [f"{p}.attention.qkv.weight"]), ("dense", [f"{p}.attention.dense.weight"]),
+                  ("fc_gate", [f"{p}.mlp.fc.weight"] + ([f"{p}.mlp.gate.weight"] if gated else [])),
+                  ("proj", [f"{p}.mlp.proj.weight"])]
+        chosen = {}
+        for key, names in groups:
+            ws = []
+            for n in names:
+                t = load(n)
+                ws.extend(t if isinstance(t, tuple) else [t])
+            mean_abs, rows = acts[(i, key)]
+            s, alpha, err_rtn, err_awq = search_scale(torch.cat(ws), mean_abs, rows, scheme)
+            res.alphas[f"{p}.{key}"] = alpha
+            res.errors[f"{p}.{key}"] = (err_rtn, err_awq)
+            chosen[key] = (names, rows, None if alpha == 0.0 else s)
+            if alpha == 0.0:
+                continue
+            for n in names:
+                res.col_scale[n] = s
+            if key == "qkv" and pre_norm:
+                _fold(res, ckpt_tensors, f"{p}.input_layernorm", s)
+            elif key == "fc_gate" and pre_norm:
+                _fold(res, ckpt_tensors, f"{p}.post_layernorm", s)
+            elif key == "proj" and gated:
+                res.row_div[f"{p}.mlp.gate.weight"] = s
+                if f"{p}.mlp.gate.bias" in ckpt_tensors:
+                    res.row_div[f"{p}.mlp.gate.bias"] = s
+            elif key == "dense" and no_gqa:
+                res.qkv_v_div[f"{p}.attention.qkv.weight"] = s
+                if f"{p}.attention.qkv.bias" in ckpt_tensors:
+                    res.qkv_v_div[f"{p}.attention.qkv.bias"] = s
+            else:
+                for n in names:
+                    res.prequant[n] = 1.0 / s
+        if clip:  # after the layer's scales: v's rows (dense's scale) and gate's rows (proj's) are final
+            for names, rows, s in chosen.values():
+                _clip_layer(res, ckpt_tensors, names, rows, s, scheme)
+    return res
+
+
+def _fold(res: AwqResult, tensors: dict, norm: str, s: torch.Tensor) -> None:
+    res.row_div[f"{norm}.weight"] = s
+    if f"{norm}.bias" in tensors:
+        res.row_div[f"{norm}.bias"] = s
+
+
+def transform(name: str, tensor, res: AwqResult):
+    """Apply the AWQ scales to one canonical tensor (a tensor, or (q, k, v) for qkv) as it is loaded."""
+    if name in res.qkv_v_div:  # v's rows (its outputs are dense's inputs)
+        q, k, v = tensor
+        s = res.qkv_v_div[name]
+        v = v / (s.view(-1, *([1] * (v.dim() - 1))) if v.dim() > 1 else s)
+        tensor = (q, k, v.to(q.dtype))
+    if name in res.col_scale:
+        s = res.col_scale[name]
+        tensor = tuple(t * s for t in tensor) if isinstance(tensor, tuple) else tensor * s
+    if name in res.row_div:
+        s = res.row_div[name]
+        tensor = tensor / (s.view(-1, 1) if tensor.dim() > 1 else s)
+    if name in res.clip:
+        parts = list(tensor) if isinstance(tensor, tuple) else [tensor]
+        for i, (lo, hi) in res.clip[name].items():
+            w = parts[i]
+            g = w.shape[1] // lo.shape[1]
+            wg = w.float().reshape(w.shape[0], lo.shape[1], g)  # (out, groups, group)
+            parts[i] = torch.clamp(wg, lo.unsqueeze(-1), hi.unsqueeze(-1)).reshape(w.shape).to(w.dtype)
+        tensor = tuple(parts) if isinstance(tensor, tuple) else parts[0]
+    return tensor

@@ -1,0 +1,1 @@
+"""Distributed glue: launch detection, communicators (torch.distributed, shared memory), CPU binding, Ray ranks."""

@@ -1,0 +1,199 @@
+"""The communicator: the one place that calls torch.distributed's collectives.
+
+Chosen once at start-up:
+    world size 1   -> Communicator: every call returns at once, nothing is initialized
+    CUDA           -> NCCL (with a gloo group beside it for Python objects)
+    CPU, one host  -> shared memory (shm_comm.py), gloo underneath for set-up and Python objects
+    CPU, hosts     -> gloo
+Every collective has a timeout (the process group's), so a dead rank ends the job instead of
+hanging it.
+
+Inside a torch.compile'd step the two activation collectives (all_reduce, all_gather) are custom
+ops (tp_runtime::all_reduce_, tp_runtime::all_gather), opaque to the compiler, so a compiled decode
+step is one graph with the communication in it; outside compiled code they are plain calls.
+"""
+
+import datetime
+import time
+
+import torch
+
+from tp_runtime.distributed.launch import LaunchInfo, rendezvous_address
+
+DEFAULT_TIMEOUT_S = 45
+
+
+class CommError(RuntimeError):
+    """A collective failed: another rank died, or did not answer within the timeout."""
+
+
+def _guard(fn):
+    def wrapped(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except CommError:
+            raise
+        except Exception as e:  # gloo/NCCL raise RuntimeError or DistBackendError subclasses
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CommError(f"rank {self.rank}: {fn.__name__.lstrip('_')} failed, another rank died or timed out "
+                            f"after {self.timeout_s:.0f}s ({first})") from None
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+class Communicator:
+    """World size 1: no process group, every collective is the identity."""
+
+    rank = 0
+    world_size = 1
+    backend = "none"
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over ranks, in place; returns it."""
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's `tensor` along `dim`, in rank order."""
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return tensor
+
+    def broadcast_object(self, obj, src: int = 0):
+        return obj
+
+    def barrier(self, timeout_s: float | None = None) -> None:
+        """Wait for every rank (timeout_s: this wait's own limit instead of the communicator's)."""
+
+    def close(self) -> None:
+        pass
+
+
+_LIVE: list[Communicator] = []  # communicators by op id, for the custom ops below
+
+
+@torch.library.custom_op("tp_runtime::all_reduce_", mutates_args=("tensor",))
+def _all_reduce_op(tensor: torch.Tensor, comm_id: int) -> None:
+    comm = _LIVE[comm_id]
+    if not comm.offline:
+        comm._all_reduce(tensor)
+
+
+@torch.library.custom_op("tp_runtime::all_gather", mutates_args=())
+def _all_gather_op(tensor: torch.Tensor, comm_id: int, world_size: int, dim: int) -> torch.Tensor:
+    comm = _LIVE[comm_id]
+    if comm.offline:  # a compile warm-up: the shape, not the data, matters
+        return torch.cat([tensor] * world_size, dim=dim)
+    return comm._all_gather(tensor, dim)
+
+
+@_all_gather_op.register_fake
+def _(tensor, comm_id, world_size, dim):
+    shape = list(tensor.shape)
+    shape[dim] *= world_size
+    return tensor.new_empty(shape)
+
+
+class TorchDistCommunicator(Communicator):
+    def __init__(self, info: LaunchInfo, backend: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+        import torch.distributed as dist
+
+        self.op_id = len(_LIVE)
+        _LIVE.append(self)
+        # offline: compiled graphs' collectives do nothing, so each rank can compile (and run its warm-up
+        # step) at its own pace; a barrier with a long limit then brings the ranks together again.
+        self.offline = False
+        self.dist = dist
+        self.rank, self.world_size, self.backend = info.rank, info.world_size, backend
+        self.timeout_s = timeout_s
+        addr, port = rendezvous_address(info)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        try:
+            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=info.rank,
+                                    world_size=info.world_size, timeout=timeout)
+        except Exception as e:
+            raise CommError(f"rank {info.rank}: could not join the other {info.world_size - 1} rank(s) at "
+                            f"{addr}:{port} within {timeout_s:.0f}s ({str(e).strip().splitlines()[0]})") from None
+        # Python objects travel over gloo even when tensors use NCCL.
+        self.object_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+
+    def all_reduce(self, tensor):
+        if torch.compiler.is_compiling():
+            torch.ops.tp_runtime.all_reduce_(tensor, self.op_id)
+            return tensor
+        return self._all_reduce(tensor)
+
+    def all_gather(self, tensor, dim=-1):
+        if torch.compiler.is_compiling():
+            return torch.ops.tp_runtime.all_gather(tensor, self.op_id, self.world_size, dim)
+        return self._all_gather(tensor, dim)
+
+    @_guard
+    def _all_reduce(self, tensor):
+        self.dist.all_reduce(tensor)
+        return tensor
+
+    @_guard
+    def _all_gather(self, tensor, dim=-1):
+        tensor = tensor.contiguous()
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self.dist.all_gather(parts, tensor)
+        return torch.cat(parts, dim=dim)
+
+    @_guard
+    def broadcast(self, tensor, src=0):
+        self.dist.broadcast(tensor, src)
+        return tensor
+
+    @_guard
+    def broadcast_object(self, obj, src=0):
+        box = [obj]
+        self.dist.broadcast_object_list(box, src=src, group=self.object_group)
+        return box[0]
+
+    @_guard
+    def barrier(self, timeout_s=None):
+        if timeout_s is not None:  # a counter in the rendezvous store, polled: any limit, any backend
+            self._store_barrier(timeout_s)
+        elif self.object_group is not None:
+            self.dist.barrier(group=group)
+        else:
+            self.dist.barrier()
+
+    def _store_barrier(self, timeout_s: float) -> None:
+        store = self.dist.distributed_c10d._get_default_store()
+        self._barriers = getattr(self, "_barriers", 0) + 1
+        key = f"tp_runtime/barrier/{self._barriers}"
+        store.add(key, 1)
+        deadline = time.monotonic() + timeout_s
+        while int(store.add(key, 0)) < self.world_size:
+            if time.monotonic() > deadline:
+                raise CommError(f"rank {self.rank}: the other ranks did not reach the barrier within {timeout_s:.0f}s")
+            time.sleep(0.05)
+
+    def close(self):
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+
+COMM_KINDS = ("auto", "shm", "gloo")
+
+
+def make_communicator(info: LaunchInfo, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S,
+                      kind: str = "auto") -> Communicator:
+    """kind: auto (shared memory when every rank is on this host's CPUs, else gloo; NCCL on CUDA),
+    shm (shared memory, an error if the ranks span hosts), gloo."""
+    if kind not in COMM_KINDS:
+        from tp_runtime.errors import UserError
+
+        raise UserError(f"--comm must be one of {', '.join(COMM_KINDS)}, got {kind!r}")
+    if info.world_size == 1:
+        return Communicator()
+    if device.type == "cuda":
+        return TorchDistCommunicator(info, "nccl", timeout_s)
+    if kind == "gloo":
+        return TorchDistCommunicator(info, "gloo", timeout_s)
+    from tp_runtime.distributed.shm_comm import ShmCommunicator  # it builds on this module
+
+    return ShmCommunicator(info, timeout_s, required=kind == "shm")

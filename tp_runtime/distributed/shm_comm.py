@@ -1,0 +1,206 @@
+"""A shared-memory communicator for ranks on the CPUs of one host.
+
+gloo moves a 576-float all-reduce between two local processes in ~0.5 ms; a decode step does one per
+row-parallel layer. Here every rank writes into its slot of one shared buffer and reads the others'
+slots directly, with sequence flags instead of barriers:
+
+    segment = [flags: one 64-byte line per rank][data: 2 buffers x world slots x SLOT_BYTES]
+
+    collective number s (every rank counts the same collectives in the same order), buffer s % 2:
+      1. wait until every rank's flag >= s - 1     (all have left collective s - 2, which used this buffer)
+      2. copy my input into my slot, then set my flag = s
+      3. wait until the flags I need are >= s, and read: sum the slots in rank order (all-reduce),
+         concatenate them (all-gather), or copy the source's slot (broadcast)
+
+Each rank sums the same slots in the same order, so every rank gets bit-identical results; bf16 / fp16
+are accumulated in fp32. x86 keeps stores in program order, so a flag is never seen before its data.
+The segment is a /dev/shm file that rank 0 unlinks as soon as every rank has mapped it, so nothing is
+left in /dev/shm after a normal exit or a kill. A wait gives up after the timeout, and sooner when a
+peer process is gone. Tensors larger than a slot (long prefills) are all-reduced in slot-sized chunks;
+an all-gather or broadcast that does not fit goes through gloo.
+"""
+
+import mmap
+import os
+import socket
+import time
+import uuid
+
+import torch
+
+from tp_runtime.distributed.comm import CommError, TorchDistCommunicator
+from tp_runtime.errors import UserError
+from tp_runtime.distributed.launch import LaunchInfo
+
+SLOT_BYTES = 4 << 20
+FLAG_STRIDE = 8  # int64 entries between two ranks' flags: one 64-byte cache line each
+SPINS_PER_CHECK = 2000
+BACKOFF_AFTER_S = 0.005  # see _wait
+MAX_SLEEP_S = 0.005
+LOOK_EVERY_S = 0.05
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a killed child nobody has reaped yet is a zombie
+
+
+class ShmCommunicator(TorchDistCommunicator):
+    """Local ranks over shared memory; gloo underneath for set-up, Python objects and oversize tensors."""
+
+    def __init__(self, info: LaunchInfo, timeout_s: float, required: bool = False):
+        super().__init__(info, "gloo", timeout_s)
+        hosts = self._all_gather_object(socket.gethostname())
+        self.pids = self._all_gather_object(os.getpid())
+        self.enabled = len(set(hosts)) == 1
+        if not self.enabled:
+            if required:
+                raise UserError(f"--comm shm needs every rank on one host; ranks run on {sorted(set(hosts))}")
+            return
+        self.backend = "shm"
+        W = self.world_size
+        flag_bytes = 64 * W
+        size = flag_bytes + 2 * W * SLOT_BYTES
+        path = None
+        if self.rank == 0:
+            path = f"/dev/shm/tp_runtime_{uuid.uuid4().hex}"
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            os.ftruncate(fd, size)
+            os.close(fd)
+        path = super().broadcast_object(path)
+        try:
+            fd = os.open(path, os.O_RDWR)
+            self.mm = mmap.mmap(fd, size)
+            os.close(fd)
+        finally:
+            super().barrier()  # every rank has mapped it (or failed to)
+            if self.rank == 0:
+                os.unlink(path)  # the mapping lives on; the name is gone
+        self.flags = memoryview(self.mm)[:flag_bytes].cast("q")
+        self.data = torch.frombuffer(self.mm, dtype=torch.uint8, offset=flag_bytes).view(2, W, SLOT_BYTES)
+        self.typed = {}
+        self.seq = 0
+        self.everyone = list(range(W))
+
+    def _all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        self.dist.all_gather_object(out, obj)
+        return out
+
+    # --- the protocol ---
+
+    def _slots(self, dtype: torch.dtype) -> list:
+        """[buffer][rank] -> 1-D view of that slot in `dtype` (views made once: indexing costs microseconds)."""
+        rows = self.typed.get(dtype)
+        if rows is None:
+            typed = self.data.view(dtype)  # (2, world, slot elements)
+            rows = self.typed[dtype] = [[typed[b, r] for r in self.everyone] for b in range(2)]
+        return rows
+
+    def _wait(self, ranks, s: int) -> None:
+        """Spin until the flags of `ranks` reach s, with a sched_yield every SPINS_PER_CHECK spins. A wait
+        longer than BACKOFF_AFTER_S is no collective in flight but an idle peer (a server between
+        requests): then sleep between looks, 1% of the time waited so far and at most MAX_SLEEP_S, so
+        an idle rank costs no core. Dead peers and the timeout are checked every LOOK_EVERY_S."""
+        flags = self.flags
+        spins, start, next_look, sleeping = 0, None, 0.0, False
+        while True:
+            for r in ranks:
+                if flags[r * FLAG_STRIDE] < s:
+                    break
+            else:
+                return
+            spins += 1
+            if not sleeping and spins % SPINS_PER_CHECK:
+                continue
+            now = time.monotonic()
+            start = start or now
+            sleeping = now - start > BACKOFF_AFTER_S
+            if now >= next_look:
+                next_look = now + LOOK_EVERY_S
+                late = [r for r in ranks if flags[r * FLAG_STRIDE] < s]
+                gone = [r for r in late if not _alive(self.pids[r])]
+                if gone and any(flags[r * FLAG_STRIDE] < s for r in ranks):  # (it may have posted, then left)
+                    raise CommError(f"rank {self.rank}: rank(s) {gone} died during a shared-memory collective")
+                if late and now > start + self.timeout_s:
+                    raise CommError(f"rank {self.rank}: rank(s) {late} did not reach shared-memory collective {s} "
+                                    f"within {self.timeout_s:.0f}s")
+            if sleeping:
+                time.sleep(min(MAX_SLEEP_S, (now - start) * 0.01))
+            else:
+                os.sched_yield()
+
+    def _begin(self) -> tuple[int, int]:
+        self.seq += 1
+        s = self.seq
+        self._wait(self.everyone, s - 1)
+        return s, s & 1
+
+    def _post(self, s: int) -> None:
+        self.flags[self.rank * FLAG_STRIDE] = s
+
+    # --- collectives ---
+
+    def _all_reduce(self, tensor):
+        if not self.enabled:
+            return super()._all_reduce(tensor)
+        flat = tensor.view(-1)
+        slots = self._slots(tensor.dtype)
+        total, cap = flat.numel(), slots[0][0].numel()
+        for off in range(0, total, cap):
+            part = flat if total <= cap else flat[off : off + cap]
+            n = part.numel()
+            s, b = self._begin()
+            rows = [row[:n] for row in slots[b]]  # every rank's slot, this chunk's length
+            rows[self.rank].copy_(part)
+            self._post(s)
+            self._wait(self.everyone, s)
+            if tensor.dtype == torch.float32:
+                if len(rows) == 2:
+                    torch.add(rows[0], rows[1], out=part)
+                else:
+                    torch.sum(torch.stack(rows), dim=0, out=part)
+            else:
+                part.copy_(torch.stack(rows).sum(dim=0, dtype=torch.float32))
+        return tensor
+
+    def _all_gather(self, tensor, dim=-1):
+        if not self.enabled or tensor.numel() * tensor.element_size() > SLOT_BYTES:
+            return super()._all_gather(tensor, dim)
+        n = tensor.numel()
+        s, b = self._begin()
+        rows = self._slots(tensor.dtype)[b]
+        rows[self.rank][:n].copy_(tensor.reshape(-1))
+        self._post(s)
+        self._wait(self.everyone, s)
+        return torch.cat([row[:n].view(tensor.shape) for row in rows], dim=dim)
+
+    def broadcast(self, tensor, src=0):
+        if not self.enabled or tensor.numel() * tensor.element_size() > SLOT_BYTES:
+            return super().broadcast(tensor, src)
+        n = tensor.numel()
+        s, b = self._begin()
+        slot = self._slots(tensor.dtype)[b][src][:n]
+        if self.rank == src:
+            slot.copy_(tensor.reshape(-1))
+            self._post(s)
+        else:
+            self._wait([src], s)
+            tensor.copy_(slot.view(tensor.shape))
+            self._post(s)
+        return tensor
+
+    def close(self):
+        if getattr(self, "enabled", False):
+            self.typed.clear()
+            del self.data, self.flags
+            try:
+                self.mm.close()
+            except BufferError:  # a caller still holds a view; the mapping goes with the process
+                pass
+            self.enabled = False
+        super().close()

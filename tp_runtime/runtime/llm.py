@@ -1,0 +1,356 @@
+"""The Python API: LLM(engine_dir).generate(prompts, SamplingParams(...)).
+
+Works in one process and in every rank of a job started by mpirun or torchrun: every rank builds
+the LLM and calls generate with the same arguments; rank 0's prompts and parameters are the ones
+used (they are broadcast), and every rank gets rank 0's results back.
+
+Start-up order, so that a user mistake fails alike on every rank before any collective:
+read config.json -> check world size == tp_size -> check every rank file -> set threads ->
+communicator -> load this rank's file -> build the model and the KV cache.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tp_runtime.engine import format as ef
+from tp_runtime.runtime import woq
+from tp_runtime.distributed.comm import DEFAULT_TIMEOUT_S, make_communicator
+from tp_runtime.errors import UserError
+from tp_runtime.runtime.generator import Generator, Request, Timings
+from tp_runtime.distributed.binding import apply_binding, plan_binding, read_numa_nodes
+from tp_runtime.distributed.launch import detect_launch
+from tp_runtime.runtime.model import COMPILE_SPAN, KVCache, TPDecoder
+from tp_runtime.runtime.sampling import SamplingParams
+
+DTYPES = ef.DTYPES
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    input_ids: list[int]
+    output_ids: list[int]
+    output_logprobs: list[float]
+    text: str
+    finish_reason: str
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def pick_compute_dtype(storage: str, device: torch.device, requested: str = "auto") -> torch.dtype:
+    """On CPUs without native bf16/fp16 (no AVX512_BF16 / AMX, no AVX512_FP16), half-precision matmuls
+    run ~100x slower than fp32, so compute there in float32 whatever the engine stores."""
+    if requested != "auto":
+        return DTYPES[requested]
+    dtype = DTYPES[storage]
+    if device.type == "cpu" and dtype != torch.float32:
+        flags = cpu_flags()
+        native = {"bfloat16": {"avx512_bf16", "amx_bf16"}, "float16": {"avx512_fp16", "amx_fp16"}}[storage]
+        if not flags & native:
+            return torch.float32
+    return dtype
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device (is this the CPU build?)")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise UserError(f"local rank {local_rank} has no GPU: this host has {count}; start fewer ranks per host")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device, progress: bool = False) -> dict:
+    """This rank's file only, through safetensors' mmap, one tensor at a time, cast as it is read."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    out = {}
+    with safe_open(path, framework="pt", device="cpu") as f:
+        for name in tqdm(list(f.keys()), desc="loading", unit="tensor", disable=not progress, leave=False):
+            t = f.get_tensor(name)
+            if t.is_floating_point() and t.dtype != dtype and not name.endswith(ef.QUANT_SUFFIXES):
+                t = t.to(dtype)
+            out[name] = t.to(device)
+    return out
+
+
+COMPILE_MODES = ("auto", "on", "off")
+COMPILE_BARRIER_S = 900  # how long ranks wait for the slowest one to compile its decode step
+
+
+def pick_compile(requested: str, device: torch.device) -> bool:
+    """Whether to compile the decode step. auto: $TP_RUNTIME_COMPILE (on/off) if set, else on where
+    Inductor can build its code (CUDA, or a CPU with a C++ compiler on PATH), at any tp size."""
+    if requested not in COMPILE_MODES:
+        raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
+    if requested == "auto":
+        requested = os.environ.get("TP_RUNTIME_COMPILE", "auto")
+        if requested not in COMPILE_MODES:
+            raise UserError(f"TP_RUNTIME_COMPILE must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
+    has_compiler = device.type == "cuda" or any(shutil.which(c) for c in ("c++", "g++", "clang++"))
+    if requested == "on" and not has_compiler:
+        raise UserError("--compile on needs a C++ compiler on PATH for torch.compile on CPU (install g++), "
+                        "or use --compile off")
+    return requested == "on" or (requested == "auto" and has_compiler)
+
+
+class LLM:
+    def __init__(self, engine_dir: str, device: str = "auto", threads: int | None = None,
+                 max_batch_size: int | None = None, max_seq_len: int | None = None, dtype: str = "auto",
+                 tokenizer_dir: str | None = None, comm_timeout_s: float = DEFAULT_TIMEOUT_S, comm: str = "auto",
+                 bind: str = "auto", reserve_cores: int = 0, compile: str = "auto", woq_kernel: str = "auto"):
+        self.engine_dir = engine_dir
+        self.info = detect_launch()
+        self.rank = self.info.rank
+        cfg = ef.EngineConfig.load(engine_dir)
+        self.config = cfg
+        if self.info.world_size != cfg.tp_size:
+            raise UserError(
+                f"the engine {engine_dir} was converted for tp_size={cfg.tp_size}, but {self.info.world_size} "
+                f"rank(s) were started; start {cfg.tp_size} (e.g. mpirun -n {cfg.tp_size}) or re-run tp-convert "
+                f"with --tp_size {self.info.world_size}"
+            )
+        ef.check_rank_files(engine_dir, cfg.tp_size)
+        if dtype not in ("auto", *DTYPES):
+            raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+        self.max_batch_size = max_batch_size or cfg.max_batch_size
+        self.max_seq_len = max_seq_len or cfg.max_seq_len
+        if self.max_batch_size < 1 or self.max_seq_len < 2:
+            raise UserError(f"--max_batch_size must be >= 1 and --max_seq_len >= 2, got "
+                            f"{self.max_batch_size} and {self.max_seq_len}")
+        self.device = pick_device(device, self.info.local_rank)
+        if threads is not None and threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        if reserve_cores < 0:
+            raise UserError(f"--reserve_cores must be >= 0, got {reserve_cores}")
+        if threads is None and self.info.cpus:  # the CPUs a launcher granted this rank (a Ray bundle)
+            threads = max(1, self.info.cpus - reserve_cores)
+        # Bind and set threads before any weight is touched: first-touch then places them near the cores.
+        self.allowed_cores, self.numa_nodes = tuple(sorted(os.sched_getaffinity(0))), read_numa_nodes()
+        self.bind_mode, self.reserve_cores = bind, reserve_cores
+        self.binding = plan_binding(self.allowed_cores, self.numa_nodes, self.info.local_rank,
+                                    self.info.local_world_size, bind, reserve_cores, threads)
+        self.threads = self.binding.threads
+        if self.device.type == "cpu":
+            apply_binding(self.binding)
+            torch.set_num_threads(self.threads)
+        self.dtype = pick_compute_dtype(cfg.dtype, self.device, dtype)
+        self.generation_config = self._read_generation_config()
+        self.tokenizer_dir = tokenizer_dir or engine_dir
+        self._tokenizer = None
+
+        t0 = time.perf_counter()
+        self.comm = make_communicator(self.info, self.device, comm_timeout_s, comm)
+        show = self.rank == 0 and sys.stderr.isatty()  # rank 0 alone draws the bar
+        weights = load_rank_weights(os.path.join(engine_dir, ef.rank_file(self.rank)), self.dtype, self.device, show)
+        self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len, woq_kernel).eval()
+        del weights
+        self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
+        eos = self.generation_config.get("eos_token_id", cfg.eos_token_id)
+        eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id or [])
+        self.generator = Generator(self.model, self.cache, self.comm, self.device, eos)
+        self.load_s = time.perf_counter() - t0
+        self.compiled = pick_compile(compile, self.device)
+        if self.compiled and compile == "auto" and self.max_seq_len < COMPILE_SPAN:
+            self.compiled = False  # a cache this short is a test engine, not one worth compiling for
+        untraceable = sorted({m.kernel_name for m in self.model.modules()
+                              if isinstance(m, woq.WeightOnlyLinear) and not m.kernel.traceable})
+        if self.compiled and untraceable:
+            if compile == "on":
+                raise UserError(f"--compile on cannot trace the {', '.join(untraceable)} kernel; use --compile off "
+                                f"or another --woq_kernel")
+            self.compiled = False  # auto: the eager step serves
+        self.compile_s = 0.0
+        if self.compiled:  # compile without collectives (ranks compile at their own pace), then meet
+            self.comm.offline = True
+            try:
+                self.compile_s = self.model.compile_decode(self.cache, min(2, self.max_batch_size))
+            finally:
+                self.comm.offline = False
+            self.comm.barrier(timeout_s=max(COMPILE_BARRIER_S, comm_timeout_s))
+        self.last_timings = Timings()
+
+    # --- set-up helpers ---
+
+    def _read_generation_config(self) -> dict:
+        path = os.path.join(self.engine_dir, "generation_config.json")
+        if not os.path.isfile(path):
+            return {}
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e})") from None
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any(os.path.isfile(os.path.join(self.tokenizer_dir, n))
+                   for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+    @property
+    def tokenizer(self):
+        """Loaded on first use, on rank 0 (the other ranks never need it)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            path = self.tokenizer_dir
+            if not self.has_tokenizer:
+                raise UserError(f"no tokenizer in {path}; pass --tokenizer_dir, or give --input_ids")
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as e:
+                raise UserError(f"no usable tokenizer in {path} ({e}); pass --tokenizer_dir, or give --input_ids") from None
+        return self._tokenizer
+
+    # --- requests ---
+
+    def encode(self, prompt: str, chat_template: bool | None = None) -> list[int]:
+        """Token ids of a prompt; with the chat template when asked (None: when the tokenizer has one)."""
+        tok = self.tokenizer
+        use_template = bool(getattr(tok, "chat_template", None)) if chat_template is None else chat_template
+        if use_template:
+            if not getattr(tok, "chat_template", None):
+                raise UserError("the tokenizer has no chat template; pass --no_prompt_template")
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(prompt)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 chat_template: bool | None = False, max_input_length: int | None = None,
+                 on_text=None) -> list[RequestOutput]:
+        """prompts: a string, a list of strings, or a list of token-id lists (used verbatim).
+
+        chat_template: apply the tokenizer's chat template to string prompts (None: if it has one).
+        on_text(index, delta): streamed text, called on rank 0 only.
+        Returns one RequestOutput per prompt, in order, on every rank."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        job = None
+        if self.rank == 0:
+            job = self._prepare(list(prompts), sampling_params, chat_template, max_input_length)
+        job = self.comm.broadcast_object(job if self.rank == 0 else None)
+        if isinstance(job, str):  # rank 0 found a user mistake: every rank reports it
+            raise UserError(job)
+        requests, texts = job
+        decode = self.decode if self.rank == 0 and self.has_tokenizer else None
+        completions, self.last_timings = self.generator.generate(requests, decode, on_text if self.rank == 0 else None)
+        results = None
+        if self.rank == 0:
+            results = [RequestOutput(texts[i], r.prompt_ids, c.output_ids, c.output_logprobs, c.text, c.finish_reason)
+                       for i, (r, c) in enumerate(zip(requests, completions))]
+        return self.comm.broadcast_object(results)
+
+    def score(self, sequences: list[list[int]], start: int | list[int] = 1) -> list[list[float]]:
+        """Natural log-probability (fp32 log-softmax) of each token of each sequence given the tokens
+        before it: for sequence s, [log p(s[i] | s[:i]) for i in start..len(s)-1] (start: one value or
+        one per sequence, >= 1). Rank 0's arguments are used; every rank gets the results."""
+        from tp_runtime.runtime.scoring import score_batch
+
+        job = None
+        if self.rank == 0:
+            try:
+                job = self._check_scoring(sequences, start)
+            except UserError as e:
+                job = str(e)
+        job = self.comm.broadcast_object(job)
+        if isinstance(job, str):
+            raise UserError(job)
+        seqs, starts = job
+        out, B_max = [], self.cache.max_batch_size
+        for i in range(0, len(seqs), B_max):
+            out += score_batch(self.model, self.cache, self.comm, self.device, seqs[i : i + B_max],
+                               starts[i : i + B_max])
+        return self.comm.broadcast_object(out if self.rank == 0 else None)
+
+    def _check_scoring(self, sequences, start) -> tuple[list[list[int]], list[int]]:
+        if not sequences or isinstance(sequences[0], int):
+            raise UserError("score takes a non-empty list of token-id lists")
+        seqs = [[int(t) for t in s] for s in sequences]
+        starts = list(start) if isinstance(start, (list, tuple)) else [start] * len(seqs)
+        if len(starts) != len(seqs):
+            raise UserError(f"{len(starts)} start indices for {len(seqs)} sequences")
+        for i, (s, k) in enumerate(zip(seqs, starts)):
+            if not 1 <= k < len(s):
+                raise UserError(f"sequence {i} has {len(s)} tokens; scoring from index {k} needs 1 <= start < length")
+            if len(s) > self.max_seq_len:
+                raise UserError(f"sequence {i} has {len(s)} tokens, more than max_seq_len {self.max_seq_len}; "
+                                f"shorten it or raise --max_seq_len")
+            bad = [t for t in s if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise UserError(f"sequence {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): "
+                                f"{bad[:5]}")
+        return seqs, [int(k) for k in starts]
+
+    def _prepare(self, prompts, sampling_params, chat_template, max_input_length):
+        """Rank 0: tokenize and check. Returns (requests, texts), or an error message for all ranks."""
+        try:
+            if not prompts:
+                raise UserError("no prompts given")
+            params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+            if len(params) != len(prompts):
+                raise UserError(f"{len(params)} sampling params for {len(prompts)} prompts")
+            requests, texts = [], []
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                p = (p or SamplingParams()).resolved(self.generation_config)
+                if p.stop and not self.has_tokenizer:
+                    raise UserError("stop words need a tokenizer; pass --tokenizer_dir")
+                if isinstance(prompt, str):
+                    ids, text = self.encode(prompt, chat_template), prompt
+                else:
+                    ids, text = [int(t) for t in prompt], None
+                self._check_ids(i, ids, p, max_input_length)
+                requests.append(Request(ids, p))
+                texts.append(text)
+            return requests, texts
+        except UserError as e:
+            return str(e)
+
+    def _check_ids(self, i: int, ids: list[int], p: SamplingParams, max_input_length: int | None) -> None:
+        n = len(ids)
+        if n == 0:
+            raise UserError(f"prompt {i} is empty")
+        if max_input_length is not None and n > max_input_length:
+            raise UserError(f"prompt {i} has {n} tokens, more than --max_input_length {max_input_length}")
+        if n + p.max_tokens > self.max_seq_len:
+            raise UserError(
+                f"prompt {i} has {n} tokens and asks for {p.max_tokens} more, beyond max_seq_len "
+                f"{self.max_seq_len}; shorten it, lower --max_output_len, or raise --max_seq_len"
+            )
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise UserError(f"prompt {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
+
+    def binding_table(self) -> list[str]:
+        """How every local rank of this host is bound (the rule is deterministic, so rank 0 can tell)."""
+        return [plan_binding(self.allowed_cores, self.numa_nodes, r, self.info.local_world_size, self.bind_mode,
+                             self.reserve_cores, None if r != self.info.local_rank else self.threads).describe()
+                for r in range(self.info.local_world_size)]
+
+    def close(self) -> None:
+        self.comm.close()

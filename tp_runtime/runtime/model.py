@@ -1,0 +1,431 @@
+"""The canonical decoder, one definition for every family, built from one rank's weights.
+
+    x = embed(ids)
+    per layer:  h = x + dense(attn(rope(qkv(norm1(x)))))          (pre-norm residual)
+                x = h + proj(act(fc(norm2(h))) * gate(norm2(h)))   (gated MLP; fc and gate fused)
+    logits = lm_head(ln_f(x))
+
+Switches from the engine config (norm kind and placement, parallel residual, biases, QK-norm,
+activation, gated or plain MLP, rotary fraction and scaling, per-layer sliding window and RoPE)
+select the math; the model never asks which family it runs.
+The KV cache is static: (max_batch, kv_heads_per_rank, max_seq, head_dim) per layer; batch row b
+lives in cache slot b (or slots[b]), and its tokens at positions 0..len_b-1.
+"""
+
+import itertools
+import math
+import os
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_runtime.engine import format as ef
+from tp_runtime.runtime import native, woq
+from tp_runtime.distributed.comm import Communicator
+from tp_runtime.engine.format import EngineConfig
+from tp_runtime.errors import UserError
+from tp_runtime.runtime.layers import (ColumnParallelLinear, Embedding, LayerNorm, ParallelLMHead, RMSNorm, RowParallelLinear,
+                               VocabParallelEmbedding)
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def rope_inv_freq(cfg: EngineConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding. seq_len matters only to dynamic NTK scaling,
+    which raises the base once the sequence outgrows max_position_embeddings."""
+    rot_dim = int(cfg.head_size * cfg.rotary_pct)
+    base = cfg.rotary_base
+    scaling = cfg.rotary_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind == "dynamic" and seq_len is not None and seq_len > cfg.max_position_embeddings:
+        factor = float(scaling["factor"])
+        base = base * ((factor * seq_len / cfg.max_position_embeddings) - (factor - 1)) ** (rot_dim / (rot_dim - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq.float()
+
+
+def rope_tables(cfg: EngineConfig, max_seq_len: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rope_inv_freq(cfg, seq_len)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (seq, rot_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)  # (seq, rot_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rot_dim features, GPT-NeoX style (halves).
+
+    x: (B, T, heads, D); cos/sin: (B, T, 1, rot_dim), rot_dim <= D."""
+    rot = cos.shape[-1]
+    x_rot = x[..., :rot] if rot < x.shape[-1] else x
+    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
+    out = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([out, x[..., rot:]], dim=-1) if rot < x.shape[-1] else out
+
+
+def decode_attention(q, keys, values, mask):
+    """Attention of one new token per row, as plain matmuls (cheaper than SDPA's kernels at T == 1).
+
+    q: (B, heads, 1, D); keys, values: (B, kv_heads, S, D); mask: (B, 1, 1, S), True = visible."""
+    B, H, _, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    q = q.reshape(B, Hkv, H // Hkv, D)  # (B, kv_heads, group, D): a group shares its KV head
+    if torch.compiler.is_compiling():  # broadcast-multiply-sum: Inductor fuses each into one loop over the cache
+        scores = (q.unsqueeze(3) * keys.unsqueeze(2)).sum(-1)  # (B, kv_heads, group, S)
+    else:  # eagerly that would materialize (B, kv_heads, group, S, D): batched matmuls instead
+        scores = q @ keys.transpose(-1, -2)  # (B, kv_heads, group, S)
+    scores = (scores.float() * D ** -0.5).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    if torch.compiler.is_compiling():
+        out = (probs.unsqueeze(-1) * values.unsqueeze(2)).sum(3)  # (B, kv_heads, group, D)
+    else:
+        out = probs @ values
+    return out.reshape(B, H, 1, D)  # (B, heads, 1, D)
+
+
+def native_decode_attention(q, cache_k, cache_v, slots, mask):
+    """decode_attention through tp_woq::decode_attn (fp32 on CPU): one call per layer that reads each cached
+    row once for the query heads of its KV head, straight from the cache (row b of the batch is slot slots[b];
+    the span is the mask's: no gathered copy of the keys and values, which a compiled step made before).
+
+    q: (B, heads, 1, D); cache_k, cache_v: (slots, kv_heads, max_seq_len, D); slots: (B,); mask: (B, 1, 1, S)."""
+    B, H, _, D = q.shape
+    Hkv, S = cache_k.shape[1], mask.shape[-1]
+    out = torch.ops.tp_woq.decode_attn(q.reshape(B, Hkv, H // Hkv, D), cache_k, cache_v, slots, mask.reshape(B, S))
+    return out.reshape(B, H, 1, D)
+
+
+COMPILE_SPAN = 3  # the attention span compile_decode traces with (see there)
+
+
+class KVCache:
+    """Static per-layer key/value buffers for this rank's KV heads."""
+
+    def __init__(self, cfg: EngineConfig, rank: int, max_batch_size: int, max_seq_len: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (max_batch_size, cfg.kv_heads_per_rank[rank], max_seq_len, cfg.head_size)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+
+class Attention(nn.Module):
+    native_decode = False  # decode steps through tp_woq::decode_attn (set by TPDecoder)
+
+    def __init__(self, cfg: EngineConfig, rank: int, w: dict, prefix: str, comm: Communicator):
+        super().__init__()
+        self.num_heads_per_rank = cfg.heads_per_rank[rank]
+        self.num_kv_heads_per_rank = cfg.kv_heads_per_rank[rank]
+        self.head_dim = cfg.head_size
+        self.qkv = ColumnParallelLinear(w.pop(f"{prefix}.qkv.weight"), w.pop(f"{prefix}.qkv.bias", None))
+        self.dense = RowParallelLinear(w.pop(f"{prefix}.dense.weight"), w.pop(f"{prefix}.dense.bias", None), comm)
+        self.qk_norm_weight = None
+        if cfg.qk_norm:  # one (head_size,) weight for q heads, one for k heads: (heads + kv_heads, head_size)
+            q_w, k_w = w.pop(f"{prefix}.q_layernorm.weight"), w.pop(f"{prefix}.k_layernorm.weight")
+            both = torch.cat([q_w.expand(self.num_heads_per_rank, -1), k_w.expand(self.num_kv_heads_per_rank, -1)])
+            self.qk_norm_weight = nn.Parameter(both.contiguous(), requires_grad=False)
+            self.eps = cfg.norm_epsilon
+
+    def forward(self, x, cos, sin, cache_k, cache_v, batch_idx, slots, positions, mask):
+        """cos/sin None: this layer has no RoPE."""
+        B, T, _ = x.shape
+        hq, hkv, D = self.num_heads_per_rank, self.num_kv_heads_per_rank, self.head_dim
+        qk, v = self.qkv(x).split([(hq + hkv) * D, hkv * D], dim=-1)
+        qk = qk.view(B, T, hq + hkv, D)  # q and k heads side by side: normed and rotated in one pass
+        if self.qk_norm_weight is not None:
+            qk = F.rms_norm(qk.float(), (D,), None, self.eps).to(qk.dtype) * self.qk_norm_weight
+        if cos is not None:
+            qk = apply_rope(qk, cos, sin)
+        q = qk[:, :, :hq].transpose(1, 2)  # (B, heads_per_rank, T, D)
+        cache_k[batch_idx, :, positions] = qk[:, :, hq:]  # slots (B, T) <- (B, T, kv_heads_per_rank, D)
+        cache_v[batch_idx, :, positions] = v.view(B, T, hkv, D)
+        if T == 1 and self.native_decode:  # read straight from the cache, row b from slot batch_idx[b, 0]
+            o = native_decode_attention(q, cache_k, cache_v, batch_idx[:, 0], mask)
+        else:
+            S = mask.shape[-1]
+            if slots is None:  # rows are slots 0..B-1: a view, no copy
+                keys, values = cache_k[:B, :, :S], cache_v[:B, :, :S]  # (B, kv_heads_per_rank, S, D)
+            else:
+                keys, values = cache_k[slots, :, :S], cache_v[slots, :, :S]
+            if T == 1:
+                o = decode_attention(q, keys, values, mask)
+            else:
+                o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hq != hkv)
+        o = o.transpose(1, 2).reshape(B, T, hq * D)  # (B, T, heads_per_rank * D)
+        return self.dense(o)
+
+
+class GatedMLP(nn.Module):
+    """proj(act(fc(x)) * gate(x)); fc and gate run as one fused column-parallel matmul."""
+
+    def __init__(self, cfg: EngineConfig, w: dict, prefix: str, comm: Communicator):
+        super().__init__()
+        fc_b, gate_b = w.pop(f"{prefix}.fc.bias", None), w.pop(f"{prefix}.gate.bias", None)
+        fused_b = torch.cat([fc_b, gate_b]) if fc_b is not None else None
+        fused = woq.cat_out([w.pop(f"{prefix}.fc.weight"), w.pop(f"{prefix}.gate.weight")])
+        self.fc_gate = ColumnParallelLinear(fused, fused_b)
+        self.proj = RowParallelLinear(w.pop(f"{prefix}.proj.weight"), w.pop(f"{prefix}.proj.bias", None), comm)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x):
+        a, b = self.fc_gate(x).chunk(2, dim=-1)  # fused [fc_r; gate_r], each intermediate_per_rank wide
+        return self.proj(self.act(a) * b)
+
+
+class MLP(nn.Module):
+    """proj(act(fc(x))) for families without a gate."""
+
+    def __init__(self, cfg: EngineConfig, w: dict, prefix: str, comm: Communicator):
+        super().__init__()
+        self.fc = ColumnParallelLinear(w.pop(f"{prefix}.fc.weight"), w.pop(f"{prefix}.fc.bias", None))
+        self.proj = RowParallelLinear(w.pop(f"{prefix}.proj.weight"), w.pop(f"{prefix}.proj.bias", None), comm)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.proj(self.act(self.fc(x)))
+
+
+def make_norm(cfg: EngineConfig, w: dict, prefix: str):
+    if cfg.norm_type == "layer":
+        return LayerNorm(w.pop(f"{prefix}.weight"), w.pop(f"{prefix}.bias", None), cfg.norm_epsilon)
+    return RMSNorm(w.pop(f"{prefix}.weight"), cfg.norm_epsilon)
+
+
+class DecoderLayer(nn.Module):
+    """One block; the residual layout comes from the config (pre-norm, post-norm, parallel)."""
+
+    def __init__(self, cfg: EngineConfig, rank: int, w: dict, i: int, comm: Communicator):
+        super().__init__()
+        p = ef.layer_prefix(i)
+        self.placement, self.parallel = cfg.norm_placement, cfg.parallel_residual
+        first, second = (("post_attention_layernorm", "post_feedforward_layernorm") if self.placement == "post"
+                         else ("input_layernorm", "post_layernorm"))
+        self.norm1 = make_norm(cfg, w, f"{p}.{first}")
+        self.norm2 = make_norm(cfg, w, f"{p}.{second}")
+        self.attention = Attention(cfg, rank, w, f"{p}.attention", comm)
+        self.mlp = (GatedMLP if cfg.gated_mlp else MLP)(cfg, w, f"{p}.mlp", comm)
+        windows = cfg.sliding_window_per_layer
+        self.window = windows[i] if windows else None
+        self.rope = cfg.rope_per_layer[i] if cfg.rope_per_layer else True
+
+    def forward(self, x, cos, sin, cache_k, cache_v, batch_idx, slots, positions, masks):
+        rope = (cos, sin) if self.rope else (None, None)
+        args = (*rope, cache_k, cache_v, batch_idx, slots, positions, masks[self.window])
+        if self.placement == "post":
+            h = x + self.norm1(self.attention(x, *args))
+            return h + self.norm2(self.mlp(h))
+        if self.parallel:
+            return x + self.attention(self.norm1(x), *args) + self.mlp(self.norm2(x))
+        h = x + self.attention(self.norm1(x), *args)
+        return h + self.mlp(self.norm2(h))
+
+
+class TPDecoder(nn.Module):
+    """This rank's part of the canonical decoder. Takes its tensors out of `weights` as it builds,
+    so each source tensor is freed once its layer holds its own (transposed / fused) copy."""
+
+    def __init__(self, cfg: EngineConfig, rank: int, weights: dict, comm: Communicator, max_seq_len: int,
+                 woq_kernel: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        emb = weights.pop(ef.EMBEDDING)
+        woq.collect(weights, emb.dtype, woq_kernel)  # weight-only quantized linears, if the engine has any
+        self.embedding = VocabParallelEmbedding(emb, rank, comm) if cfg.use_parallel_embedding else Embedding(emb)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rank, weights, i, comm) for i in range(cfg.num_hidden_layers))
+        self.ln_f = make_norm(cfg, weights, ef.FINAL_NORM)
+        head = weights.pop(ef.LM_HEAD, None)
+        if head is None:  # tied, and sharded like the embedding: the head is the embedding itself
+            head = self.embedding.weight.data
+        self.lm_head = ParallelLMHead(head, cfg.vocab_size, comm)
+        if weights:
+            raise ValueError(f"rank {rank}'s file holds tensors the canonical decoder does not use: "
+                             f"{sorted(weights)[:5]}; the engine and this tp_runtime disagree")
+        cos, sin = rope_tables(cfg, max_seq_len)
+        dtype = self.embedding.weight.dtype
+        native_attention = (emb.device.type == "cpu" and dtype == torch.float32 and cfg.head_size % 8 == 0
+                            and os.environ.get("TP_RUNTIME_NATIVE_ATTENTION", "1") != "0" and native.load())
+        for layer in self.layers:
+            layer.attention.native_decode = native_attention
+        self.register_buffer("cos", cos.to(dtype), persistent=False)
+        self.register_buffer("sin", sin.to(dtype), persistent=False)
+        self.windows = sorted({layer.window for layer in self.layers}, key=lambda w: (w is not None, w or 0))
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor | None = None,
+                slots: torch.Tensor | None = None) -> torch.Tensor:
+        """ids, positions: (B, T). last: (B,) index in T of the token whose next-token logits are
+        wanted (None: every position's). slots: (B,) the cache slot of each row (None: rows are slots
+        0..B-1, as in a batch that starts together; a continuous batch passes the slots its requests hold).
+        Returns logits (B, vocab), or (B, T, vocab) when last is None, on every rank.
+
+        A step is split in two: what depends on Python values (the attention span, the masks, RoPE
+        rows) runs eagerly in `_prepare`; the rest is a pure function of tensors, run eagerly or, for
+        decode steps (T == 1) once `compile_decode` was called, compiled."""
+        B, T = ids.shape
+        if T == 1 and last is not None and self._compiled_body is not None:
+            args = self._decode_args(ids, positions, cache, last, slots)
+            if self._skip_guards:
+                direct = self._graphs.get(min(B, 2))
+                if direct is not None:
+                    return direct(self, *args)
+                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                    return self._compiled_body(*args)
+            return self._compiled_body(*args)
+        x = self.hidden_states(ids, positions, cache, slots)  # (B, T, hidden)
+        if last is not None:
+            x = x[torch.arange(B, device=ids.device), last]  # (B, hidden)
+        return self.logits(x)
+
+    def _decode_args(self, ids, positions, cache, last, slots=None) -> tuple:
+        """The compiled decode body's arguments for a step."""
+        rows = torch.arange(ids.shape[0], device=ids.device) if slots is None else slots  # one graph: slots given
+        return (ids, *self._prepare(ids, positions, rows), positions, cache.k, cache.v, rows, last)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head of hidden states (..., hidden) -> (..., vocab), gathered to every rank."""
+        return self.lm_head(self.ln_f(x))
+
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                      slots: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder body, before the final norm: (B, T, hidden). Writes the rows' keys and values
+        into the cache like forward; a scorer calls it, then `logits` on chunks of positions."""
+        B, T = ids.shape
+        rows = torch.arange(B, device=ids.device) if slots is None else slots
+        return self._layers(ids, *self._prepare(ids, positions, rows), positions, cache.k, cache.v, slots)
+
+    def _prepare(self, ids, positions, rows):
+        """(batch_idx, masks, cos, sin) of a step: the cache slot of every token, the attention masks
+        per sliding window, and the RoPE rows of the positions."""
+        B, T = ids.shape
+        batch_idx = rows.unsqueeze(1).expand(B, T)  # (B, T) cache slot per token
+        S = int(positions.max()) + 1
+        kpos = torch.arange(S, device=ids.device).view(1, 1, 1, S)
+        qpos = positions.view(B, 1, T, 1)
+        causal = kpos <= qpos  # (B, 1, T, S)
+        masks = {w: causal if w is None else causal & (kpos > qpos - w) for w in self.windows}
+        cos_table, sin_table = self.cos, self.sin
+        if (self.cfg.rotary_scaling or {}).get("rope_type") == "dynamic" and S > self.cfg.max_position_embeddings:
+            cos_table, sin_table = (t.to(self.cos.dtype) for t in rope_tables(self.cfg, self.cos.shape[0], S))
+        cos = cos_table[positions].unsqueeze(2)  # (B, T, 1, rot_dim)
+        sin = sin_table[positions].unsqueeze(2)
+        return batch_idx, masks, cos, sin
+
+    def _layers(self, ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots):
+        x = self.embedding(ids)  # (B, T, hidden)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache_k[i], cache_v[i], batch_idx, slots, positions, masks)
+        return x
+
+    def _decode_body(self, ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots, last):
+        x = self._layers(ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots)
+        x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, hidden)
+        return self.logits(x)
+
+    _compiled_body = None
+    _skip_guards = False
+    _graphs: dict = {}  # 1 (batch 1), 2 (batch >= 2) -> Dynamo's bytecode for that graph (see compile_decode)
+    _bodies = itertools.count()
+
+    def _own_decode_body(self):
+        """_decode_body bound to this model through a code object of its own. Dynamo keeps its compiled
+        graphs and guards per code object: shared by every model of a process, the graphs of one model were
+        tried against another's (six engines of different layouts in one process: KeyError 'weight' inside
+        Dynamo's guards, with their evaluation cut down after load)."""
+        code = TPDecoder._decode_body.__code__
+        name = f"_decode_body_{next(TPDecoder._bodies)}"
+        fn = types.FunctionType(code.replace(co_name=name, co_qualname=name), TPDecoder._decode_body.__globals__)
+        return types.MethodType(fn, self)
+
+    def compile_decode(self, cache: KVCache, max_batch: int = 1) -> float:
+        """Compile the decode step's body with torch.compile (Inductor; a C++ wrapper on CPU, so no
+        Python runs between its kernels) and run it once; returns the seconds that took.
+
+        One graph serves every attention span (dynamic shapes); batch size 1 has its own graph, and
+        with max_batch > 1 the graph of larger batches is built here too (not mid-generation, where
+        ranks compiling at different speeds would stall each other's collectives). The collectives are
+        custom ops inside the graph (comm.py). Inductor caches the generated code on disk
+        (TORCHINDUCTOR_CACHE_DIR), so a later run of the same engine skips most of the compile."""
+        import torch._inductor.config as inductor_config
+
+        t0 = time.perf_counter()
+        if self.embedding.weight.device.type == "cpu":
+            inductor_config.cpp_wrapper = True
+        # Symbols only for the batch and the attention span: the caches' sizes are fixed. (With a symbol
+        # per cache size, tracing 30 layers took 3-7 minutes on 2 cores instead of ~20 s.)
+        for t in (*cache.k, *cache.v):
+            torch._dynamo.mark_static(t)
+        # Nor for the quantized kernels' tensors (buffers of the kernel modules; when they were plain attributes
+        # they were dynamic, and a width equal to the traced span - a 96-input int4 tile has 3 blocks - was
+        # duck-shaped to it and recompiled at the next span). Marked anyway: cheap, and independent of how
+        # Dynamo treats module buffers.
+        for m in self.modules():
+            if isinstance(m, woq.WeightOnlyLinear):
+                for t in m.kernel.buffers():
+                    torch._dynamo.mark_static(t)
+        # Freezing: the weights become constants of the compiled code instead of ~500 graph inputs that every
+        # call passes and checks (~1 us each: 5.0 -> 4.2 ms a SmolLM2 int4 step); the caches stay inputs.
+        freeze = os.environ.get("TP_RUNTIME_FREEZE", "1") != "0"
+        self._compiled_body = torch.compile(self._own_decode_body(), dynamic=True, fullgraph=True)
+        dev = self.embedding.weight.device
+        # Sizes that are equal at tracing share a symbol (torch's duck shaping), and a later call where they
+        # differ recompiles - on one rank, mid-generation. So the dummy span (position + 1 = 3) is none of
+        # the batch sizes traced (1, 2); a cache shorter than that is too small to be worth compiling for.
+        span = COMPILE_SPAN
+        if cache.max_seq_len < span:
+            raise UserError(f"--compile on needs --max_seq_len >= {span}, got {cache.max_seq_len}")
+        # Freezing is Inductor's global flag, set while the graphs are traced and compiled (here, at their
+        # first call): Dynamo reads it too (a weight becomes a graph constant rather than an input only then),
+        # where torch.compile's options= would reach Inductor alone.
+        graphs = {}
+        with torch.inference_mode(), inductor_config.patch(freezing=freeze):
+            for B in sorted({1, max_batch}):  # dummy tokens at position 2 of slots 0.., which a prefill overwrites
+                ids = torch.ones(B, 1, dtype=torch.long, device=dev)
+                positions = torch.full((B, 1), span - 1, dtype=torch.long, device=dev)  # not `ids`: no aliasing guard
+                last = torch.zeros(B, dtype=torch.long, device=dev)
+                want = self(ids, positions, cache, last)
+                graphs[min(B, 2)] = self._checked_graph(want, self._decode_args(ids, positions, cache, last))
+        # From here on Dynamo checks only the guards that tell its graphs apart (batch 1 or more), not the
+        # metadata of every weight and cache tensor: that check cost ~0.3-1 ms of a ~5 ms SmolLM2 int4 step.
+        # The weights and caches never change shape, dtype or device after load.
+        self._skip_guards = (os.environ.get("TP_RUNTIME_ALL_GUARDS", "0") != "1"
+                                and hasattr(torch.compiler, "set_stance"))  # torch >= 2.6
+        # Further: each step runs the bytecode Dynamo made for its graph directly (the frame as Dynamo rewrote
+        # it: unpack the inputs, call the compiled graph), chosen here by batch size, so Dynamo's frame
+        # handling (cache lookup, ~0.2-0.5 ms of a ~3.6 ms SmolLM2 int4 step even with guards skipped) is
+        # gone. Only where this torch exposes the bytecode; else the stance above serves.
+        self._graphs = {k: g for k, g in graphs.items() if g is not None}
+        return time.perf_counter() - t0
+
+    def _checked_graph(self, want: torch.Tensor, args: tuple):
+        """Dynamo's bytecode for the graph it built last for this model's decode body, as a function of the
+        body's arguments (self first), if it gives `want` (the compiled body's output) on `args`; else None:
+        this torch does not expose the bytecode or runs it differently."""
+        try:
+            from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            code = self._compiled_body._torchdynamo_orig_callable.__func__.__code__
+            graph = types.FunctionType(_debug_get_cache_entry_list(code)[0].code, TPDecoder._decode_body.__globals__)
+            return graph if torch.equal(graph(self, *args), want) else None
+        except Exception:  # any failure only costs the faster path: the stance serves
+            return None
