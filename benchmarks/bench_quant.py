@@ -29,6 +29,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from tp_runtime import cpu  # noqa: E402
 import bench_cpu_tp  # noqa: E402  (its ORT GenAI worker, engine_bytes and run_worker)
 
 LINEAR = re.compile(r"\.(attention\.(qkv|dense)|mlp\.(fc|gate|proj))\.|^lm_head\.")
@@ -93,8 +94,7 @@ def machine() -> dict:
     an AVX-512 machine run torch's AVX2 code, as on the Zen 3 of the issues; ORT GenAI is not restricted)."""
     import torch
 
-    from tp_runtime.runtime import woq
-    return {"cpu": woq._cpu_name(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"cpu": cpu.model_name(), "cpu_flags": cpu.tag(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
 
 

@@ -5,6 +5,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# TP_RUNTIME_ISA (e.g. avx2) caps the whole suite, torch's and oneDNN's kernels included: `import tp_runtime`
+# sets their variables from it, before anything imports torch; the ranks the tests start inherit them.
+import tp_runtime  # noqa: E402,F401
+
 # Every run in the suite (in-process and the ranks it starts) decodes eagerly unless a test asks for
 # --compile on: compiling costs tens of seconds per process on 2 cores. tests/test_compile.py checks it.
 os.environ.setdefault("TP_RUNTIME_COMPILE", "off")

@@ -2,17 +2,20 @@
 partition rules, every available kernel against the dequantized reference matmul, quantized engines
 against transformers at tp 1 and 2, tp-plan's exact figures, and the bad-input errors."""
 
+import json
 import os
 
 import pytest
 import torch
 
 from helpers import build_checkpoint, random_prompts, reference_logprobs, run_ranks, tool, tp_run_json
+from tp_runtime import cpu
 from tp_runtime.engine import format as ef
 from tp_runtime.convert import partition as pt
 from tp_runtime.convert import quantize as qz
 from tp_runtime.runtime import woq
-from tp_runtime.convert.adapters import COLUMN, QKV, ROW_ATTN, ROW_MLP, VOCAB, get_adapter
+from tp_runtime.convert.adapters import get_adapter
+from tp_runtime.convert.partition import COLUMN, QKV, ROW_ATTN, ROW_MLP, VOCAB
 from tp_runtime.convert.pipeline import convert, row_span, shard_tensor
 from tp_runtime.errors import UserError
 from tp_runtime.cli.plan import plan
@@ -100,9 +103,24 @@ def quant_weight(scheme, out_f, in_f, seed, prequant=False):
     return woq.QuantWeight(scheme.precision, codes, qw.scale, qw.zero, pre)
 
 
+@pytest.fixture(params=cpu.levels_available() or ["none"])
+def isa(request, monkeypatch):
+    """Each ISA level this CPU can serve in turn (TP_RUNTIME_ISA): tp_runtime's own choices follow it (bf16
+    variants, the native dot instruction); torch's kernels keep the capability the process started with."""
+    if request.param != "none":
+        monkeypatch.setenv("TP_RUNTIME_ISA", request.param)
+    from tp_runtime.runtime import native
+    if native.load():
+        native.follow_isa()
+    yield request.param
+    monkeypatch.delenv("TP_RUNTIME_ISA", raising=False)
+    if native.load():
+        native.follow_isa()
+
+
 @pytest.mark.parametrize("name", ["int8", "int8_zp", "int4_g32", "int4_g64_zp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_available_kernel_matches_the_dequantized_matmul(name, dtype):
+def test_every_available_kernel_matches_the_dequantized_matmul(name, dtype, isa):
     scheme = SCHEMES[name]
     for out_f, in_f in ((48, 128), (192, 576)):
         qw = quant_weight(scheme, out_f, in_f, 1, prequant=name.endswith("zp"))
@@ -117,17 +135,18 @@ def test_every_available_kernel_matches_the_dequantized_matmul(name, dtype):
             assert layer.kernel_name == kname
             y = layer(x.to(dtype).view(rows, 1, in_f)).float().view(rows, out_f)
             # bf16 activations round x to 8 bits of mantissa; FBGEMM and native_int4_q8 (decode rows) round x
-            # to 8-bit integers per call (the latter exactly checked below)
+            # to 8-bit (FBGEMM without VNNI: 7-bit) integers per call (the latter exactly checked below)
             approx = (dtype == torch.bfloat16 or kname.endswith("_bf16") or kname in ("fbgemm_int8", "native_int4_q8"))
             tol = 3e-2 if approx else 1e-4
+            assert woq.select.tolerance(kname, dtype) <= tol  # what the load-time probe allows
             err = ((y - ref).abs().max() / ref.abs().max()).item()
-            assert err < tol, (name, dtype, kname, out_f, in_f, err)
+            assert err < tol, (name, dtype, kname, out_f, in_f, err, isa)
 
 
 def need_native():
     """tp_runtime's AVX2 kernels: skip where the CPU cannot run them, else they must build here."""
     from tp_runtime.runtime import native
-    if not {"avx2", "fma"} <= native.cpu_flags():
+    if not cpu.has("avx2", "fma"):
         pytest.skip("the CPU lacks AVX2/FMA: the native kernels are not candidates here")
     assert native.load(), native.why_not()
 
@@ -256,9 +275,54 @@ def test_int4_tile_packing_round_trips():
     assert torch.equal(tiles[0, 0, 32 + 4 : 32 + 8] >> 4, q[1, 20:24])
 
 
+class _Off(woq.kernels.DequantInt8):
+    """A deliberately wrong kernel: 5 % too large, as a saturating dot would be on some CPU."""
+
+    name = "off_int8"
+
+    def forward(self, x):
+        return super().forward(x) * 1.05
+
+
+def test_a_wrong_kernel_is_never_chosen(tmp_path, monkeypatch):
+    monkeypatch.setenv("TP_RUNTIME_CACHE", str(tmp_path))
+    monkeypatch.setitem(woq.KERNELS, "off_int8", _Off)
+    monkeypatch.setattr(woq.select, "_chosen", {})
+    monkeypatch.setattr(woq.select, "_probed", {})
+    qw = quant_weight(SCHEMES["int8"], 64, 128, 3)
+    assert "off_int8" in woq.candidates(qw, torch.float32, auto=True)
+    assert woq.probe("off_int8", qw, torch.float32) == pytest.approx(0.05, rel=1e-3)
+    assert woq.probe("dequant_int8", qw, torch.float32) < 1e-5
+    # timing would pick it (it is made the fastest); the probe drops it first, with a warning naming it
+    monkeypatch.setattr(woq.select, "time_kernel", lambda k, x: 0.0 if isinstance(k, _Off) else 1.0)
+    with pytest.warns(RuntimeWarning, match=r"woq kernel off_int8 dropped: 0\.05 off .* on .*\["):
+        assert woq.choose(qw, torch.float32) != "off_int8"
+    # a disk cache that names it (written on another CPU, or before a bug was found) is not trusted either
+    key = woq.cache_key(qw, torch.float32)
+    with open(woq.cache_path(), "w") as f:
+        json.dump({key: "off_int8"}, f)
+    monkeypatch.setattr(woq.select, "_chosen", {})
+    with pytest.warns(RuntimeWarning, match="off_int8 dropped"):
+        assert woq.choose(qw, torch.float32) != "off_int8"
+    # named, it is a clear error, not a wrong answer
+    qw.kernel = "off_int8"
+    with pytest.raises(UserError, match=r"--woq_kernel off_int8 is 0\.05 off the dequantized matmul .* use auto"):
+        woq.choose(qw, torch.float32)
+
+
+def test_cache_key_names_the_flags_that_decide_the_kernel_path(monkeypatch):
+    qw = quant_weight(SCHEMES["int4_g32"], 64, 128, 3)
+    monkeypatch.delenv("TP_RUNTIME_ISA", raising=False)
+    assert cpu.tag() in woq.cache_key(qw, torch.float32)
+    monkeypatch.setenv("TP_RUNTIME_ISA", "avx2")
+    assert "capped: avx2" in woq.cache_key(qw, torch.float32)
+    assert not cpu.native_half("bfloat16") and cpu.q8_dot() == 0
+    assert not any(f.startswith(("avx512", "amx", "avx_vnni")) for f in cpu.flags())
+
+
 def test_auto_choice_is_timed_once_and_cached(tmp_path):
     qw = quant_weight(SCHEMES["int8"], 64, 128, 0)
-    woq._chosen.clear()
+    woq.select._chosen.clear()
     name = woq.choose(qw, torch.float32)
     assert name in woq.candidates(qw, torch.float32)
     import json
@@ -303,7 +367,9 @@ def test_int8_engine_logprobs_close_to_fp32(ckpt, tp, tmp_path):
     engine = str(tmp_path / "e")
     convert(str(root / "hf"), engine, tp, progress=False, quant=qz.parse_scheme("int8", quantize_lm_head=tp == 2))
     prompts = random_prompts(103, seed=tp)
-    out = run_engine(engine, tp, prompts, ["--woq_kernel", "aten_int8_bf16" if tp == 1 else "auto"])
+    # tp=1: torch's int8 kernel as this CPU serves it (fed bf16 where bf16 is native); tp=2: auto's choice
+    named = ("aten_int8_bf16" if cpu.native_half("bfloat16") else "aten_int8") if tp == 1 else "auto"
+    out = run_engine(engine, tp, prompts, ["--woq_kernel", named])
     assert logprob_gap(model, out, prompts) <= 0.05
     out = run_engine(engine, tp, prompts, ["--woq_kernel", "fbgemm_int8"])
     assert logprob_gap(model, out, prompts) <= 0.05

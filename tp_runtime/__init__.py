@@ -8,6 +8,10 @@
 
 __version__ = "0.1.0"
 
+from tp_runtime import cpu as _cpu  # noqa: E402
+
+_cpu.apply_to_environment()  # TP_RUNTIME_ISA caps torch's and oneDNN's kernels too: before torch is imported
+
 from tp_runtime.runtime.llm import LLM, RequestOutput  # noqa: E402
 from tp_runtime.runtime.sampling import SamplingParams  # noqa: E402
 

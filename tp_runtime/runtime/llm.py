@@ -18,14 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
+from tp_runtime import cpu
 from tp_runtime.engine import format as ef
 from tp_runtime.runtime import woq
-from tp_runtime.distributed.comm import DEFAULT_TIMEOUT_S, make_communicator
+from tp_runtime.distributed.comm import DEFAULT_TIMEOUT_S
+from tp_runtime.distributed.communicator import make_communicator
 from tp_runtime.errors import UserError
 from tp_runtime.runtime.generator import Generator, Request, Timings
 from tp_runtime.distributed.binding import apply_binding, plan_binding, read_numa_nodes
 from tp_runtime.distributed.launch import detect_launch
-from tp_runtime.runtime.model import COMPILE_SPAN, KVCache, TPDecoder
+from tp_runtime.runtime.compile import COMPILE_SPAN, compile_decode
+from tp_runtime.runtime.model import KVCache, TPDecoder
 from tp_runtime.runtime.sampling import SamplingParams
 
 DTYPES = ef.DTYPES
@@ -41,28 +44,14 @@ class RequestOutput:
     finish_reason: str
 
 
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def pick_compute_dtype(storage: str, device: torch.device, requested: str = "auto") -> torch.dtype:
     """On CPUs without native bf16/fp16 (no AVX512_BF16 / AMX, no AVX512_FP16), half-precision matmuls
     run ~100x slower than fp32, so compute there in float32 whatever the engine stores."""
     if requested != "auto":
         return DTYPES[requested]
     dtype = DTYPES[storage]
-    if device.type == "cpu" and dtype != torch.float32:
-        flags = cpu_flags()
-        native = {"bfloat16": {"avx512_bf16", "amx_bf16"}, "float16": {"avx512_fp16", "amx_fp16"}}[storage]
-        if not flags & native:
-            return torch.float32
+    if device.type == "cpu" and dtype != torch.float32 and not cpu.native_half(storage):
+        return torch.float32
     return dtype
 
 
@@ -185,7 +174,10 @@ class LLM:
         if self.compiled:  # compile without collectives (ranks compile at their own pace), then meet
             self.comm.offline = True
             try:
-                self.compile_s = self.model.compile_decode(self.cache, min(2, self.max_batch_size))
+                path = "guarded" if os.environ.get("TP_RUNTIME_ALL_GUARDS", "0") == "1" else "auto"
+                step = compile_decode(self.model, self.cache, min(2, self.max_batch_size), path,
+                                      freeze=os.environ.get("TP_RUNTIME_FREEZE", "1") != "0")
+                self.model.compiled_step, self.compile_s = step, step.seconds
             finally:
                 self.comm.offline = False
             self.comm.barrier(timeout_s=max(COMPILE_BARRIER_S, comm_timeout_s))

@@ -8,7 +8,6 @@ AVX2/FMA, no compiler or ninja is found, or the build fails, `load()` returns Fa
 serve instead.
 """
 
-import functools
 import os
 import shutil
 import sys
@@ -16,18 +15,11 @@ import threading
 
 import torch
 
+from tp_runtime import cpu
+
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "woq_cpu.cpp")
 _lock = threading.Lock()
 _reason: list = []  # why the kernels are unavailable, once load() has failed
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return frozenset(next((line for line in f if line.startswith("flags")), "").split()[2:])
-    except OSError:
-        return frozenset()
 
 
 def _ninja_on_path() -> bool:
@@ -74,7 +66,7 @@ def load() -> bool:
             return False
         if os.environ.get("TP_RUNTIME_NATIVE", "1") == "0":
             _reason.append("TP_RUNTIME_NATIVE=0")
-        elif not {"avx2", "fma"} <= cpu_flags():
+        elif not cpu.has("avx2", "fma"):
             _reason.append("the CPU lacks AVX2/FMA")
         elif not (shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")):
             _reason.append("no C++ compiler (c++ / g++) on PATH")
@@ -89,10 +81,17 @@ def load() -> bool:
                                extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=False)
             _register_fakes()
+            follow_isa()
         except Exception as e:  # a broken toolchain must not stop the engine: other kernels serve
             _reason.append(f"building {os.path.basename(SOURCE)} failed: {str(e).strip().splitlines()[-1:]}")
             return False
         return True
+
+
+def follow_isa() -> None:
+    """Let int4_mm_q8 use only the dot instruction tp_runtime.cpu allows (TP_RUNTIME_ISA); load() calls it,
+    and so may a caller that changed the cap since."""
+    torch.ops.tp_woq.q8_isa(cpu.q8_dot())
 
 
 def why_not() -> str:

@@ -1,22 +1,17 @@
-"""Weight-only quantized linears at run time, and the kernels that serve them.
+"""The kernels that serve weight-only quantized linears: each prepares its own copy of the weight once,
+then maps x (N, in) -> y (N, out).
 
-A quantized linear's rank-file tensors (engine_format: codes, scales, zeros, AWQ prequant factor) are
-gathered into one `QuantWeight` when the model is built; the parallel layers (layers.py) then run it
-through a `WeightOnlyLinear`, which owns one kernel:
-
-    y = kernel(x * prequant)            y[n, o] = sum_i x[n, i] (q[o, i] - zero[o, g(i)]) scale[o, g(i)]
-
-Which kernel is fastest depends on the CPU, the shape and the thread count, so each layer shape is timed
-once at load among the kernels that can serve it, and the winner is cached on disk
-($TP_RUNTIME_CACHE or ~/.cache/tp_runtime/woq_kernels.json, keyed by CPU, torch, threads and shape).
-`--woq_kernel NAME` (LLM(woq_kernel=...)) forces one for every layer of its precision.
+Which one serves a layer is select.py's choice (timed, checked against the dequantized weight).
+Each kernel states its `tolerance`: the largest error it may show on select.py's probe, as a fraction
+of the largest output (max |y - x W^T| / max |x W^T|, W the dequantized weight).
 
     int8  aten_int8       torch.ops.aten._weight_int8pack_mm (CPU, CUDA): int8 weights, float activations
           aten_int8_bf16  the same fed bf16 activations from an fp32 model (its only fast CPU path)
           native_int8     tp_runtime's AVX2 kernel (csrc/woq_cpu.cpp, built on first use): fp32 activations
           fbgemm_int8     FBGEMM's dynamic linear (quantized.linear_dynamic on a prepacked per-channel
-                          weight): the activation is quantized to 8 bits per call too, so it is W8A8 in
-                          effect, less exact than the others (CPU); only when named, never by auto
+                          weight): the activation is quantized to 8 bits per call too (7 bits without
+                          AVX512-VNNI), so it is W8A8 in effect, less exact than the others (CPU); only
+                          when named, never by auto
           dequant_int8    F.linear on the codes cast to the compute dtype, then the scales (fallback)
     int4  aten_int4_cpu   torch.ops.aten._weight_int4pack_mm_for_cpu on _convert_weight_to_int4pack_for_cpu
           aten_int4_cpu_bf16  the same fed bf16 activations from an fp32 model
@@ -32,114 +27,30 @@ Zero points: the int4 aten kernels take them as part of their (scale, zero) pair
 which have none, y -= sum_i x[n, i] * (scale * zero)[o] is added after the matmul.
 """
 
-import functools
-import json
-import os
-import tempfile
-import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tp_runtime import cpu
 from tp_runtime.engine import format as ef
 from tp_runtime.runtime import native
-from tp_runtime.errors import UserError
-
-
-@dataclass
-class QuantWeight:
-    """One linear's quantized weight on its device, as read from the rank file (codes unpacked)."""
-
-    precision: str  # int8 | int4
-    q: torch.Tensor  # (out, in): int8 codes, or uint8 codes 0..15 for int4
-    scale: torch.Tensor  # (out, groups) float32
-    zero: torch.Tensor | None  # (out, groups) codes' zero; None: symmetric (0 for int8, 8 for int4)
-    pre_scale: torch.Tensor | None = None  # (in,) multiplies the activation first (AWQ)
-    kernel: str = "auto"  # the kernel asked for (auto: timed at load)
-    dtype: torch.dtype = torch.float32  # compute dtype of the activations
-
-    @property
-    def out_features(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def group_size(self) -> int:
-        return self.in_features // self.scale.shape[1]
-
-    def zeros(self) -> torch.Tensor:
-        """(out, groups) float zero of each group, implied ones included."""
-        if self.zero is not None:
-            return self.zero.float()
-        return torch.full_like(self.scale, 0.0 if self.precision == "int8" else 8.0)
-
-    def dequantize(self) -> torch.Tensor:
-        """(out, in) float32, prequant factor folded in: the reference every kernel must match."""
-        out_f, in_f = self.q.shape
-        groups = self.scale.shape[1]
-        q = self.q.float().view(out_f, groups, in_f // groups)
-        w = ((q - self.zeros().unsqueeze(-1)) * self.scale.unsqueeze(-1)).view(out_f, in_f)
-        return w * self.pre_scale.float() if self.pre_scale is not None else w
-
-
-def cat_out(parts: list):
-    """Concatenate weights along their outputs (fc and gate into one matmul): tensors or QuantWeights."""
-    if not isinstance(parts[0], QuantWeight):
-        return torch.cat(parts)
-    first = parts[0]
-    if any(p.precision != first.precision or p.scale.shape[1] != first.scale.shape[1] for p in parts):
-        raise ValueError("fused quantized weights must share precision and group size")
-    pre = first.pre_scale
-    if any((p.pre_scale is None) != (pre is None) or (pre is not None and not torch.equal(p.pre_scale, pre))
-           for p in parts):
-        raise ValueError("fused quantized weights must share their prequant factor (they share their input)")
-    zero = None
-    if any(p.zero is not None for p in parts):
-        zero = torch.cat([p.zeros().to(torch.int16) for p in parts])
-    return QuantWeight(first.precision, torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                       zero, pre, first.kernel, first.dtype)
-
-
-def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto") -> dict:
-    """Replace each quantized linear's tensors in a rank's `weights` by one QuantWeight under `P.weight`.
-    A linear is quantized when its scales are there: per_channel_scale (int8) or weights_scaling_factor
-    (int4). Other tensors are left as they are."""
-    for name in [n for n in weights if n.endswith((f".{ef.INT8_SCALE}", f".{ef.INT4_SCALE}"))]:
-        prefix, kind = name.rsplit(".", 1)
-        w = weights.pop(f"{prefix}.weight")
-        scale = weights.pop(name).float()
-        zero = weights.pop(f"{prefix}.{ef.ZERO}", None)
-        pre = weights.pop(f"{prefix}.{ef.PREQUANT}", None)
-        if kind == ef.INT8_SCALE:
-            # A fresh, aligned copy: a tensor read from the rank file may sit at any byte offset, and
-            # torch's bf16 int8 kernel crashes on an unaligned weight (seen here with an mmap'd file).
-            w = w.clone()
-            qw = QuantWeight("int8", w, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1), pre,
-                             kernel, dtype)
-        else:
-            qw = QuantWeight("int4", ef.unpack_int4(w), scale, zero, pre, kernel, dtype)
-        weights[f"{prefix}.weight"] = qw
-    return weights
-
-
-# ---------------------------------------------------------------------------
-# kernels: each prepares its own copy of the weight once, then maps x (N, in) -> y (N, out)
-
+from tp_runtime.runtime.woq.format import QuantWeight
 
 class Kernel(nn.Module):
     """A module whose tensors are all (non-persistent) buffers, so a frozen compiled step holds them as
-    constants: as plain attributes they were ~360 inputs of every SmolLM2 step, ~1 us each."""
+    constants: as plain attributes they would be inputs of every compiled step, each checked per call."""
 
     name = ""
     precision = ""
     auto = True  # a candidate of --woq_kernel auto (False: only when named)
     traceable = True  # torch.compile can trace it (False: the decode step stays eager)
+    # The largest relative error allowed on the probe (select.probe) with float32 activations: fp32 kernels
+    # sum in another order than the reference (~1e-6); those that round the activations state their own.
+    # bf16 / fp16 compute adds HALF_TOLERANCE whatever the kernel.
+    tolerance = 1e-4
+    HALF_TOLERANCE = 3e-2
 
     @staticmethod
     def supports(w: QuantWeight, dtype: torch.dtype) -> bool:
@@ -191,8 +102,8 @@ class AtenInt8(_Int8Kernel):
         if self.zero_col is not None:
             self.zero_col = self.zero_col.to(dtype)
 
-    # Beyond this many rows (prefill) the codes cast to the compute dtype and one GEMM beat the kernel, which
-    # grows ~15 us a row at SmolLM2's shapes (1536x576: 780 us at 128 rows); same tensors, no copy.
+    # Beyond this many rows (prefill) the codes cast to the compute dtype and one GEMM beat the kernel, whose
+    # cost grows with every row (benchmarks/bench_woq_kernels.py); same tensors, no copy.
     GEMM_ROWS = 16
 
     def forward(self, x):
@@ -204,11 +115,17 @@ class AtenInt8(_Int8Kernel):
 
 class FbgemmInt8(_Int8Kernel):
     """Fast, but W8A8 in effect: one 8-bit scale for the whole activation row loses SmolLM2's small channels
-    beside its outliers (perplexity 12.44 -> 12.99 on CPython doc text, against 12.55 for aten_int8_bf16),
-    so `auto` never picks it; --woq_kernel fbgemm_int8 trades that for speed."""
+    beside its outliers (see benchmarks/bench_quant.py), so `auto` never picks it; --woq_kernel fbgemm_int8
+    trades that for speed.
+
+    Without AVX512-VNNI, FBGEMM multiplies u8 x s8 pairs with vpmaddubsw, whose 16-bit sums saturate on
+    full 8-bit activations (outputs up to 20 % off on random data): there the activations are quantized to
+    7 bits (linear_dynamic's reduce_range, as PyTorch documents for x86). FBGEMM reads the CPU itself, so
+    this follows the real flags, not TP_RUNTIME_ISA."""
 
     name = "fbgemm_int8"
     auto = False
+    tolerance = 3e-2  # 7-bit activations, one scale per call: ~2 % of the largest output on random data
     traceable = False  # its prepacked weight is a ScriptObject that dynamo cannot put in a graph
 
     @staticmethod
@@ -227,10 +144,11 @@ class FbgemmInt8(_Int8Kernel):
             qt = torch._make_per_channel_quantized_tensor(w.q.contiguous(), w.scale[:, 0].double(), zeros, 0)
         self.packed = torch.ops.quantized.linear_prepack(qt, None)
         self.dtype = dtype
+        self.reduce_range = "avx512_vnni" not in cpu.real_flags()
         self._zeros(w)
 
     def forward(self, x):
-        y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, False)
+        y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range)
         return self._finish(x, y.to(self.dtype))
 
 
@@ -347,6 +265,7 @@ class NativeInt4Q8(Kernel):
     name = "native_int4_q8"
     precision = "int4"
     auto = False
+    tolerance = 3e-2  # activations rounded to 8 bits per 32 inputs
     PARTS = 1  # int8 parts per activation block
     GEMM_ROWS = NativeInt4.GEMM_ROWS
     SLICE_TILES = NativeInt4.SLICE // native.TILE
@@ -391,6 +310,7 @@ class NativeInt4Q8x2(NativeInt4Q8):
     name = "native_int4_q8x2"
     auto = True
     PARTS = 2
+    tolerance = 1e-4  # ~15 bits per block of 32 inputs: as close as the fp32 kernels on the probe
 
 
 class AtenInt4Cuda(Kernel):
@@ -436,28 +356,18 @@ class DequantInt4(Kernel):
         return F.linear(x, w)
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def bf16_variant(base: type) -> type:
     """`base` fed bfloat16 activations from a float32 model: torch's CPU int8 / int4 kernels have a fast
-    path for bf16 only (measured 10-30x faster than their fp32 path on an AVX-512 Xeon), so on CPUs with
-    native bf16 an fp32 engine casts x to bf16 around them (activations rounded to bf16, W*A16)."""
+    path for bf16 only (see benchmarks/bench_woq_kernels.py), so on CPUs with native bf16 an fp32 engine casts x to bf16 around them (activations rounded to bf16, W*A16)."""
 
     class Variant(Kernel):
         name = f"{base.name}_bf16"
         precision = base.precision
+        tolerance = Kernel.HALF_TOLERANCE  # activations rounded to bf16
 
         @staticmethod
         def supports(w, dtype):
-            return (dtype == torch.float32 and w.q.device.type == "cpu" and _cpu_has_bf16()
+            return (dtype == torch.float32 and w.q.device.type == "cpu" and cpu.native_half("bfloat16")
                     and base.supports(w, torch.bfloat16))
 
         def __init__(self, w, dtype):
@@ -482,150 +392,3 @@ def candidates(w: QuantWeight, dtype: torch.dtype, auto: bool = False) -> list[s
             if k.precision == w.precision and k.supports(w, dtype) and (k.auto or not auto)]
 
 
-# ---------------------------------------------------------------------------
-# choosing: time each candidate once per shape, remember the winner
-
-
-def cache_path() -> str:
-    root = os.environ.get("TP_RUNTIME_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tp_runtime")
-    return os.path.join(root, "woq_kernels.json")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown-cpu"
-
-
-def cache_key(w: QuantWeight, dtype: torch.dtype) -> str:
-    dev = w.q.device
-    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"  # CPU: + the ISA torch dispatches to
-             else f"{_cpu_name()} {torch.backends.cpu.get_cpu_capability()} x{torch.get_num_threads()}")
-    names = ",".join(candidates(w, dtype, auto=True))  # a new kernel (a newer tp_runtime) times again
-    return (f"{where}|torch {torch.__version__}|{w.precision} {w.out_features}x{w.in_features} "
-            f"g{w.group_size} z{int(w.zero is not None)}|{str(dtype).removeprefix('torch.')}|{names}")
-
-
-def _read_cache() -> dict:
-    try:
-        with open(cache_path()) as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _write_cache(key: str, name: str) -> None:
-    path = cache_path()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        data = _read_cache()
-        data[key] = name
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".woq-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: ranks writing at once never leave a torn file
-    except OSError:
-        pass  # a read-only home: time again next load
-
-
-def _last_level_cache_bytes() -> int:
-    for index in (3, 2):
-        try:
-            with open(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size") as f:
-                text = f.read().strip()
-            return int(text[:-1]) * {"K": 1024, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text)
-        except (OSError, ValueError):
-            continue
-    return 32 << 20
-
-
-@functools.lru_cache(maxsize=1)
-def _eviction_buffer() -> torch.Tensor:
-    """Twice the last-level cache of float32 (capped at 256 MB): reading it evicts a weight from the caches."""
-    return torch.ones(min(2 * _last_level_cache_bytes(), 256 << 20) // 4)
-
-
-def time_kernel(kernel: Kernel, x: torch.Tensor, calls: int = 20) -> float:
-    """Seconds per call. CUDA: best of 3 rounds of back-to-back calls. CPU: the median of single calls, each
-    after evicting the caches, because a decode step streams every weight from memory (a model is larger
-    than the caches): timed on a cached weight, torch's bf16 kernels won here where the runtime's lost in the
-    whole step (int8 SmolLM2: 128 vs 136 tok/s)."""
-    if x.device.type == "cuda":
-        for _ in range(3):
-            kernel(x)
-        best = float("inf")
-        for _ in range(3):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                kernel(x)
-            torch.cuda.synchronize()
-            best = min(best, (time.perf_counter() - t0) / calls)
-        return best
-    scratch = _eviction_buffer()
-    for _ in range(3):
-        kernel(x)
-    times = []
-    for _ in range(calls):
-        scratch.sum()
-        t0 = time.perf_counter()
-        kernel(x)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[calls // 2]
-
-
-_chosen: dict = {}  # in-process: cache key -> kernel name
-
-
-def choose(w: QuantWeight, dtype: torch.dtype) -> str:
-    names = candidates(w, dtype)
-    if w.kernel != "auto":
-        if w.kernel not in KERNELS:
-            raise UserError(f"--woq_kernel {w.kernel!r} is unknown; kernels: auto, {', '.join(KERNELS)}")
-        if KERNELS[w.kernel].precision == w.precision:
-            if w.kernel not in names:
-                raise UserError(f"--woq_kernel {w.kernel} cannot serve a {w.precision} {w.out_features}x"
-                                f"{w.in_features} weight (group {w.group_size}) on {w.q.device.type} in "
-                                f"{str(dtype).removeprefix('torch.')}; it can use: {', '.join(names)}")
-            return w.kernel
-    names = candidates(w, dtype, auto=True)
-    if len(names) == 1:
-        return names[0]
-    key = cache_key(w, dtype)
-    if key not in _chosen:
-        cached = _read_cache().get(key)
-        if cached in names:
-            _chosen[key] = cached
-        else:
-            x = torch.randn(1, w.in_features, dtype=dtype, device=w.q.device)  # decode: one token a row
-            times = {n: time_kernel(KERNELS[n](w, dtype), x) for n in names}
-            _chosen[key] = min(times, key=times.get)
-            _write_cache(key, _chosen[key])
-    return _chosen[key]
-
-
-class WeightOnlyLinear(nn.Module):
-    """x (..., in) -> (..., out) through the chosen kernel; no bias (the parallel layers add it)."""
-
-    def __init__(self, w: QuantWeight):
-        super().__init__()
-        dtype = w.dtype
-        self.kernel_name = choose(w, dtype)
-        self.kernel = KERNELS[self.kernel_name](w, dtype)
-        self.in_features, self.out_features = w.in_features, w.out_features
-        self.register_buffer("pre_scale", w.pre_scale.to(dtype) if w.pre_scale is not None else None, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pre_scale is not None:
-            x = x * self.pre_scale
-        y = self.kernel(x.reshape(-1, self.in_features))  # (tokens, out)
-        return y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_features} -> {self.out_features}, kernel={self.kernel_name}"

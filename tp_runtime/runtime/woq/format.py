@@ -1,0 +1,99 @@
+"""A quantized linear's weight as the runtime holds it, gathered from its rank-file tensors.
+
+The engine format (engine/format.py) stores codes, scales, zeros and an AWQ prequant factor per linear;
+`collect` turns them into one `QuantWeight` when the model is built, and the kernels (kernels.py) prepare
+their own layouts from it:
+
+    y[n, o] = sum_i x[n, i] (q[o, i] - zero[o, g(i)]) scale[o, g(i)]          (x times prequant first)
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from tp_runtime.engine import format as ef
+
+
+@dataclass
+class QuantWeight:
+    """One linear's quantized weight on its device, as read from the rank file (codes unpacked)."""
+
+    precision: str  # int8 | int4
+    q: torch.Tensor  # (out, in): int8 codes, or uint8 codes 0..15 for int4
+    scale: torch.Tensor  # (out, groups) float32
+    zero: torch.Tensor | None  # (out, groups) codes' zero; None: symmetric (0 for int8, 8 for int4)
+    pre_scale: torch.Tensor | None = None  # (in,) multiplies the activation first (AWQ)
+    kernel: str = "auto"  # the kernel asked for (auto: timed at load)
+    dtype: torch.dtype = torch.float32  # compute dtype of the activations
+
+    @property
+    def out_features(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scale.shape[1]
+
+    def zeros(self) -> torch.Tensor:
+        """(out, groups) float zero of each group, implied ones included."""
+        if self.zero is not None:
+            return self.zero.float()
+        return torch.full_like(self.scale, 0.0 if self.precision == "int8" else 8.0)
+
+    def dequantize(self) -> torch.Tensor:
+        """(out, in) float32, prequant factor folded in: the reference every kernel must match."""
+        out_f, in_f = self.q.shape
+        groups = self.scale.shape[1]
+        q = self.q.float().view(out_f, groups, in_f // groups)
+        w = ((q - self.zeros().unsqueeze(-1)) * self.scale.unsqueeze(-1)).view(out_f, in_f)
+        return w * self.pre_scale.float() if self.pre_scale is not None else w
+
+    def rows(self, count: int) -> "QuantWeight":
+        """The first `count` output rows (views, no copy): a probe of the layer at its real input width."""
+        zero = None if self.zero is None else self.zero[:count]
+        return QuantWeight(self.precision, self.q[:count], self.scale[:count], zero, self.pre_scale, self.kernel,
+                           self.dtype)
+
+
+def cat_out(parts: list):
+    """Concatenate weights along their outputs (fc and gate into one matmul): tensors or QuantWeights."""
+    if not isinstance(parts[0], QuantWeight):
+        return torch.cat(parts)
+    first = parts[0]
+    if any(p.precision != first.precision or p.scale.shape[1] != first.scale.shape[1] for p in parts):
+        raise ValueError("fused quantized weights must share precision and group size")
+    pre = first.pre_scale
+    if any((p.pre_scale is None) != (pre is None) or (pre is not None and not torch.equal(p.pre_scale, pre))
+           for p in parts):
+        raise ValueError("fused quantized weights must share their prequant factor (they share their input)")
+    zero = None
+    if any(p.zero is not None for p in parts):
+        zero = torch.cat([p.zeros().to(torch.int16) for p in parts])
+    return QuantWeight(first.precision, torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                       zero, pre, first.kernel, first.dtype)
+
+
+def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto") -> dict:
+    """Replace each quantized linear's tensors in a rank's `weights` by one QuantWeight under `P.weight`.
+    A linear is quantized when its scales are there: per_channel_scale (int8) or weights_scaling_factor
+    (int4). Other tensors are left as they are."""
+    for name in [n for n in weights if n.endswith((f".{ef.INT8_SCALE}", f".{ef.INT4_SCALE}"))]:
+        prefix, kind = name.rsplit(".", 1)
+        w = weights.pop(f"{prefix}.weight")
+        scale = weights.pop(name).float()
+        zero = weights.pop(f"{prefix}.{ef.ZERO}", None)
+        pre = weights.pop(f"{prefix}.{ef.PREQUANT}", None)
+        if kind == ef.INT8_SCALE:
+            # A fresh, aligned copy: a tensor read from the rank file may sit at any byte offset, and
+            # torch's bf16 int8 kernel crashes on an unaligned weight (seen here with an mmap'd file).
+            w = w.clone()
+            qw = QuantWeight("int8", w, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1), pre,
+                             kernel, dtype)
+        else:
+            qw = QuantWeight("int4", ef.unpack_int4(w), scale, zero, pre, kernel, dtype)
+        weights[f"{prefix}.weight"] = qw
+    return weights
