@@ -21,7 +21,7 @@ SIZES = (576, 2048, 8192, 49152, 1 << 20)
 def worker(kind: str, iters: int, out: str) -> None:
     import torch
 
-    from tp_runtime.distributed.comm import make_communicator
+    from tp_runtime.distributed.communicator import make_communicator
     from tp_runtime.distributed.launch import detect_launch
 
     torch.set_num_threads(1)

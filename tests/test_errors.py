@@ -190,10 +190,51 @@ def test_a_dead_rank_ends_the_job(ckpt, comm, message):
         assert procs[0].poll() is None, "generation ended before the kill; make it longer"
         procs[1].send_signal(signal.SIGKILL)
         t0 = time.monotonic()
-        _, err = procs[0].communicate(timeout=60)
-        assert time.monotonic() - t0 < 60
+        _, err = procs[0].communicate(timeout=300)
+        # the job ends within the collective timeout (45 s) plus start-up slack, not at the test's limit
+        assert time.monotonic() - t0 < 120, err
         assert procs[0].returncode == 3
         assert message in err and "Traceback" not in err, err
     finally:
         for p in procs:
             p.kill()
+
+
+class _FakeDist:
+    """torch.distributed as a communicator sees it, failing the way it is told to."""
+
+    def __init__(self, exc):
+        self.exc = exc
+
+    def all_reduce(self, tensor):
+        raise self.exc
+
+
+def _fake_comm(exc):
+    from tp_runtime.distributed.comm import TorchDistCommunicator
+
+    comm = object.__new__(TorchDistCommunicator)  # no process group: only the guard is under test
+    comm.rank, comm.world_size, comm.timeout_s, comm.dist = 1, 2, 45, _FakeDist(exc)
+    return comm
+
+
+@pytest.mark.parametrize("exc", [
+    RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:13005"),
+    RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 45000ms for recv operation"),
+    ConnectionResetError(104, "Connection reset by peer"),
+    torch.distributed.DistBackendError("NCCL communicator was aborted"),
+])
+def test_a_failed_collective_is_a_comm_error(exc):
+    from tp_runtime.errors import CommError
+
+    with pytest.raises(CommError, match=r"rank 1: all_reduce failed, another rank died or timed out after 45s"):
+        _fake_comm(exc)._all_reduce(torch.ones(2))
+
+
+@pytest.mark.parametrize("exc", [TypeError("all_reduce() got an unexpected keyword argument"),
+                                 RuntimeError("The size of tensor a (4) must match the size of tensor b (3)"),
+                                 AttributeError("'NoneType' object has no attribute 'shape'")])
+def test_a_bug_in_a_collective_keeps_its_type_and_traceback(exc):
+    with pytest.raises(type(exc)) as info:
+        _fake_comm(exc)._all_reduce(torch.ones(2))
+    assert info.value is exc and info.traceback  # the same exception, raised where it happened

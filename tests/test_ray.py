@@ -11,7 +11,7 @@ import pytest
 
 from helpers import build_checkpoint, free_port, random_prompts, tool, tp_run_json
 from tp_runtime import SamplingParams
-from tp_runtime.distributed.comm import CommError
+from tp_runtime.errors import CommError
 from tp_runtime.errors import UserError
 
 NEW_TOKENS = 8

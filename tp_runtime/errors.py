@@ -1,8 +1,11 @@
-"""User-facing errors.
+"""The errors every layer raises, and how the console scripts report them.
 
 A `UserError` is a mistake the user can fix (a wrong flag, a missing file, a model we do not
 support). The command-line entry points print its message on one line and exit with status 2,
-without a traceback. Anything else that escapes is a bug and keeps its traceback.
+without a traceback. A `CommError` is a collective that failed (another rank died or timed out):
+one line, exit status 3, at once. Anything else that escapes is a bug and keeps its traceback.
+
+This module imports nothing of the package: every layer may import it.
 """
 
 import os
@@ -11,6 +14,10 @@ import sys
 
 class UserError(Exception):
     """A problem with the user's input, reported as one clear line."""
+
+
+class CommError(RuntimeError):
+    """A collective failed: another rank died, or did not answer within the timeout."""
 
 
 def exit_on_user_error(main):
@@ -25,11 +32,7 @@ def exit_on_user_error(main):
             _exit(2)
         except KeyboardInterrupt:
             sys.exit(130)
-        except Exception as e:
-            from tp_runtime.distributed.comm import CommError
-
-            if not isinstance(e, CommError):
-                raise
+        except CommError as e:
             # Another rank is gone: say so in one line and leave at once, without waiting on
             # process-group teardown, which could block on the dead peer.
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -53,8 +56,10 @@ def _exit(code: int, force: bool = False):
 
 
 def _rank_prefix():
-    # Imported lazily: launch reads launcher variables, which is its concern alone.
-    from tp_runtime.distributed.launch import detect_launch
-
-    info = detect_launch()
+    """'[rank r] ' in a job of several ranks. Only the launch glue reads the launchers' variables, and this
+    module imports nothing of the package: a tool that never loaded the launch glue is a single process."""
+    launch = sys.modules.get("tp_runtime.distributed.launch")
+    if launch is None:
+        return ""
+    info = launch.detect_launch()
     return f"[rank {info.rank}] " if info.world_size > 1 else ""

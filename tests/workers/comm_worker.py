@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from tp_runtime.distributed.comm import make_communicator
+from tp_runtime.distributed.communicator import make_communicator
 from tp_runtime.distributed.launch import detect_launch
 
 mode = sys.argv[1]

@@ -17,6 +17,11 @@ import torch
 
 from tp_runtime.errors import UserError
 
+# The rule of each canonical tensor, named by the adapters and applied here. COLUMN splits the MLP's
+# intermediate dim; ROW_ATTN splits dense's input by the rank's query heads; ROW_MLP splits proj's input
+# by the rank's intermediate columns; QKV splits by whole heads; VOCAB pads the vocabulary to a multiple of tp.
+REPLICATE, COLUMN, ROW_ATTN, ROW_MLP, QKV, VOCAB = "replicate", "column", "row_attn", "row_mlp", "qkv", "vocab"
+
 
 def balanced_sizes(total: int, world: int) -> list[int]:
     """Split `total` items over `world` ranks, the first ranks taking one more when uneven."""

@@ -21,7 +21,8 @@ import torch
 from tp_runtime.engine import format as ef
 from tp_runtime.convert import partition as pt
 from tp_runtime.convert import quantize as qz
-from tp_runtime.convert.adapters import COLUMN, QKV, REPLICATE, ROW_ATTN, ROW_MLP, VOCAB, CanonicalTensor, get_adapter
+from tp_runtime.convert.adapters import CanonicalTensor, get_adapter
+from tp_runtime.convert.partition import COLUMN, QKV, REPLICATE, ROW_ATTN, ROW_MLP, VOCAB
 from tp_runtime.convert.checkpoint import open_checkpoint
 from tp_runtime.convert.prequantized import open_prequantized
 from tp_runtime.errors import UserError, exit_on_user_error

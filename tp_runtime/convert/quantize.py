@@ -201,18 +201,16 @@ def shard_quantized(rule: str, qw, plan: pt.RankPlan, head_dim: int, row_span=No
     """One rank's slice of a quantized weight (for QKV, a (q, k, v) tuple of them).
 
     rule: the converter's partition rule; row_span: [start, end) of the inputs for row rules."""
-    from tp_runtime.convert.adapters import COLUMN, QKV, ROW_ATTN, ROW_MLP, VOCAB
-
-    if rule == QKV:
+    if rule == pt.QKV:
         parts = {f: pt.shard_qkv(*(getattr(x, f) for x in qw), plan.heads, head_dim) for f in ("q", "scale")}
         zero = (pt.shard_qkv(*(x.zero for x in qw), plan.heads, head_dim) if qw[0].zero is not None else None)
         return QuantizedWeight(parts["q"], parts["scale"], zero, qw[0].pre_scale, qw[0].precision)
-    if rule == COLUMN:
+    if rule == pt.COLUMN:
         rows = lambda t: None if t is None else pt.shard_column(t, plan.mlp_span)  # noqa: E731
-    elif rule == VOCAB:
+    elif rule == pt.VOCAB:
         # padding rows get codes 0 and scale 0: zero logits, masked by the head anyway
         rows = lambda t: None if t is None else pt.shard_vocab(t, plan.rank, plan.tp)  # noqa: E731
-    elif rule in (ROW_ATTN, ROW_MLP):
+    elif rule in (pt.ROW_ATTN, pt.ROW_MLP):
         start, end = row_span
         g = qw.group_size
         if qw.scale.shape[1] == 1:

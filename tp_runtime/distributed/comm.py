@@ -4,6 +4,7 @@ Chosen once at start-up:
     world size 1   -> Communicator: every call returns at once, nothing is initialized
     CUDA           -> NCCL (with a gloo group beside it for Python objects)
     CPU, one host  -> shared memory (shm_comm.py), gloo underneath for set-up and Python objects
+(communicator.py's make_communicator chooses)
     CPU, hosts     -> gloo
 Every collective has a timeout (the process group's), so a dead rank ends the job instead of
 hanging it.
@@ -19,21 +20,38 @@ import time
 import torch
 
 from tp_runtime.distributed.launch import LaunchInfo, rendezvous_address
+from tp_runtime.errors import CommError
 
 DEFAULT_TIMEOUT_S = 45
 
 
-class CommError(RuntimeError):
-    """A collective failed: another rank died, or did not answer within the timeout."""
+_TRANSPORT_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket")
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """Whether `e` is a collective's failure (a peer gone, a timeout) rather than a bug: torch's DistError
+    family, OS connection and timeout errors, and the plain RuntimeErrors gloo raises for a closed or silent
+    peer (their text names the transport)."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    return type(e) is RuntimeError and any(w in str(e).lower() for w in _TRANSPORT_WORDS)
 
 
 def _guard(fn):
+    """A collective's failure becomes one CommError line naming the rank and the timeout; any other exception
+    is a bug and keeps its type and traceback."""
+
     def wrapped(self, *args, **kwargs):
         try:
             return fn(self, *args, **kwargs)
         except CommError:
             raise
-        except Exception as e:  # gloo/NCCL raise RuntimeError or DistBackendError subclasses
+        except Exception as e:
+            if not is_comm_failure(e):
+                raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CommError(f"rank {self.rank}: {fn.__name__.lstrip('_')} failed, another rank died or timed out "
                             f"after {self.timeout_s:.0f}s ({first})") from None
@@ -157,7 +175,7 @@ class TorchDistCommunicator(Communicator):
         if timeout_s is not None:  # a counter in the rendezvous store, polled: any limit, any backend
             self._store_barrier(timeout_s)
         elif self.object_group is not None:
-            self.dist.barrier(group=group)
+            self.dist.barrier(group=self.object_group)
         else:
             self.dist.barrier()
 
@@ -175,25 +193,3 @@ class TorchDistCommunicator(Communicator):
     def close(self):
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
-
-
-COMM_KINDS = ("auto", "shm", "gloo")
-
-
-def make_communicator(info: LaunchInfo, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S,
-                      kind: str = "auto") -> Communicator:
-    """kind: auto (shared memory when every rank is on this host's CPUs, else gloo; NCCL on CUDA),
-    shm (shared memory, an error if the ranks span hosts), gloo."""
-    if kind not in COMM_KINDS:
-        from tp_runtime.errors import UserError
-
-        raise UserError(f"--comm must be one of {', '.join(COMM_KINDS)}, got {kind!r}")
-    if info.world_size == 1:
-        return Communicator()
-    if device.type == "cuda":
-        return TorchDistCommunicator(info, "nccl", timeout_s)
-    if kind == "gloo":
-        return TorchDistCommunicator(info, "gloo", timeout_s)
-    from tp_runtime.distributed.shm_comm import ShmCommunicator  # it builds on this module
-
-    return ShmCommunicator(info, timeout_s, required=kind == "shm")

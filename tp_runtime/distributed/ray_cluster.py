@@ -363,7 +363,7 @@ def _short(resources: dict) -> str:
 
 def _rank_failure(ray, what: str, failures: dict) -> Exception:
     """The error to raise on the driver: the lowest rank's own error, preferring a user's mistake."""
-    from tp_runtime.distributed.comm import CommError
+    from tp_runtime.errors import CommError
 
     for r in sorted(failures):
         cause = getattr(failures[r], "cause", None)

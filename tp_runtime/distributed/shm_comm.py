@@ -28,8 +28,8 @@ import uuid
 
 import torch
 
-from tp_runtime.distributed.comm import CommError, TorchDistCommunicator
-from tp_runtime.errors import UserError
+from tp_runtime.distributed.comm import TorchDistCommunicator
+from tp_runtime.errors import CommError, UserError
 from tp_runtime.distributed.launch import LaunchInfo
 
 SLOT_BYTES = 4 << 20

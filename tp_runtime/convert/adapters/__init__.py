@@ -6,9 +6,7 @@ Adding a family means adding an adapter here (and, where its math is new, a swit
 canonical config), never a branch in the runtime.
 """
 
-from tp_runtime.convert.adapters.base import (  # noqa: F401
-    COLUMN, QKV, REPLICATE, ROW_ATTN, ROW_MLP, VOCAB, CanonicalTensor, DecoderAdapter,
-)
+from tp_runtime.convert.adapters.base import CanonicalTensor, DecoderAdapter  # noqa: F401
 from tp_runtime.convert.adapters.exaone import Exaone4Adapter, ExaoneAdapter
 from tp_runtime.convert.adapters.gpt_neox import GPTNeoXAdapter
 from tp_runtime.convert.adapters.internlm2 import InternLM2Adapter

@@ -8,12 +8,9 @@ import torch
 
 from tp_runtime.engine import format as ef
 from tp_runtime.convert.checkpoint import Checkpoint
+from tp_runtime.convert.partition import COLUMN, QKV, REPLICATE, ROW_ATTN, ROW_MLP, VOCAB
 from tp_runtime.errors import UserError
 
-# Partition rules, applied by the converter (see partition.py). COLUMN splits the MLP's
-# intermediate dim; ROW_ATTN splits dense's input by the rank's query heads; ROW_MLP splits
-# proj's input by the rank's intermediate columns.
-REPLICATE, COLUMN, ROW_ATTN, ROW_MLP, QKV, VOCAB = "replicate", "column", "row_attn", "row_mlp", "qkv", "vocab"
 
 # Per-layer engine tensors (suffixes of transformer.layers.{i}) in file order, with their rule.
 LAYER_ROLES = (
