@@ -6,7 +6,6 @@ and for a larger batch (on first use), with the all-reduces and the logits gathe
 inside it at tp=2, and every row must still give transformers' greedy ids and log-probs.
 """
 
-import os
 
 import pytest
 import torch
@@ -47,35 +46,92 @@ def test_compiled_decode_matches_transformers(mistral, tp):
             assert max(abs(a - b) for a, b in zip(ref, o["output_logprobs"])) < 1e-3
 
 
-def test_no_recompile_after_load(mistral, monkeypatch):
-    """The graphs built at load serve every later batch size and attention span: a recompile mid-generation
-    would stall the other ranks' collectives (and cost seconds on its own). Checked with all of Dynamo's
-    guards on (TP_RUNTIME_ALL_GUARDS=1); the default, which after load runs each graph's bytecode directly
-    (chosen by batch size, no guards), must then give the same tokens and log-probs."""
-    from torch._dynamo.utils import counters
-
-    from tp_runtime import LLM, SamplingParams
-
+@pytest.fixture(scope="module")
+def in_process(mistral):
     model, root = mistral
     engine = str(root / "in_process")
     convert(str(root / "hf"), engine, 1, progress=False)
-    monkeypatch.setenv("TP_RUNTIME_ALL_GUARDS", "1")
-    llm = LLM(engine, compile="on", max_batch_size=4)
-    assert llm.model._skip_guards is False
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 2  # batch 1 and batch >= 2, built at load
+    return engine
+
+
+def _batches_and_eager(engine):
+    """Batches of 1..4 rows over spans ~5..20, and what the eager step gives for them."""
+    from tp_runtime import LLM, SamplingParams
+
     prompts = random_prompts(97, seed=7)
     params = SamplingParams(max_tokens=9, ignore_eos=True)
-    batches = (prompts[:3], prompts[:1], prompts[1:3], prompts[:4])  # spans from ~5 to ~20, batches 1..4
-    checked = [llm.generate(batch, params) for batch in batches]
+    batches = (prompts[:3], prompts[:1], prompts[1:3], prompts[:4])
+    llm = LLM(engine, compile="off", max_batch_size=4)
+    eager = [llm.generate(batch, params) for batch in batches]
+    llm.close()
+    return batches, params, eager
+
+
+def _same(got, want):
+    assert [o.output_ids for o in got] == [o.output_ids for o in want]
+    for g, w in zip(got, want, strict=True):
+        assert max(abs(a - b) for a, b in zip(g.output_logprobs, w.output_logprobs, strict=True)) < 1e-4
+
+
+def test_no_recompile_after_load(in_process, monkeypatch):
+    """The graphs built at load serve every later batch size and attention span: a recompile mid-generation
+    would stall the other ranks' collectives (and cost seconds on its own). Checked on the guarded path
+    (TP_RUNTIME_ALL_GUARDS=1: Dynamo checks every guard and would recompile on any mismatch); the compiled
+    step gives the eager step's tokens."""
+    from torch._dynamo.utils import counters
+
+    from tp_runtime import LLM
+
+    batches, params, eager = _batches_and_eager(in_process)
+    monkeypatch.setenv("TP_RUNTIME_ALL_GUARDS", "1")
+    counters.clear()
+    llm = LLM(in_process, compile="on", max_batch_size=4)
+    assert llm.model.compiled_step.path == "guarded"
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # batch 1 and batch >= 2, built at load
+    for batch, want in zip(batches, eager, strict=True):
+        _same(llm.generate(batch, params), want)
     assert counters["stats"]["unique_graphs"] == graphs
     assert not counters["recompiles"], dict(counters["recompiles"])
-    assert set(llm.model._graphs) == {1, 2}  # Dynamo's bytecode per graph, which the default runs directly
-    llm.model._skip_guards = True  # what LLM does without the variable
-    for batch, want in zip(batches, checked):
-        got = llm.generate(batch, params)
-        assert [o.output_ids for o in got] == [o.output_ids for o in want]
-        assert [o.output_logprobs for o in got] == [o.output_logprobs for o in want]
+    llm.close()
+
+
+@pytest.mark.parametrize("path", ["direct", "stance"])
+def test_every_compile_path_gives_the_eager_tokens(in_process, path):
+    """Each way of calling the compiled graphs (runtime/compile.py), forced in turn: the fast path (Dynamo's
+    bytecode called directly) and its fallbacks, so a torch without the private API still decodes right."""
+    from tp_runtime import LLM
+    from tp_runtime.runtime.compile import compile_decode, has_stance
+
+    if path == "stance" and not has_stance():
+        pytest.skip(f"torch {torch.__version__} has no torch.compiler.set_stance")
+    batches, params, eager = _batches_and_eager(in_process)
+    llm = LLM(in_process, compile="off", max_batch_size=4)
+    step = compile_decode(llm.model, llm.cache, 2, path)
+    assert step.path == path
+    llm.model.compiled_step = step
+    for batch, want in zip(batches, eager, strict=True):
+        _same(llm.generate(batch, params), want)
+    llm.close()
+
+
+def test_direct_path_falls_back_when_the_bytecode_is_not_there(in_process, monkeypatch):
+    """Where this torch does not expose Dynamo's cache entries, auto takes the stance (or guarded) path."""
+    import torch._C._dynamo.eval_frame as eval_frame
+
+    from tp_runtime import LLM
+    from tp_runtime.runtime.compile import compile_decode
+
+    batches, params, eager = _batches_and_eager(in_process)
+    monkeypatch.delattr(eval_frame, "_debug_get_cache_entry_list")
+    llm = LLM(in_process, compile="off", max_batch_size=4)
+    step = compile_decode(llm.model, llm.cache, 2, "auto")
+    assert step.path in ("stance", "guarded") and not step.graphs
+    llm.model.compiled_step = step
+    for batch, want in zip(batches, eager, strict=True):
+        _same(llm.generate(batch, params), want)
+    with pytest.raises(UserError, match="does not expose Dynamo's bytecode"):
+        compile_decode(llm.model, llm.cache, 2, "direct")
     llm.close()
 
 

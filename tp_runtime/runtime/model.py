@@ -12,11 +12,8 @@ The KV cache is static: (max_batch, kv_heads_per_rank, max_seq, head_dim) per la
 lives in cache slot b (or slots[b]), and its tokens at positions 0..len_b-1.
 """
 
-import itertools
 import math
 import os
-import time
-import types
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +23,6 @@ from tp_runtime.engine import format as ef
 from tp_runtime.runtime import native, woq
 from tp_runtime.distributed.comm import Communicator
 from tp_runtime.engine.format import EngineConfig
-from tp_runtime.errors import UserError
 from tp_runtime.runtime.layers import (ColumnParallelLinear, Embedding, LayerNorm, ParallelLMHead, RMSNorm, RowParallelLinear,
                                VocabParallelEmbedding)
 
@@ -117,7 +113,6 @@ def native_decode_attention(q, cache_k, cache_v, slots, mask):
     return out.reshape(B, H, 1, D)
 
 
-COMPILE_SPAN = 3  # the attention span compile_decode traces with (see there)
 
 
 class KVCache:
@@ -281,17 +276,10 @@ class TPDecoder(nn.Module):
 
         A step is split in two: what depends on Python values (the attention span, the masks, RoPE
         rows) runs eagerly in `_prepare`; the rest is a pure function of tensors, run eagerly or, for
-        decode steps (T == 1) once `compile_decode` was called, compiled."""
+        decode steps (T == 1) once runtime/compile.py's compile_decode has set `compiled_step`, compiled."""
         B, T = ids.shape
-        if T == 1 and last is not None and self._compiled_body is not None:
-            args = self._decode_args(ids, positions, cache, last, slots)
-            if self._skip_guards:
-                direct = self._graphs.get(min(B, 2))
-                if direct is not None:
-                    return direct(self, *args)
-                with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                    return self._compiled_body(*args)
-            return self._compiled_body(*args)
+        if T == 1 and last is not None and self.compiled_step is not None:
+            return self.compiled_step(*self._decode_args(ids, positions, cache, last, slots))
         x = self.hidden_states(ids, positions, cache, slots)  # (B, T, hidden)
         if last is not None:
             x = x[torch.arange(B, device=ids.device), last]  # (B, hidden)
@@ -342,90 +330,4 @@ class TPDecoder(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, hidden)
         return self.logits(x)
 
-    _compiled_body = None
-    _skip_guards = False
-    _graphs: dict = {}  # 1 (batch 1), 2 (batch >= 2) -> Dynamo's bytecode for that graph (see compile_decode)
-    _bodies = itertools.count()
-
-    def _own_decode_body(self):
-        """_decode_body bound to this model through a code object of its own. Dynamo keeps its compiled
-        graphs and guards per code object: shared by every model of a process, the graphs of one model were
-        tried against another's (six engines of different layouts in one process: KeyError 'weight' inside
-        Dynamo's guards, with their evaluation cut down after load)."""
-        code = TPDecoder._decode_body.__code__
-        name = f"_decode_body_{next(TPDecoder._bodies)}"
-        fn = types.FunctionType(code.replace(co_name=name, co_qualname=name), TPDecoder._decode_body.__globals__)
-        return types.MethodType(fn, self)
-
-    def compile_decode(self, cache: KVCache, max_batch: int = 1) -> float:
-        """Compile the decode step's body with torch.compile (Inductor; a C++ wrapper on CPU, so no
-        Python runs between its kernels) and run it once; returns the seconds that took.
-
-        One graph serves every attention span (dynamic shapes); batch size 1 has its own graph, and
-        with max_batch > 1 the graph of larger batches is built here too (not mid-generation, where
-        ranks compiling at different speeds would stall each other's collectives). The collectives are
-        custom ops inside the graph (comm.py). Inductor caches the generated code on disk
-        (TORCHINDUCTOR_CACHE_DIR), so a later run of the same engine skips most of the compile."""
-        import torch._inductor.config as inductor_config
-
-        t0 = time.perf_counter()
-        if self.embedding.weight.device.type == "cpu":
-            inductor_config.cpp_wrapper = True
-        # Symbols only for the batch and the attention span: the caches' sizes are fixed. (With a symbol
-        # per cache size, tracing 30 layers took 3-7 minutes on 2 cores instead of ~20 s.)
-        for t in (*cache.k, *cache.v):
-            torch._dynamo.mark_static(t)
-        # Nor for the quantized kernels' tensors (buffers of the kernel modules; when they were plain attributes
-        # they were dynamic, and a width equal to the traced span - a 96-input int4 tile has 3 blocks - was
-        # duck-shaped to it and recompiled at the next span). Marked anyway: cheap, and independent of how
-        # Dynamo treats module buffers.
-        for m in self.modules():
-            if isinstance(m, woq.WeightOnlyLinear):
-                for t in m.kernel.buffers():
-                    torch._dynamo.mark_static(t)
-        # Freezing: the weights become constants of the compiled code instead of ~500 graph inputs that every
-        # call passes and checks (~1 us each: 5.0 -> 4.2 ms a SmolLM2 int4 step); the caches stay inputs.
-        freeze = os.environ.get("TP_RUNTIME_FREEZE", "1") != "0"
-        self._compiled_body = torch.compile(self._own_decode_body(), dynamic=True, fullgraph=True)
-        dev = self.embedding.weight.device
-        # Sizes that are equal at tracing share a symbol (torch's duck shaping), and a later call where they
-        # differ recompiles - on one rank, mid-generation. So the dummy span (position + 1 = 3) is none of
-        # the batch sizes traced (1, 2); a cache shorter than that is too small to be worth compiling for.
-        span = COMPILE_SPAN
-        if cache.max_seq_len < span:
-            raise UserError(f"--compile on needs --max_seq_len >= {span}, got {cache.max_seq_len}")
-        # Freezing is Inductor's global flag, set while the graphs are traced and compiled (here, at their
-        # first call): Dynamo reads it too (a weight becomes a graph constant rather than an input only then),
-        # where torch.compile's options= would reach Inductor alone.
-        graphs = {}
-        with torch.inference_mode(), inductor_config.patch(freezing=freeze):
-            for B in sorted({1, max_batch}):  # dummy tokens at position 2 of slots 0.., which a prefill overwrites
-                ids = torch.ones(B, 1, dtype=torch.long, device=dev)
-                positions = torch.full((B, 1), span - 1, dtype=torch.long, device=dev)  # not `ids`: no aliasing guard
-                last = torch.zeros(B, dtype=torch.long, device=dev)
-                want = self(ids, positions, cache, last)
-                graphs[min(B, 2)] = self._checked_graph(want, self._decode_args(ids, positions, cache, last))
-        # From here on Dynamo checks only the guards that tell its graphs apart (batch 1 or more), not the
-        # metadata of every weight and cache tensor: that check cost ~0.3-1 ms of a ~5 ms SmolLM2 int4 step.
-        # The weights and caches never change shape, dtype or device after load.
-        self._skip_guards = (os.environ.get("TP_RUNTIME_ALL_GUARDS", "0") != "1"
-                                and hasattr(torch.compiler, "set_stance"))  # torch >= 2.6
-        # Further: each step runs the bytecode Dynamo made for its graph directly (the frame as Dynamo rewrote
-        # it: unpack the inputs, call the compiled graph), chosen here by batch size, so Dynamo's frame
-        # handling (cache lookup, ~0.2-0.5 ms of a ~3.6 ms SmolLM2 int4 step even with guards skipped) is
-        # gone. Only where this torch exposes the bytecode; else the stance above serves.
-        self._graphs = {k: g for k, g in graphs.items() if g is not None}
-        return time.perf_counter() - t0
-
-    def _checked_graph(self, want: torch.Tensor, args: tuple):
-        """Dynamo's bytecode for the graph it built last for this model's decode body, as a function of the
-        body's arguments (self first), if it gives `want` (the compiled body's output) on `args`; else None:
-        this torch does not expose the bytecode or runs it differently."""
-        try:
-            from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-
-            code = self._compiled_body._torchdynamo_orig_callable.__func__.__code__
-            graph = types.FunctionType(_debug_get_cache_entry_list(code)[0].code, TPDecoder._decode_body.__globals__)
-            return graph if torch.equal(graph(self, *args), want) else None
-        except Exception:  # any failure only costs the faster path: the stance serves
-            return None
+    compiled_step = None  # runtime/compile.py's CompiledDecode, once compile_decode has run

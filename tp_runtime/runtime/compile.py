@@ -1,0 +1,150 @@
+"""The compiled decode step: torch.compile of a model's decode body, called the fastest way this torch allows.
+
+One entry point, `compile_decode(model, cache, max_batch, path)`, returns a `CompiledDecode` that the model
+calls for every decode step (TPDecoder.forward). It is Inductor's code (a C++ wrapper on CPU, so no Python
+runs between its kernels) for two graphs, batch 1 and batch >= 2, each serving every attention span
+(dynamic shapes), built and run once at load, so no rank recompiles mid-generation while the others wait in
+a collective. The collectives are custom ops inside the graph (distributed/comm.py).
+
+How a step reaches the compiled graph, fastest first (`path`; auto takes the fastest that works here):
+
+    direct   Dynamo's bytecode for the step's graph, chosen by batch size and called straight: no frame
+             handling, no guards. Read through a private API (torch._C._dynamo.eval_frame
+             ._debug_get_cache_entry_list), kept only if it gives the compiled function's output on the
+             dummy step; any failure falls back to `stance`.
+    stance   the compiled function with Dynamo's guard evaluation skipped after load
+             (torch.compiler.set_stance(skip_guard_eval_unsafe=True), torch >= 2.6): the weights and caches
+             never change shape, dtype or device after load.
+    guarded  the compiled function as torch.compile returns it, every guard checked on every call.
+
+Freezing (Inductor's `freezing`): the weights become constants of the compiled code instead of graph inputs
+passed and checked on every call; `freeze=False` keeps them inputs.
+Private torch APIs are each used behind a check of what this torch has, with the next path as fallback;
+pyproject allows torch 2.5 to 2.14. benchmarks/bench_cpu_tp.py measures each path's cost per token.
+"""
+
+import itertools
+import sys
+import time
+import types
+
+import torch
+
+from tp_runtime.errors import UserError
+
+PATHS = ("auto", "direct", "stance", "guarded")
+# The attention span the dummy steps trace with: Dynamo gives equal sizes one symbol (duck shaping), and a
+# later call where they differ recompiles, so it is none of the batch sizes traced (1, 2).
+COMPILE_SPAN = 3
+_bodies = itertools.count()
+
+
+def has_stance() -> bool:
+    return hasattr(torch.compiler, "set_stance")  # torch >= 2.6
+
+
+def has_direct() -> bool:
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _own_code(fn):
+    """`fn` through a code object of its own. Dynamo keeps its graphs and guards per code object: shared by
+    every model of a process, one model's graphs were tried against another's weights (several engines of
+    different layouts in one process: KeyError 'weight' inside Dynamo's guards, once their evaluation was
+    cut down after load)."""
+    name = f"{fn.__name__}_{next(_bodies)}"
+    code = fn.__code__
+    code = code.replace(co_name=name, co_qualname=name) if sys.version_info >= (3, 11) else code.replace(co_name=name)
+    return types.FunctionType(code, fn.__globals__)
+
+
+class CompiledDecode:
+    """A model's compiled decode body. Call it with the body's arguments (TPDecoder._decode_args)."""
+
+    def __init__(self, model, body, path: str, seconds: float, graphs: dict, compiled):
+        self.model, self.body, self.path, self.seconds = model, body, path, seconds
+        self.graphs = graphs  # 1 (batch 1), 2 (batch >= 2) -> Dynamo's bytecode (path direct)
+        self.compiled = compiled
+
+    def __call__(self, *args):
+        if self.path == "direct":
+            return self.graphs[min(args[0].shape[0], 2)](self.model, *args)
+        if self.path == "stance":
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.compiled(*args)
+        return self.compiled(*args)
+
+
+def _direct_graph(compiled, body, want: torch.Tensor, model, args: tuple):
+    """Dynamo's bytecode for the graph it built last for `compiled`, as a function of the body's arguments
+    (the model first), if it gives `want` on `args`; else None (this torch does not expose it, or runs it
+    differently)."""
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        code = compiled._torchdynamo_orig_callable.__func__.__code__
+        graph = types.FunctionType(_debug_get_cache_entry_list(code)[0].code, body.__globals__)
+        return graph if torch.equal(graph(model, *args), want) else None
+    except Exception:  # any failure only costs the faster path
+        return None
+
+
+def compile_decode(model, cache, max_batch: int = 1, path: str = "auto", freeze: bool = True) -> CompiledDecode:
+    """Compile `model`'s decode body (TPDecoder._decode_body) for batch 1 and, with max_batch > 1, for larger
+    batches, run each once on dummy tokens (at position COMPILE_SPAN - 1 of slots 0.., which a prefill
+    overwrites), and pick the call path. Inductor caches its generated code on disk (TORCHINDUCTOR_CACHE_DIR),
+    so a later run of the same engine skips most of the compile."""
+    import torch._inductor.config as inductor_config
+
+    if path not in PATHS:
+        raise UserError(f"the compile path must be one of {', '.join(PATHS)}, got {path!r}")
+    if path == "stance" and not has_stance():
+        raise UserError(f"the stance path needs torch >= 2.6 (torch.compiler.set_stance); this is {torch.__version__}")
+    if path == "direct" and not has_direct():
+        raise UserError(f"torch {torch.__version__} does not expose Dynamo's bytecode as the direct path needs; "
+                        "use the auto compile path")
+    if cache.max_seq_len < COMPILE_SPAN:
+        raise UserError(f"--compile on needs --max_seq_len >= {COMPILE_SPAN}, got {cache.max_seq_len}")
+    t0 = time.perf_counter()
+    dev = model.embedding.weight.device
+    # Symbols only for the batch and the attention span: the caches' sizes are fixed (a symbol per cache size
+    # made tracing minutes long), and so are the quantized kernels' tensors (a width equal to the traced span
+    # would be duck-shaped to it and recompile at the next span).
+    for t in (*cache.k, *cache.v):
+        torch._dynamo.mark_static(t)
+    for m in model.modules():
+        kernel = getattr(m, "kernel", None)
+        if isinstance(kernel, torch.nn.Module):
+            for t in kernel.buffers():
+                torch._dynamo.mark_static(t)
+    body = _own_code(type(model)._decode_body)
+    compiled = torch.compile(types.MethodType(body, model), dynamic=True, fullgraph=True)
+    # Inductor's flags are global: set only while the graphs are traced and compiled (here, at their first
+    # call). Dynamo reads `freezing` too (a weight becomes a graph constant rather than an input only then).
+    flags = {"freezing": freeze}
+    if dev.type == "cpu":
+        flags["cpp_wrapper"] = True
+    graphs, want = {}, {}
+    with torch.inference_mode(), inductor_config.patch(**flags):
+        for B in sorted({1, max_batch}):
+            ids = torch.ones(B, 1, dtype=torch.long, device=dev)
+            positions = torch.full((B, 1), COMPILE_SPAN - 1, dtype=torch.long, device=dev)  # not `ids`: no aliasing
+            last = torch.zeros(B, dtype=torch.long, device=dev)
+            args = model._decode_args(ids, positions, cache, last)
+            want[min(B, 2)] = out = compiled(*args)
+            if path in ("auto", "direct"):
+                graphs[min(B, 2)] = _direct_graph(compiled, body, out, model, args)
+    chosen = path
+    if path in ("auto", "direct"):
+        chosen = "direct" if all(g is not None for g in graphs.values()) else None
+        if chosen is None and path == "direct":
+            raise UserError(f"Dynamo's bytecode did not give the compiled step's output under torch "
+                            f"{torch.__version__}; use the auto compile path")
+    if chosen is None:
+        chosen = "stance" if has_stance() else "guarded"
+    return CompiledDecode(model, body, chosen, time.perf_counter() - t0, graphs if chosen == "direct" else {},
+                          compiled)
