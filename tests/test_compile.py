@@ -7,6 +7,9 @@ inside it at tp=2, and every row must still give transformers' greedy ids and lo
 """
 
 
+import os
+import subprocess
+
 import pytest
 import torch
 
@@ -181,3 +184,22 @@ def test_engines_of_different_layouts_compiled_in_one_process(mistral, tmp_path,
             assert max(abs(a - b) for a, b in zip(out.output_logprobs, ref.output_logprobs)) < 1e-3
     for llm in llms:
         llm.close()
+
+
+def test_a_one_shot_run_compiles_only_when_it_pays_back(mistral, tmp_path):
+    """tp-run knows its decode steps before it loads: --compile auto skips a compile the run cannot pay back
+    (judged by the last compile on this machine, a cold guess where there was none) and says so."""
+    from tp_runtime.runtime.compile import FIRST_COMPILE_GUESS_S, STEP_SAVING_S, pays_back
+
+    assert pays_back(None, None) and pays_back(None, 1e6)  # a server or the Python API: long-lived
+    assert not pays_back(100, None) and not pays_back(100, 30.0)
+    assert pays_back(int(FIRST_COMPILE_GUESS_S / STEP_SAVING_S), None) and pays_back(3000, 30.0)
+    _, root = mistral
+    engine = str(tmp_path / "e")
+    convert(str(root / "hf"), engine, 1, progress=False)
+    env = {k: v for k, v in os.environ.items() if k != "TP_RUNTIME_COMPILE"}
+    env["TP_RUNTIME_CACHE"] = str(tmp_path / "cache")  # no compile recorded here
+    res = subprocess.run([tool("tp-run"), "--engine", engine, "--input_ids", "5,6,7", "--max_output_len", "4"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "eager decode (4 decode steps would not pay back compiling the step (never compiled here)" in res.stderr

@@ -80,8 +80,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "aten_int4_cpu_bf16, aten_int4_cuda, dequant_int4)")
     r.add_argument("--comm_timeout", type=float, default=45.0, help="seconds before a collective gives up")
     r.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the decode step (auto: on where a C++ compiler or CUDA "
-                        "is present, or as $TP_RUNTIME_COMPILE says); the compiled code is cached on disk")
+                   help="torch.compile the decode step (auto: on where a C++ compiler or CUDA is present, or as "
+                        "$TP_RUNTIME_COMPILE says, and for tp-run only when --max_output_len decode steps pay back "
+                        "the compile, judged by the last compile on this machine); the compiled code is cached on disk")
 
 
 def llm_from_args(args, **overrides) -> LLM:
@@ -161,14 +162,15 @@ def main(argv=None):
 
         return launch_console_script(main, sys.argv[1:] if argv is None else list(argv), args.engine, args.device,
                                      args.threads, args.placement, args.ray_address)
-    llm = llm_from_args(args)
+    llm = llm_from_args(args, decode_steps=args.max_output_len)  # one shot: compile only if it pays back
     lead = llm.rank == 0
     if lead:
         print(f"[tp-run] {llm.config.source_architecture} tp_size={llm.config.tp_size} device={llm.device} "
               f"comm={llm.comm.backend} "
               f"dtype={str(llm.dtype).removeprefix('torch.')} threads/rank={llm.threads} "
               f"loaded in {llm.load_s:.2f}s"
-              + (f", decode step compiled in {llm.compile_s:.1f}s" if llm.compiled else ", eager decode"),
+              + (f", decode step compiled in {llm.compile_s:.1f}s" if llm.compiled else ", eager decode")
+              + (f" ({llm.compile_skipped}; --compile on forces it)" if llm.compile_skipped else ""),
               file=sys.stderr, flush=True)
         if llm.device.type == "cpu":
             for line in llm.binding_table():

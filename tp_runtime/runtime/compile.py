@@ -24,12 +24,16 @@ pyproject allows torch 2.5 to 2.14. benchmarks/bench_cpu_tp.py measures each pat
 """
 
 import itertools
+import json
+import os
 import sys
+import tempfile
 import time
 import types
 
 import torch
 
+from tp_runtime import cpu
 from tp_runtime.errors import UserError
 
 PATHS = ("auto", "direct", "stance", "guarded")
@@ -37,6 +41,11 @@ PATHS = ("auto", "direct", "stance", "guarded")
 # later call where they differ recompiles, so it is none of the batch sizes traced (1, 2).
 COMPILE_SPAN = 3
 _bodies = itertools.count()
+# What a compiled decode step saves per step against the eager one is of the order of the Python overhead of
+# an eager step's layers (benchmarks/bench_cpu_tp.py compares them); this conservative figure decides only
+# whether a one-shot run with a known number of decode steps compiles under --compile auto.
+STEP_SAVING_S = 0.01
+FIRST_COMPILE_GUESS_S = 120.0  # when this machine never compiled this engine: a cold Inductor cache on 2 cores
 
 
 def has_stance() -> bool:
@@ -148,3 +157,58 @@ def compile_decode(model, cache, max_batch: int = 1, path: str = "auto", freeze:
         chosen = "stance" if has_stance() else "guarded"
     return CompiledDecode(model, body, chosen, time.perf_counter() - t0, graphs if chosen == "direct" else {},
                           compiled)
+
+
+# ---------------------------------------------------------------------------
+# whether compiling pays back, from how long it took last time
+
+
+def _times_path() -> str:
+    root = os.environ.get("TP_RUNTIME_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tp_runtime")
+    return os.path.join(root, "compile_times.json")
+
+
+def compile_key(cfg, threads: int, dtype: torch.dtype, max_batch: int) -> str:
+    """What decides a compile's cost here: the engine's layout, the machine, torch, threads and batch."""
+    layout = {k: getattr(cfg, k, None) for k in ("source_architecture", "num_hidden_layers", "hidden_size",
+                                                  "intermediate_size", "tp_size", "vocab_size")}
+    return (f"{json.dumps(layout, sort_keys=True)}|{json.dumps(cfg.quantization, sort_keys=True, default=str)}|"
+            f"{str(dtype).removeprefix('torch.')}|b{max_batch}|x{threads}|{cpu.model_name()} [{cpu.tag()}]|"
+            f"torch {torch.__version__}")
+
+
+def _read_times() -> dict:
+    try:
+        with open(_times_path()) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def last_compile_s(key: str) -> float | None:
+    value = _read_times().get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def remember_compile_s(key: str, seconds: float) -> None:
+    path = _times_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = _read_times()
+        data[key] = round(seconds, 1)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".compile-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: ranks writing at once never leave a torn file
+    except OSError:
+        pass
+
+
+def pays_back(decode_steps: int | None, last_s: float | None) -> bool:
+    """Whether a run of `decode_steps` decode steps (None: a long-lived engine, a server or the Python API)
+    gains more from the compiled step than the compile costs, judged by the last compile here."""
+    if decode_steps is None:
+        return True
+    expected = last_s if last_s is not None else FIRST_COMPILE_GUESS_S
+    return decode_steps * STEP_SAVING_S >= expected

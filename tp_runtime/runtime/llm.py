@@ -27,6 +27,7 @@ from tp_runtime.errors import UserError
 from tp_runtime.runtime.generator import Generator, Request, Timings
 from tp_runtime.distributed.binding import apply_binding, plan_binding, read_numa_nodes
 from tp_runtime.distributed.launch import detect_launch
+from tp_runtime.runtime import compile as compile_step
 from tp_runtime.runtime.compile import COMPILE_SPAN, compile_decode
 from tp_runtime.runtime.model import KVCache, TPDecoder
 from tp_runtime.runtime.sampling import SamplingParams
@@ -88,15 +89,21 @@ COMPILE_MODES = ("auto", "on", "off")
 COMPILE_BARRIER_S = 900  # how long ranks wait for the slowest one to compile its decode step
 
 
-def pick_compile(requested: str, device: torch.device) -> bool:
-    """Whether to compile the decode step. auto: $TP_RUNTIME_COMPILE (on/off) if set, else on where
-    Inductor can build its code (CUDA, or a CPU with a C++ compiler on PATH), at any tp size."""
+def compile_mode(requested: str) -> str:
+    """--compile's value, with auto replaced by $TP_RUNTIME_COMPILE where that is set."""
     if requested not in COMPILE_MODES:
         raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
     if requested == "auto":
         requested = os.environ.get("TP_RUNTIME_COMPILE", "auto")
         if requested not in COMPILE_MODES:
             raise UserError(f"TP_RUNTIME_COMPILE must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
+    return requested
+
+
+def pick_compile(requested: str, device: torch.device) -> bool:
+    """Whether to compile the decode step. auto: $TP_RUNTIME_COMPILE (on/off) if set, else on where
+    Inductor can build its code (CUDA, or a CPU with a C++ compiler on PATH), at any tp size."""
+    requested = compile_mode(requested)
     has_compiler = device.type == "cuda" or any(shutil.which(c) for c in ("c++", "g++", "clang++"))
     if requested == "on" and not has_compiler:
         raise UserError("--compile on needs a C++ compiler on PATH for torch.compile on CPU (install g++), "
@@ -108,7 +115,10 @@ class LLM:
     def __init__(self, engine_dir: str, device: str = "auto", threads: int | None = None,
                  max_batch_size: int | None = None, max_seq_len: int | None = None, dtype: str = "auto",
                  tokenizer_dir: str | None = None, comm_timeout_s: float = DEFAULT_TIMEOUT_S, comm: str = "auto",
-                 bind: str = "auto", reserve_cores: int = 0, compile: str = "auto", woq_kernel: str = "auto"):
+                 bind: str = "auto", reserve_cores: int = 0, compile: str = "auto", woq_kernel: str = "auto",
+                 decode_steps: int | None = None):
+        """decode_steps: the most decode steps this engine will run, where known (a one-shot tp-run); with
+        --compile auto a run too short for the compile to pay back decodes eagerly. None: long-lived."""
         self.engine_dir = engine_dir
         self.info = detect_launch()
         self.rank = self.info.rank
@@ -171,15 +181,31 @@ class LLM:
                                 f"or another --woq_kernel")
             self.compiled = False  # auto: the eager step serves
         self.compile_s = 0.0
+        self.compile_skipped = ""  # why --compile auto decodes eagerly, when it was the run's length
+        batch = min(2, self.max_batch_size)
+        key = compile_step.compile_key(cfg, self.threads, self.dtype, batch)
+        last_s = compile_step.last_compile_s(key)
+        if self.compiled and compile_mode(compile) == "auto" and not compile_step.pays_back(decode_steps, last_s):
+            self.compiled = False
+            self.compile_skipped = (f"{decode_steps} decode steps would not pay back compiling the step "
+                                    f"({'~%.0f s last time here' % last_s if last_s else 'never compiled here'})")
+        # rank 0 decides for all (the times file is per host, and written when rank 0 finishes compiling)
+        self.compiled, self.compile_skipped = self.comm.broadcast_object((self.compiled, self.compile_skipped))
         if self.compiled:  # compile without collectives (ranks compile at their own pace), then meet
+            if self.rank == 0:
+                print(f"[tp_runtime] compiling the decode step for batch 1{' and 2+' if batch > 1 else ''} "
+                      f"({'%.0f s last time on this machine' % last_s if last_s else 'first time on this machine: minutes on a few cores'}"
+                      f"; --compile off skips it)", file=sys.stderr, flush=True)
             self.comm.offline = True
             try:
                 path = "guarded" if os.environ.get("TP_RUNTIME_ALL_GUARDS", "0") == "1" else "auto"
-                step = compile_decode(self.model, self.cache, min(2, self.max_batch_size), path,
+                step = compile_decode(self.model, self.cache, batch, path,
                                       freeze=os.environ.get("TP_RUNTIME_FREEZE", "1") != "0")
                 self.model.compiled_step, self.compile_s = step, step.seconds
             finally:
                 self.comm.offline = False
+            if self.rank == 0:
+                compile_step.remember_compile_s(key, self.compile_s)
             self.comm.barrier(timeout_s=max(COMPILE_BARRIER_S, comm_timeout_s))
         self.last_timings = Timings()
 
