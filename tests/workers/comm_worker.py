@@ -10,10 +10,17 @@ from tp_runtime.distributed.communicator import make_communicator
 from tp_runtime.distributed.launch import detect_launch
 
 mode = sys.argv[1]
+if mode == "weak_order":  # pretend to be an ARM server: the shared-memory protocol relies on x86's store order
+    import platform
+
+    platform.machine = lambda: "aarch64"
 info = detect_launch()
 comm = make_communicator(info, torch.device("cpu"), timeout_s=20, kind=sys.argv[2] if len(sys.argv) > 2 else "shm")
 r, W = comm.rank, comm.world_size
-report = {"backend": comm.backend, "shm_files": sorted(f for f in os.listdir("/dev/shm") if "tp_runtime" in f)}
+path = getattr(comm, "path", None)  # this job's segment: checked by name, other jobs' segments untouched
+report = {"backend": comm.backend, "shm_path": path, "shm_left": bool(path) and os.path.exists(path)}
+if mode == "die" and r == 0:
+    print("REPORT " + json.dumps(report), flush=True)  # before the death: the test checks the name afterwards
 
 if mode == "sums":
     checked = 0
@@ -47,6 +54,6 @@ elif mode == "die":
         if r == W - 1 and step == 200:
             os._exit(9)  # the last rank dies in the middle of the run
 
-if r == 0:
+if r == 0 and mode != "die":
     print("REPORT " + json.dumps(report), flush=True)
 comm.close()

@@ -13,7 +13,15 @@ slots directly, with sequence flags instead of barriers:
          concatenate them (all-gather), or copy the source's slot (broadcast)
 
 Each rank sums the same slots in the same order, so every rank gets bit-identical results; bf16 / fp16
-are accumulated in fp32. x86 keeps stores in program order, so a flag is never seen before its data.
+are accumulated in fp32.
+
+Memory ordering: a rank's data stores (torch's copy) must be visible before its flag store, and a reader's
+data loads must not run ahead of its flag load. Python has no atomics with acquire / release semantics, so
+this relies on the hardware: x86-64 is total-store-order (stores are seen in program order, loads are not
+reordered with older loads), which gives exactly release on every store and acquire on every load; and the
+flag store is a separate Python statement after copy_() returns, so no compiler reorders across it. ARM
+(Graviton, Grace) and other weakly ordered CPUs give no such guarantee: there this communicator refuses to
+run (auto falls back to gloo with a warning; --comm shm is an error) rather than risk torn sums.
 The segment is a /dev/shm file that rank 0 unlinks as soon as every rank has mapped it, so nothing is
 left in /dev/shm after a normal exit or a kill. A wait gives up after the timeout, and sooner when a
 peer process is gone. Tensors larger than a slot (long prefills) are all-reduced in slot-sized chunks;
@@ -22,9 +30,11 @@ an all-gather or broadcast that does not fit goes through gloo.
 
 import mmap
 import os
+import platform
 import socket
 import time
 import uuid
+import warnings
 
 import torch
 
@@ -33,6 +43,7 @@ from tp_runtime.errors import CommError, UserError
 from tp_runtime.distributed.launch import LaunchInfo
 
 SLOT_BYTES = 4 << 20
+TSO_MACHINES = ("x86_64", "amd64", "i386", "i686")  # total store order: see the module docstring
 FLAG_STRIDE = 8  # int64 entries between two ranks' flags: one 64-byte cache line each
 SPINS_PER_CHECK = 2000
 BACKOFF_AFTER_S = 0.005  # see _wait
@@ -61,6 +72,16 @@ class ShmCommunicator(TorchDistCommunicator):
             if required:
                 raise UserError(f"--comm shm needs every rank on one host; ranks run on {sorted(set(hosts))}")
             return
+        machine = platform.machine().lower()
+        if machine not in TSO_MACHINES:
+            self.enabled = False
+            why = (f"the shared-memory communicator relies on x86's store order, which {machine} CPUs do not "
+                   "guarantee")
+            if required:
+                raise UserError(f"--comm shm: {why}; use --comm gloo")
+            if self.rank == 0:
+                warnings.warn(f"{why}: the ranks talk over gloo instead", RuntimeWarning, stacklevel=2)
+            return
         self.backend = "shm"
         W = self.world_size
         flag_bytes = 64 * W
@@ -71,7 +92,7 @@ class ShmCommunicator(TorchDistCommunicator):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             os.ftruncate(fd, size)
             os.close(fd)
-        path = super().broadcast_object(path)
+        path = self.path = super().broadcast_object(path)
         try:
             fd = os.open(path, os.O_RDWR)
             self.mm = mmap.mmap(fd, size)
