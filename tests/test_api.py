@@ -73,7 +73,7 @@ def test_eos_stops_and_is_not_returned(engines):
     greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=40, ignore_eos=True))
     # make the model's own 3rd greedy token of row 0 the EOS: the run must stop right before it
     eos = greedy[0].output_ids[2]
-    llm.generator.eos_ids = {eos}
+    llm.eos_ids = {eos}
     out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=40))[0]
     assert out.finish_reason == "stop" and out.output_ids == greedy[0].output_ids[:2]
     assert len(out.output_logprobs) == 2
@@ -91,7 +91,7 @@ def test_generation_config_defaults_and_overrides(engines, tmp_path):
     assert (p.greedy, p.temperature, p.top_p) == (False, 0.7, 0.8)
     p = SamplingParams(max_tokens=4, temperature=0.0).resolved(llm.generation_config)
     assert p.greedy
-    assert llm.generator.eos_ids == {6, 7}
+    assert llm.eos_ids == {6, 7}
 
 
 def test_top_k_top_p_match_transformers_warpers():

@@ -19,7 +19,7 @@ import pytest
 from helpers import REPO, build_checkpoint, free_port, tool, tp_run_json
 from tp_runtime.convert.pipeline import convert
 from tp_runtime.runtime.engine_loop import Event, Scheduler, ServeRequest
-from tp_runtime.runtime.generator import Request
+from tp_runtime.runtime.sequence import Request
 from tp_runtime.runtime.llm import LLM
 from tp_runtime.runtime.sampling import SamplingParams
 
@@ -53,7 +53,7 @@ def test_scheduler_join_leave_and_slot_reuse(tiny_llm):
     sampled = [False, False, True, False, False, True]
     alone = [llm.generate([p], _params(n, s))[0].output_ids for p, n, s in zip(prompts, lengths, sampled)]
 
-    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.generator.eos_ids)
+    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.eos_ids)
     got = {i: Event() for i in range(len(prompts))}
     holders = {}  # slot -> the requests that held it
 
@@ -89,7 +89,7 @@ def test_scheduler_join_leave_and_slot_reuse(tiny_llm):
 
 def test_scheduler_cancel_frees_the_slot(tiny_llm):
     llm = tiny_llm
-    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.generator.eos_ids)
+    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.eos_ids)
     events = []
     req = ServeRequest(Request([5, 6, 7], _params(40).resolved({})), events.append)
     sched.submit(req)
@@ -108,7 +108,7 @@ def test_scheduler_cancel_frees_the_slot(tiny_llm):
 
 def test_scheduler_a_failing_request_fails_alone(tiny_llm):
     llm = tiny_llm
-    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.generator.eos_ids)
+    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.eos_ids)
     bad, good = [], []
     bad_params = SamplingParams(max_tokens=4, temperature=0.5, seed=2**70).resolved({})  # torch refuses the seed
     sched.submit(ServeRequest(Request([4, 5], _params(6).resolved({})), lambda ev: good.extend(ev.token_ids)))

@@ -163,7 +163,7 @@ def run_summarize(args) -> int:
         t0 = time.perf_counter()
         outputs += llm.generate(prompts[i : i + args.batch_size], params)
         seconds += time.perf_counter() - t0
-    cores, eos_ids = llm.allowed_cores, set(llm.generator.eos_ids)
+    cores, eos_ids = llm.allowed_cores, set(llm.eos_ids)
     llm.close()
     if not lead:
         return 0

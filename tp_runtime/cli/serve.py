@@ -98,7 +98,7 @@ def serve_rank(args) -> int:
         with lock:
             return tokenizer.decode(ids, skip_special_tokens=True)
 
-    eos = llm.generator.eos_ids
+    eos = llm.eos_ids
     scheduler = Scheduler(llm.model, llm.cache, llm.comm, llm.device, eos, decode)
     try:
         sock = _listen(args.host, args.port)

@@ -1,4 +1,7 @@
-"""Continuous batching: requests join the running batch between decode steps and leave when done.
+"""The decode loop, for every caller: requests join the running batch between decode steps and leave when done.
+
+tp-serve runs it for as long as the server lives (continuous batching); LLM.generate (tp-run, the Python
+API, tp-eval) runs it over one list of requests with `generate`, until the last one is done.
 
 Rank 0 owns a `Scheduler`; every other rank runs `follow()`. Each request holds one KV-cache slot
 (a row of KVCache) from its prefill to its last token; a freed slot is taken by the next request at
@@ -14,7 +17,7 @@ once. One iteration of the loop on rank 0:
 
 Every step is broadcast by rank 0 as a fixed-size header, then (unless it is IDLE or STOP) a payload;
 all ranks run the same forward in lockstep; the logits reach every rank and rank 0 alone samples,
-with the same per-row logic as the batch generator (generator.RowState):
+with one RowState per sequence (sequence.py):
 
     header  int64 (HEADER_LEN,)   [kind, rows B, tokens per row T, step number]
     payload int64 (B * (T + 2),)  [slots (B) | ids (B * T) | prompt lengths (PREFILL) or positions (DECODE) (B)]
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tp_runtime.distributed.comm import Communicator
-from tp_runtime.runtime.generator import Request, RowState
+from tp_runtime.runtime.sequence import Completion, Request, RowState, Timings
 from tp_runtime.runtime.model import KVCache, TPDecoder
 
 HEADER_LEN = 4
@@ -108,6 +111,7 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "abort" (error, or the server stops)
     error: str | None = None
     time: float = 0.0  # time.monotonic() when it was produced
+    completion: Completion | None = None  # the whole result, on the last event of a request
 
 
 @dataclass
@@ -266,7 +270,7 @@ class Scheduler:
                     row.out.finish_reason = "length"  # the cache is full (admission makes this rare)
                 out = row.out
                 event = Event(row.stream_delta(), out.output_ids[run.sent :], out.output_logprobs[run.sent :],
-                              finish_reason=out.finish_reason)
+                              finish_reason=out.finish_reason, completion=out if out.finish_reason else None)
                 if req.top_logprobs and event.token_ids:
                     lp = torch.log_softmax(host[b], -1)
                     top = torch.topk(lp, req.top_logprobs)
@@ -303,3 +307,62 @@ class Scheduler:
             broadcast_step(self.comm, self.device, Step(STOP), self.steps + 1)
         except Exception as e:  # the followers are gone already
             print(f"[tp-serve] could not tell the other ranks to stop: {e}", file=sys.stderr, flush=True)
+
+
+# --- a list of requests, start to end (LLM.generate) ---
+
+@torch.inference_mode()
+def generate(model: TPDecoder, cache: KVCache, comm: Communicator, device: torch.device, eos_ids,
+             requests: list[Request], decode=None, on_text=None) -> tuple[list[Completion], Timings]:
+    """Run `requests` through the Scheduler until every one is done, then release the followers. Every rank
+    calls it; rank 0's completions are the results (the others return empty ones). decode(ids) -> str and
+    on_text(index, delta) are used on rank 0 only.
+
+    Timings: ttft from the start to the first sampled token on rank 0; prefill tokens over that time; decode
+    steps over the time of the decode steps (tokens after the first, per sequence)."""
+    if comm.rank != 0:
+        follow(model, cache, comm, device)
+        return [Completion() for _ in requests], Timings()
+    t0 = time.perf_counter()
+    done: dict[int, Completion] = {}
+    failed: dict[int, str] = {}
+    clock = {"first": None, "decode_steps": 0, "decode_s": 0.0}
+
+    def on_step(kind, rows, seconds):
+        if clock["first"] is None:
+            clock["first"] = time.perf_counter() - t0
+        if kind == "decode":
+            clock["decode_steps"] += 1
+            clock["decode_s"] += seconds
+
+    def collector(i):
+        def on_event(event: Event):
+            if event.error is not None:
+                failed[i] = event.error  # raised below, once the followers are released
+                return
+            if event.text and on_text is not None:
+                on_text(i, event.text)
+            if event.completion is not None:
+                done[i] = event.completion
+        return on_event
+
+    sched = Scheduler(model, cache, comm, device, eos_ids, decode, on_step)
+    try:
+        for i, req in enumerate(requests):
+            sched.submit(ServeRequest(req, collector(i)))
+        while len(done) + len(failed) < len(requests):
+            sched.step()
+    finally:
+        sched.shutdown("generation ended early")  # STOP: the followers return
+    if failed:
+        i = min(failed)
+        raise RuntimeError(f"request {i} failed: {failed[i]}")
+    total = time.perf_counter() - t0
+    first = clock["first"] or total
+    prefill_tokens = sum(len(r.prompt_ids) for r in requests)
+    return [done[i] for i in range(len(requests))], Timings(
+        ttft_ms=first * 1000,
+        decode_tokens_per_s=clock["decode_steps"] / clock["decode_s"] if clock["decode_s"] else 0.0,
+        prefill_tokens_per_s=prefill_tokens / first if first else 0.0,
+        total_s=total,
+    )

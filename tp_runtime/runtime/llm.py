@@ -24,7 +24,8 @@ from tp_runtime.runtime import woq
 from tp_runtime.distributed.comm import DEFAULT_TIMEOUT_S
 from tp_runtime.distributed.communicator import make_communicator
 from tp_runtime.errors import UserError
-from tp_runtime.runtime.generator import Generator, Request, Timings
+from tp_runtime.runtime import engine_loop
+from tp_runtime.runtime.sequence import Request, Timings
 from tp_runtime.distributed.binding import apply_binding, plan_binding, read_numa_nodes
 from tp_runtime.distributed.launch import detect_launch
 from tp_runtime.runtime import compile as compile_step
@@ -168,7 +169,7 @@ class LLM:
         self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
         eos = self.generation_config.get("eos_token_id", cfg.eos_token_id)
         eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id or [])
-        self.generator = Generator(self.model, self.cache, self.comm, self.device, eos)
+        self.eos_ids = set(eos)
         self.load_s = time.perf_counter() - t0
         self.compiled = pick_compile(compile, self.device)
         if self.compiled and compile == "auto" and self.max_seq_len < COMPILE_SPAN:
@@ -277,7 +278,8 @@ class LLM:
             raise UserError(job)
         requests, texts = job
         decode = self.decode if self.rank == 0 and self.has_tokenizer else None
-        completions, self.last_timings = self.generator.generate(requests, decode, on_text if self.rank == 0 else None)
+        completions, self.last_timings = engine_loop.generate(self.model, self.cache, self.comm, self.device,
+                                                              self.eos_ids, requests, decode, on_text)
         results = None
         if self.rank == 0:
             results = [RequestOutput(texts[i], r.prompt_ids, c.output_ids, c.output_logprobs, c.text, c.finish_reason)

@@ -2,7 +2,7 @@
 
     log p(ids[i] | ids[:i])  for i = start .. len-1,  an fp32 log-softmax of the logits at i - 1
 
-One prefill per batch of sequences (right-padded like the generator's batches: the causal mask keeps
+One prefill per batch of sequences (right-padded like the decode loop's prefills: the causal mask keeps
 the padding out of every real token's view), then the final norm and the LM head run row by row on
 chunks of the positions that score a wanted token (a window's overlap with the previous one costs
 no head work), so a window of T tokens never holds (T, vocab) logits at once: SmolLM2's vocab is 49152,

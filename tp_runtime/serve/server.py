@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tp_runtime.serve import openai_protocol as api
 from tp_runtime.runtime.engine_loop import Event, Scheduler, ServeRequest
-from tp_runtime.runtime.generator import Request as EngineRequest
+from tp_runtime.runtime.sequence import Request as EngineRequest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10, 30)
 DISCONNECT_POLL_S = 0.5
