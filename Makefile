@@ -1,13 +1,14 @@
 # Two commands on a fresh machine:
 #   make demo   set everything up, fetch SmolLM2-135M-Instruct, convert it at tp=2, run it under mpirun
 #   make test   set everything up and run the test suite
+#   make test-fast   the quick lane: the tests not marked slow (those on the real SmolLM2 model are left out)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ENGINE ?= engines/smollm2-135m-tp2
 PROMPT ?= When did the first world war end?
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +25,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # Measurements, not tests (about 75 minutes on 2 cores; several GB of scratch space in /tmp).
 bench: setup

@@ -82,7 +82,7 @@ def smollm2_hf_dir() -> str:
 @exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tp_runtime.assets", description="Fetch the models the project uses.")
-    p.add_argument("model", choices=["smollm2"])
+    p.add_argument("model", choices=["smollm2"], help="the model to fetch: SmolLM2-135M-Instruct")
     p.add_argument("--hf", action="store_true", help="print a plain Hugging Face folder instead of the .gguf")
     args = p.parse_args(argv)
     print(smollm2_hf_dir() if args.hf else fetch_smollm2_gguf())

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--text_file", default=None,
                      help="UTF-8 text to score (default: CPython's pydoc_data.topics, in sorted topic order)")
     ppl.add_argument("--max_tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                     help=f"score the first N tokens of the text (default {DEFAULT_MAX_TOKENS}; 0 = all)")
+                     help="score the first N tokens of the text, 0 = all (default %(default)s)")
     ppl.add_argument("--window", type=int, default=None,
                      help=f"tokens per window (default {DEFAULT_WINDOW}, at most the engine's max_seq_len)")
     ppl.add_argument("--stride", type=int, default=None,
@@ -42,18 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
                       help="jsonl with \"article\" and \"summary\" per line (default: the shipped "
                            "tp_runtime/data/summaries.jsonl)")
     summ.add_argument("--max_samples", type=int, default=None, help="use the first N articles (default: all)")
-    summ.add_argument("--max_output_len", type=int, default=100, help="new tokens per summary (default 100)")
-    summ.add_argument("--batch_size", type=int, default=1, help="articles per generate call, both sides (default 1)")
+    summ.add_argument("--max_output_len", type=int, default=100, help="new tokens per summary (default %(default)s)")
+    summ.add_argument("--batch_size", type=int, default=1,
+                      help="articles per generate call, both sides (default %(default)s)")
     summ.add_argument("--prompt_style", default="auto", choices=["auto", "chat", "tldr"],
                       help="chat: the tokenizer's chat template around an instruction and the article; "
-                           "tldr: '<article> TL;DR:'; auto: chat when the tokenizer has a template")
+                           "tldr: '<article> TL;DR:'; auto: chat when the tokenizer has a template "
+                           "(default %(default)s)")
 
     for sp in (ppl, summ):
         sp.add_argument("--engine", "--engine_dir", dest="engine", required=True, help="engine directory")
         sp.add_argument("--hf_model_dir", default=None,
                         help="the Hugging Face model to compare with (transformers, on rank 0, after the engine)")
         sp.add_argument("--hf_dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the transformers model (default float32)")
+                        help="dtype of the transformers model (default %(default)s)")
         sp.add_argument("--tokenizer_dir", default=None, help="tokenizer to use (default: the engine's)")
         sp.add_argument("--output_json", default=None, help="write the results to this file (rank 0)")
         add_runtime_args(sp)

@@ -86,22 +86,31 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
-@exit_on_user_error
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tp-plan", description="Per-rank memory of a model split over tp ranks.")
     p.add_argument("--config", required=True, help="preset name (configs/NAME.json), a config .json or a model folder")
-    p.add_argument("--tp_size", type=int, required=True)
+    p.add_argument("--tp_size", type=int, required=True, help="number of tensor-parallel ranks")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="engine dtype; auto: the config's torch_dtype, else bfloat16")
-    p.add_argument("--weight_only_precision", choices=["int8", "int4"], default=None)
+                   help="engine dtype; auto: the config's torch_dtype, else bfloat16 (default %(default)s)")
+    p.add_argument("--weight_only_precision", choices=["int8", "int4"], default=None,
+                   help="plan weight-only quantized rank files (default: not quantized)")
     p.add_argument("--group_size", type=int, default=None,
                    help="int4 quantization group along the input dim (default 128; -1: per channel)")
-    p.add_argument("--max_batch_size", type=int, default=1)
-    p.add_argument("--max_seq_len", type=int, default=None, help="default min(max_position_embeddings, 4096)")
-    p.add_argument("--memory_per_rank", default=None, help="e.g. 24GiB, 80GB")
+    p.add_argument("--max_batch_size", type=int, default=1,
+                   help="batch the KV cache is sized for (default %(default)s)")
+    p.add_argument("--max_seq_len", type=int, default=None,
+                   help="tokens the KV cache is sized for (default min(max_position_embeddings, 4096))")
+    p.add_argument("--memory_per_rank", default=None,
+                   help="memory of one rank, e.g. 24GiB, 80GB; exit status 1 when a rank does not fit "
+                        "(default: not checked)")
     p.add_argument("--use_parallel_embedding", action="store_true", help="as tp-convert's: split the embedding")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = p.parse_args(argv)
+    return p
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     cfg = load_preset(args.config)
     cfg.setdefault("_name", args.config)
     mem = parse_bytes(args.memory_per_rank) if args.memory_per_rank else None

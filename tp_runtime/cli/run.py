@@ -12,6 +12,7 @@ import sys
 import time
 
 from tp_runtime.errors import UserError, exit_on_user_error
+from tp_runtime.runtime import woq
 from tp_runtime.runtime.llm import LLM
 from tp_runtime.runtime.sampling import SamplingParams
 
@@ -22,26 +23,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tp-run", description="Run a tensor-parallel engine built by tp-convert.")
     p.add_argument("--engine", "--engine_dir", dest="engine", required=True, help="engine directory")
     src = p.add_argument_group("input (one of)")
-    src.add_argument("--input_text", nargs="+", default=None, help="one or more prompts")
+    src.add_argument("--input_text", nargs="+", default=None,
+                     help="one or more prompts (the tokenizer's chat template is applied when it has one)")
     src.add_argument("--input_file", default=None,
                      help=".txt with one prompt per line, or .json with a list of strings or of token-id lists")
     src.add_argument("--input_ids", nargs="+", default=None,
                      help='token ids, e.g. "1,2,3" (one string per prompt); used verbatim, no template')
-    p.add_argument("--max_output_len", type=int, default=64, help="new tokens per prompt (default 64)")
-    p.add_argument("--max_input_length", type=int, default=None, help="refuse prompts longer than this (tokens)")
+    p.add_argument("--max_output_len", type=int, default=64, help="new tokens per prompt (default %(default)s)")
+    p.add_argument("--max_input_length", type=int, default=None,
+                   help="refuse prompts longer than this many tokens (default: no limit but the engine's)")
     s = p.add_argument_group("sampling (defaults: the engine's generation_config.json, else greedy)")
-    s.add_argument("--temperature", type=float, default=None)
+    s.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     s.add_argument("--top_k", type=int, default=None, help="1 = greedy, 0 = off")
     s.add_argument("--top_p", type=float, default=None, help="in (0, 1]")
-    s.add_argument("--repetition_penalty", type=float, default=None)
+    s.add_argument("--repetition_penalty", type=float, default=None, help="1.0 = off")
     s.add_argument("--random_seed", type=int, default=None, help="seed of the sampler (default 0)")
-    s.add_argument("--stop_words", nargs="+", default=[], help="stop when one of these strings is generated")
+    s.add_argument("--stop_words", nargs="+", default=[],
+                   help="stop when one of these strings is generated (it is removed from the text)")
     s.add_argument("--ignore_eos", action="store_true", help="do not stop at the EOS token")
     p.add_argument("--tokenizer_dir", default=None, help="tokenizer to use (default: the engine's)")
     p.add_argument("--no_prompt_template", action="store_true",
                    help="do not apply the tokenizer's chat template to --input_text / --input_file prompts")
     p.add_argument("--streaming", action="store_true", help="print text as it is generated (rank 0)")
-    p.add_argument("--run_profiling", action="store_true", help="repeat the generation 3 times and report timings")
+    p.add_argument("--run_profiling", action="store_true",
+                   help="repeat the generation 3 times and report the median latency, TTFT and decode rate")
     p.add_argument("--output_json", default=None, help="write outputs and timings to this file (rank 0)")
     add_runtime_args(p)
     add_launcher_args(p)
@@ -52,37 +57,47 @@ def add_launcher_args(p: argparse.ArgumentParser) -> None:
     """--launcher ray and its placement: the command starts its ranks as Ray actors (ray_engine.py)."""
     la = p.add_argument_group("launcher")
     la.add_argument("--launcher", default="auto", choices=["auto", "ray"],
-                    help="auto: this process is a rank of mpirun/torchrun (or alone); ray: start the ranks as Ray actors")
+                    help="auto: this process is a rank of mpirun/torchrun (or alone); ray: start the ranks as "
+                         "Ray actors (default %(default)s)")
     la.add_argument("--placement", default="pack", choices=["pack", "spread"],
-                    help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD)")
+                    help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD) "
+                         "(default %(default)s)")
     la.add_argument("--ray_address", default=None,
-                    help='--launcher ray: the Ray cluster ("auto": a running one; default: Ray\'s rule, else a new local one)')
+                    help='--launcher ray: the Ray cluster ("auto": a running one; "local": a new local one; '
+                         "host:port: that cluster; default: Ray's rule, else a new local one)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """The run-time flags every engine-driving command shares (tp-run, tp-eval, tp-serve)."""
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when torch sees a GPU, else CPU (default %(default)s)")
     r.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: the cores the rank is bound to, minus --reserve_cores)")
     r.add_argument("--bind", default="auto", choices=["auto", "numa", "cores", "none"],
-                   help="CPU binding of each local rank: a NUMA node each, an even slice of the cores, or none")
-    r.add_argument("--reserve_cores", type=int, default=0, help="cores per rank left free of torch threads")
-    r.add_argument("--max_batch_size", type=int, default=None, help="default: the engine's")
+                   help="CPU binding of each local rank: a NUMA node each, an even slice of the cores, or none "
+                        "(default %(default)s)")
+    r.add_argument("--reserve_cores", type=int, default=0,
+                   help="cores per rank left free of torch threads (default %(default)s)")
+    r.add_argument("--max_batch_size", type=int, default=None, help="KV-cache batch slots (default: the engine's)")
     r.add_argument("--max_seq_len", type=int, default=None, help="KV cache length (default: the engine's)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="compute dtype; auto: the engine's, or float32 on CPUs without native bf16/fp16")
+                   help="compute dtype; auto: the engine's, or float32 on CPUs without native bf16/fp16 "
+                        "(default %(default)s)")
     r.add_argument("--comm", default="auto", choices=["auto", "shm", "gloo"],
-                   help="CPU communicator: auto = shared memory when all ranks share this host, else gloo")
+                   help="CPU communicator: auto = shared memory when all ranks share this host, else gloo; "
+                        "NCCL on CUDA whatever this says (default %(default)s)")
     r.add_argument("--woq_kernel", default="auto",
-                   help="weight-only quantized engines: the matmul kernel (auto: timed per layer shape at load, "
-                        "cached; or one of aten_int8, aten_int8_bf16, fbgemm_int8, dequant_int8, aten_int4_cpu, "
-                        "aten_int4_cpu_bf16, aten_int4_cuda, dequant_int4)")
-    r.add_argument("--comm_timeout", type=float, default=45.0, help="seconds before a collective gives up")
+                   help="weight-only quantized engines: the matmul kernel; auto: probed against the dequantized "
+                        "weight, timed per layer shape at load and cached; or one of "
+                        f"{', '.join(woq.KERNELS)} (default %(default)s)")
+    r.add_argument("--comm_timeout", type=float, default=45.0,
+                   help="seconds before a collective gives up (default %(default)s)")
     r.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the decode step (auto: on where a C++ compiler or CUDA is present, or as "
                         "$TP_RUNTIME_COMPILE says, and for tp-run only when --max_output_len decode steps pay back "
-                        "the compile, judged by the last compile on this machine); the compiled code is cached on disk")
+                        "the compile, judged by the last compile on this machine); the compiled code is cached on "
+                        "disk (default %(default)s)")
 
 
 def llm_from_args(args, **overrides) -> LLM:

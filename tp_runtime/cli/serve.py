@@ -37,21 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", "--engine_dir", dest="engine", required=True, help="engine directory")
     p.add_argument("--tokenizer_dir", default=None, help="tokenizer to use (default: the engine's)")
     h = p.add_argument_group("HTTP")
-    h.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
-    h.add_argument("--port", type=int, default=8000)
+    h.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this host only)")
+    h.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
     h.add_argument("--api_key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV})")
     h.add_argument("--served_model_name", default=None, help="the model name of the API (default: the engine folder's)")
-    h.add_argument("--max_body_bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
-    h.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"])
+    h.add_argument("--max_body_bytes", type=int, default=1 << 20,
+                   help="request body limit in bytes, 413 beyond it (default %(default)s = 1 MiB)")
+    h.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's log level (default %(default)s)")
     h.add_argument("--access_log", action="store_true", help="log every HTTP request")
     p.add_argument("--launcher", default="auto", choices=LAUNCHERS,
                    help="who starts the ranks: auto = the launcher that started this process, else local when "
-                        "the engine's tp_size > 1")
+                        "the engine's tp_size > 1; local: tp_size rank processes started here; mpirun / torchrun: "
+                        "expect to be started by them; ray: one Ray actor per rank (default %(default)s)")
     p.add_argument("--placement", default="pack", choices=["pack", "spread"],
-                   help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD)")
+                   help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD) "
+                        "(default %(default)s)")
     p.add_argument("--ray_address", default=None,
-                   help='--launcher ray: the Ray cluster ("auto": a running one; default: a new local one)')
+                   help='--launcher ray: the Ray cluster ("auto": a running one; "local": a new local one; '
+                        "host:port: that cluster; default: Ray's rule, else a new local one)")
     add_runtime_args(p)
     return p
 

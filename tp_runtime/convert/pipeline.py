@@ -307,14 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tp-convert",
         description="Shard a Hugging Face checkpoint into a tensor-parallel engine directory.",
     )
-    p.add_argument("--model_dir", required=True, help="Hugging Face model directory, or one .gguf file")
-    p.add_argument("--output_dir", required=True, help="engine directory to create")
-    p.add_argument("--tp_size", type=int, default=1, help="number of tensor-parallel ranks (default 1)")
+    p.add_argument("--model_dir", required=True,
+                   help="Hugging Face model directory (safetensors, or pytorch_model*.bin read with "
+                        "torch.load(weights_only=True)), or one .gguf file")
+    p.add_argument("--output_dir", required=True,
+                   help="engine directory to create (built in a temporary sibling, renamed at the end)")
+    p.add_argument("--tp_size", type=int, default=1, help="number of tensor-parallel ranks (default %(default)s)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="storage dtype of the engine; auto keeps the checkpoint's (default auto)")
+                   help="storage dtype of the engine; auto keeps the checkpoint's, float32 for a .gguf "
+                        "(default %(default)s)")
     p.add_argument("--max_seq_len", type=int, default=None,
                    help="default run-time sequence limit (default min(max_position_embeddings, 4096))")
-    p.add_argument("--max_batch_size", type=int, default=8, help="default run-time batch limit (default 8)")
+    p.add_argument("--max_batch_size", type=int, default=8,
+                   help="default run-time batch limit (default %(default)s)")
     p.add_argument("--use_parallel_embedding", action="store_true",
                    help="split the embedding by vocab rows across ranks (all-reduced after the lookup) "
                         "instead of replicating it")
@@ -322,11 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--use_weight_only", action="store_true",
                    help="quantize the attention and MLP weights (activations stay in the engine dtype)")
     q.add_argument("--weight_only_precision", default=None, choices=list(qz.PRECISIONS),
-                   help="int8 (per channel, W8A16) or int4 (per group, W4A16); default int8")
+                   help="int8 (per channel, W8A16) or int4 (per group, W4A16) (default int8)")
     q.add_argument("--group_size", type=int, default=None,
-                   help="int4: inputs per scale, e.g. 32, 64, 128 (default), or -1 per channel; int8 is per channel")
-    q.add_argument("--zero_point", action="store_true", help="asymmetric codes with a zero point per group")
-    q.add_argument("--quant_algo", default="rtn", help="rtn (round to nearest, default) or awq (int4)")
+                   help="int4: inputs per scale, e.g. 32, 64, 128 (default 128), or -1 per channel; "
+                        "int8 is per channel")
+    q.add_argument("--zero_point", action="store_true",
+                   help="asymmetric codes with a zero point per group (default: symmetric)")
+    q.add_argument("--quant_algo", default="rtn",
+                   help=f"one of {', '.join(qz.ALGOS)}: round to nearest, or AWQ's activation-aware scales "
+                        "then round to nearest (int4 only) (default %(default)s)")
     q.add_argument("--quantize_lm_head", nargs="?", const="int8", default=None, choices=list(qz.PRECISIONS),
                    help="also quantize lm_head: int8 per channel (the default when given alone) or int4 (in "
                         "--group_size groups when the layers are int4, else 128)")
@@ -336,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib_seq_len", type=int, default=None, help="awq: tokens per sample (default 256)")
     q.add_argument("--no_awq_clip", action="store_true",
                    help="awq: skip the weight clipping search that follows the scale search (on by default)")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output directory (the old one stays if conversion fails)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     return p
 

@@ -161,10 +161,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tp_runtime.synthetic",
                                 description="Write a random-weight Hugging Face checkpoint at a preset's true shapes.")
     p.add_argument("--config", required=True, help="preset name (configs/NAME.json), a .json file or a model folder")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="Hugging Face folder to write")
     p.add_argument("--num_layers", type=int, default=None, help="cut the layer count (default: the preset's)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the weights (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default %(default)s)")
     args = p.parse_args(argv)
     write_synthetic(load_preset(args.config), args.output_dir, args.num_layers, args.dtype, args.seed)
     print(f"wrote {args.output_dir}")
