@@ -10,7 +10,7 @@ should stay near twice the largest tensor whatever the size of the checkpoint. T
      tensor is filled with seeded random numbers just before it is written, so this process never holds
      more than one tensor either.
   2. It runs the conversion (--tp_size 2 by default) in a fresh child process: the child imports
-     tp_runtime.convert.pipeline, records VmRSS (the baseline after imports), runs exactly what the tp-convert
+     tp_runtime.cli.convert, records VmRSS (the baseline after imports), runs exactly what the tp-convert
      console script runs (convert.main with the same flags), then reads VmHWM (the kernel's peak resident
      set size of that process) from /proc/self/status.
   3. It reports checkpoint size, largest tensor, baseline and peak RSS, the bound 2 x largest + 300 MB
@@ -111,7 +111,7 @@ def proc_status(key: str) -> int:
 
 
 def child_main(model_dir: str, output_dir: str, tp: int, result_path: str) -> int:
-    from tp_runtime.convert import pipeline as convert
+    from tp_runtime.cli import convert
     baseline = proc_status("VmRSS")
     t0 = time.perf_counter()
     rc = convert.main(["--model_dir", model_dir, "--output_dir", output_dir, "--tp_size", str(tp),
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     print(f"| {ckpt_bytes / MB:.0f} | {largest / MB:.0f} ({largest_name}) | {child['baseline_rss'] / MB:.0f} | "
           f"{child['peak_rss'] / MB:.0f} | {bound / MB:.0f} | {'PASS' if ok else 'FAIL'} | {child['convert_s']:.1f} |")
-    print(f"\nbound = 2 x largest tensor + {args.slack_mb:.0f} MB; baseline = RSS after importing tp_runtime.convert.pipeline; "
+    print(f"\nbound = 2 x largest tensor + {args.slack_mb:.0f} MB; baseline = RSS after importing tp_runtime.cli.convert; "
           f"engine on disk {engine_bytes / MB:.0f} MB")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

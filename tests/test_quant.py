@@ -16,7 +16,8 @@ from tp_runtime.convert import quantize as qz
 from tp_runtime.runtime import woq
 from tp_runtime.convert.adapters import get_adapter
 from tp_runtime.convert.partition import COLUMN, QKV, ROW_ATTN, ROW_MLP, VOCAB
-from tp_runtime.convert.pipeline import convert, row_span, shard_tensor
+from tp_runtime.convert.partition import row_span, shard_tensor
+from tp_runtime.convert.pipeline import convert
 from tp_runtime.errors import UserError
 from tp_runtime.cli.plan import plan
 

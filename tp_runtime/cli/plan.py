@@ -21,7 +21,7 @@ import torch
 from tp_runtime.convert import partition as pt
 from tp_runtime.convert import quantize as qz
 from tp_runtime.convert.checkpoint import Checkpoint
-from tp_runtime.convert.pipeline import DTYPES, plan_engine
+from tp_runtime.convert.plan import DTYPES, plan_engine
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.convert.synthetic import load_preset, source_shapes
 

@@ -171,3 +171,32 @@ def plan_ranks(
         raise UserError(f"{model}: intermediate_size={intermediate_size} is smaller than tp_size={tp}")
     mlp = ranges_from_sizes(balanced_sizes(intermediate_size, tp))
     return [RankPlan(r, tp, splits[r], mlp[r]) for r in range(tp)]
+
+
+# ---------------------------------------------------------------------------
+# a rule applied for one rank
+
+
+def shard_tensor(rule: str, tensor, plan: RankPlan, head_dim: int):
+    """Apply one partition rule for one rank. Works on real and on meta tensors."""
+    if rule == REPLICATE:
+        return tensor
+    if rule == QKV:
+        return shard_qkv(*tensor, plan.heads, head_dim)
+    if rule == COLUMN:
+        return shard_column(tensor, plan.mlp_span)
+    if rule in (ROW_ATTN, ROW_MLP):
+        return shard_row(tensor, row_span(rule, plan, head_dim))
+    if rule == VOCAB:
+        return shard_vocab(tensor, plan.rank, plan.tp)
+    raise ValueError(f"unknown partition rule {rule}")
+
+
+def row_span(rule: str, plan: RankPlan, head_dim: int) -> tuple[int, int] | None:
+    """[start, end) of the inputs a row-parallel weight keeps on this rank (None for other rules)."""
+    if rule == ROW_ATTN:
+        q0, q1 = plan.heads.q_heads
+        return q0 * head_dim, q1 * head_dim
+    if rule == ROW_MLP:
+        return plan.mlp_span
+    return None

@@ -1,4 +1,5 @@
-"""A streaming safetensors writer: the header first, then each tensor as it comes.
+"""The write stage: a streaming safetensors writer (the header first, then each tensor as it comes), and the
+tokenizer files copied into the engine.
 
 safetensors' own save_file needs every tensor of a file in memory at once; a rank file of a
 20B model is tens of GB, so the converter plans each file's tensors (names, dtypes, shapes)
@@ -8,11 +9,14 @@ spaces to 8 bytes, then the raw little-endian tensor data.
 """
 
 import json
+import os
+import shutil
 import struct
 
 import torch
 
 from tp_runtime.convert.checkpoint import SAFETENSORS_DTYPES
+from tp_runtime.engine import format as ef
 
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -56,3 +60,32 @@ class StreamingSafetensorsWriter:
             self.file.flush()
         finally:
             self.file.close()
+
+
+def copy_tokenizer(ckpt, out_dir: str, overrides: dict | None = None) -> None:
+    """Copy the tokenizer files in. `overrides` rewrites tokenizer_config.json keys (None deletes one):
+    a family whose tokenizer is remote code gets a built-in class instead, so no .py is ever run."""
+    if ckpt.gguf_file:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(ckpt.tokenizer_dir, gguf_file=ckpt.gguf_file)
+        tok.save_pretrained(out_dir)
+    else:
+        for name in ef.TOKENIZER_FILES:
+            src = os.path.join(ckpt.tokenizer_dir, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(out_dir, name))
+    tok_cfg = os.path.join(out_dir, "tokenizer_config.json")
+    if overrides and os.path.isfile(tok_cfg):
+        with open(tok_cfg) as f:
+            data = json.load(f)
+        for key, value in overrides.items():
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value
+        with open(tok_cfg, "w") as f:
+            json.dump(data, f, indent=2)
+    if ckpt.generation_config and not os.path.isfile(os.path.join(out_dir, "generation_config.json")):
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(ckpt.generation_config, f, indent=2)
