@@ -9,7 +9,6 @@ backend and size, 200 warm-up calls then --iters timed calls; median and p90 in 
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,9 +45,9 @@ def worker(kind: str, iters: int, out: str) -> None:
 
 
 def launch(kind: str, world: int, iters: int, out: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    from tp_runtime.distributed.launch import free_port
+
+    port = str(free_port())
     procs = []
     for r in range(world):
         env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(world),

@@ -21,24 +21,19 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from tp_runtime.distributed.launch import free_port
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn leaves.", "Explain what a compiler does.",
            "Name three animals that live in the sea.", "How do I boil an egg?", "Tell me a fun fact about space.",
            "Summarize the plot of Romeo and Juliet in two sentences.", "What is 17 times 23?",
            "Give me a tip for learning a new language.", "Why is the sky blue?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,10 +19,7 @@ def tool(name: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tp_runtime.distributed.launch import free_port  # noqa: E402,F401  (the tests' ports too)
 
 
 def build_checkpoint(path: str, arch: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):

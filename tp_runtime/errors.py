@@ -8,6 +8,7 @@ one line, exit status 3, at once. Anything else that escapes is a bug and keeps 
 This module imports nothing of the package: every layer may import it.
 """
 
+import json
 import os
 import sys
 
@@ -18,6 +19,21 @@ class UserError(Exception):
 
 class CommError(RuntimeError):
     """A collective failed: another rank died, or did not answer within the timeout."""
+
+
+def read_json_object(path: str, remedy: str = "") -> dict:
+    """The JSON object in `path`, or a UserError naming the file, what is wrong with it and `remedy`."""
+    tail = f"; {remedy}" if remedy else ""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror or e}){tail}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}){tail}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object{tail}")
+    return data
 
 
 def exit_on_user_error(main):

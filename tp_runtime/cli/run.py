@@ -59,12 +59,17 @@ def add_launcher_args(p: argparse.ArgumentParser) -> None:
     la.add_argument("--launcher", default="auto", choices=["auto", "ray"],
                     help="auto: this process is a rank of mpirun/torchrun (or alone); ray: start the ranks as "
                          "Ray actors (default %(default)s)")
-    la.add_argument("--placement", default="pack", choices=["pack", "spread"],
-                    help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD) "
-                         "(default %(default)s)")
-    la.add_argument("--ray_address", default=None,
-                    help='--launcher ray: the Ray cluster ("auto": a running one; "local": a new local one; '
-                         "host:port: that cluster; default: Ray's rule, else a new local one)")
+    add_ray_args(la)
+
+
+def add_ray_args(p) -> None:
+    """--placement and --ray_address, for the commands that can start their ranks as Ray actors."""
+    p.add_argument("--placement", default="pack", choices=["pack", "spread"],
+                   help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD) "
+                        "(default %(default)s)")
+    p.add_argument("--ray_address", default=None,
+                   help='--launcher ray: the Ray cluster ("auto": a running one; "local": a new local one; '
+                        "host:port: that cluster; default: Ray's rule, else a new local one)")
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:

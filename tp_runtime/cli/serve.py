@@ -26,7 +26,7 @@ import threading
 from tp_runtime.engine import format as ef
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.distributed.launch import detect_launch
-from tp_runtime.cli.run import add_runtime_args, llm_from_args
+from tp_runtime.cli.run import add_ray_args, add_runtime_args, llm_from_args
 
 API_KEY_ENV = "TP_RUNTIME_API_KEY"
 LAUNCHERS = ("auto", "local", "mpirun", "torchrun", "ray")
@@ -52,12 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="who starts the ranks: auto = the launcher that started this process, else local when "
                         "the engine's tp_size > 1; local: tp_size rank processes started here; mpirun / torchrun: "
                         "expect to be started by them; ray: one Ray actor per rank (default %(default)s)")
-    p.add_argument("--placement", default="pack", choices=["pack", "spread"],
-                   help="--launcher ray: every rank on one node (STRICT_PACK) or across nodes (SPREAD) "
-                        "(default %(default)s)")
-    p.add_argument("--ray_address", default=None,
-                   help='--launcher ray: the Ray cluster ("auto": a running one; "local": a new local one; '
-                        "host:port: that cluster; default: Ray's rule, else a new local one)")
+    add_ray_args(p)
     add_runtime_args(p)
     return p
 

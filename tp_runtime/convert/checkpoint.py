@@ -15,7 +15,7 @@ import struct
 
 import torch
 
-from tp_runtime.errors import UserError
+from tp_runtime.errors import UserError, read_json_object
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -113,14 +113,7 @@ class Checkpoint:
 
 
 def _read_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e}); the {what} is corrupt") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object; the {what} is corrupt")
-    return data
+    return read_json_object(path, f"the {what} is corrupt")
 
 
 def open_checkpoint(model_dir: str) -> Checkpoint:

@@ -20,7 +20,7 @@ import sys
 import torch
 
 from tp_runtime.engine import format as ef
-from tp_runtime.errors import UserError, exit_on_user_error
+from tp_runtime.errors import UserError, exit_on_user_error, read_json_object
 from tp_runtime.convert.writer import StreamingSafetensorsWriter
 
 CONFIG_DIRS = (os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"), "configs")
@@ -32,11 +32,7 @@ def load_preset(name_or_path: str) -> dict:
     candidates += [os.path.join(d, f"{name_or_path}.json") for d in CONFIG_DIRS]
     for path in candidates:
         if os.path.isfile(path):
-            try:
-                with open(path) as f:
-                    return json.load(f)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} is not valid JSON ({e})") from None
+            return read_json_object(path, "a preset is a model's config.json")
     names = sorted({f[:-5] for d in CONFIG_DIRS if os.path.isdir(d) for f in os.listdir(d) if f.endswith(".json")})
     raise UserError(f"no preset, .json file or model folder {name_or_path!r}; presets: {', '.join(names)}")
 

@@ -62,7 +62,8 @@ def detect_launch() -> LaunchInfo:
     return LaunchInfo()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nobody listens on now (the kernel's pick)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
         return s.getsockname()[1]
@@ -84,11 +85,11 @@ def rendezvous_address(info: LaunchInfo) -> tuple[str, int]:
         hosts = comm.allgather(socket.gethostname())
         if info.rank == 0:
             addr = "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(socket.gethostname())
-            found = (addr, _free_port())
+            found = (addr, free_port())
         else:
             found = None
         return comm.bcast(found, root=0)
-    return "127.0.0.1", _free_port()
+    return "127.0.0.1", free_port()
 
 
 def _derived_address(info: LaunchInfo) -> tuple[str, int]:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from tp_runtime.distributed.launch import _free_port
+from tp_runtime.distributed.launch import free_port
 
 PR_SET_PDEATHSIG = 1
 LAUNCHER_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "HYDRA_")
@@ -40,7 +40,7 @@ def launch_local(world_size: int, cmd: list[str], grace_s: float = 30.0) -> int:
     """Run `cmd` as world_size ranks on this host and wait for them. Returns the first non-zero exit
     status (0 when every rank exits cleanly). Once a rank fails or rank 0 ends, the others get grace_s
     to leave before they are killed."""
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(cmd, env=rank_env(r, world_size, port), start_new_session=True,
                               preexec_fn=_die_with_parent) for r in range(world_size)]
 

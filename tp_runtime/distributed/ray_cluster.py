@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 
+from tp_runtime.distributed import launch
 from tp_runtime.errors import UserError
 
 PLACEMENTS = {"pack": "STRICT_PACK", "spread": "SPREAD"}
@@ -113,9 +114,7 @@ class RankActor:
                 "gpu_ids": [str(g) for g in ctx.get_accelerator_ids().get("GPU", [])], "pid": os.getpid()}
 
     def free_port(self) -> int:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        return launch.free_port()  # on this actor's node
 
     def setup(self, env: dict, cwd: str, capture: bool) -> None:
         os.environ.update(env)

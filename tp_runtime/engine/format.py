@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tp_runtime.errors import UserError
+from tp_runtime.errors import UserError, read_json_object
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -161,13 +161,7 @@ class EngineConfig:
             raise UserError(f"engine directory {engine_dir!r} does not exist (create it with tp-convert)")
         if not os.path.isfile(path):
             raise UserError(f"{path} is missing: {engine_dir!r} is not an engine directory (create one with tp-convert)")
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{path} is not valid JSON ({e}); re-run tp-convert to rebuild the engine") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path} does not hold a JSON object; re-run tp-convert to rebuild the engine")
+        raw = read_json_object(path, "re-run tp-convert to rebuild the engine")
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise UserError(

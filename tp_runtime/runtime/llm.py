@@ -9,7 +9,6 @@ read config.json -> check world size == tp_size -> check every rank file -> set 
 communicator -> load this rank's file -> build the model and the KV cache.
 """
 
-import json
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ from tp_runtime.engine import format as ef
 from tp_runtime.runtime import woq
 from tp_runtime.distributed.comm import DEFAULT_TIMEOUT_S
 from tp_runtime.distributed.communicator import make_communicator
-from tp_runtime.errors import UserError
+from tp_runtime.errors import UserError, read_json_object
 from tp_runtime.runtime import engine_loop
 from tp_runtime.runtime.sequence import Request, Timings
 from tp_runtime.distributed.binding import apply_binding, plan_binding, read_numa_nodes
@@ -216,12 +215,7 @@ class LLM:
         path = os.path.join(self.engine_dir, "generation_config.json")
         if not os.path.isfile(path):
             return {}
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON ({e})") from None
-        return data if isinstance(data, dict) else {}
+        return read_json_object(path, "fix or delete it (it only holds sampling defaults)")
 
     @property
     def has_tokenizer(self) -> bool:

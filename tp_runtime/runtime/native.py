@@ -98,7 +98,7 @@ def why_not() -> str:
     return _reason[0] if _reason else ""
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
+def pack_int4_lanes(q: torch.Tensor) -> torch.Tensor:
     """(out, in) codes 0..15 -> (out, in / 2) uint8 in the kernel's layout: per block of 64 inputs, 8
     little-endian uint32 lanes whose nibble k (bits 4k..4k+3) of lane j is input 8k + j. `in` must be a
     multiple of 64."""
@@ -108,8 +108,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return by.transpose(2, 3).reshape(out_f, in_f // 2).contiguous()  # (out, block, j, b) -> little-endian lanes
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """pack_int4's inverse: (out, in / 2) uint8 -> (out, in) uint8 codes."""
+def unpack_int4_lanes(packed: torch.Tensor) -> torch.Tensor:
+    """pack_int4_lanes' inverse: (out, in / 2) uint8 -> (out, in) uint8 codes."""
     out_f, half = packed.shape
     by = packed.view(out_f, half // 32, 8, 4).transpose(2, 3)  # (out, block, byte b, lane j)
     return torch.stack([by & 15, by >> 4], dim=3).reshape(out_f, half * 2)  # (out, block, b, nibble, j)

@@ -125,6 +125,32 @@ class DecoderAdapter:
             pad_token_id=self.hf.get("pad_token_id"),
         )
 
+    def dims(self, layers: str = "num_hidden_layers", act: str = "hidden_act", act_default: str = "silu",
+             eps: str = "rms_norm_eps", eps_default: float = 1e-6, max_positions: int = 4096,
+             theta_key: str = "rope_theta") -> dict:
+        """The fields every family reads the same way but under its own key names: token ids, sizes, heads
+        (KV heads default to the query heads, head size to hidden / heads), activation, norm epsilon, RoPE,
+        tied embeddings."""
+        heads = int(self.get("num_attention_heads"))
+        hidden = int(self.get("hidden_size"))
+        theta, scaling = rope_settings(self.hf, theta_key)
+        return dict(
+            **self.common(),
+            vocab_size=int(self.get("vocab_size")),
+            hidden_size=hidden,
+            num_hidden_layers=int(self.get(layers)),
+            num_attention_heads=heads,
+            num_key_value_heads=int(self.get("num_key_value_heads", heads)),
+            head_size=int(self.hf.get("head_dim") or hidden // heads),
+            intermediate_size=int(self.get("intermediate_size")),
+            max_position_embeddings=int(self.get("max_position_embeddings", max_positions)),
+            hidden_act=str(self.get(act, act_default)),
+            norm_epsilon=float(self.get(eps, eps_default)),
+            rotary_base=theta,
+            rotary_scaling=scaling,
+            tie_word_embeddings=bool(self.hf.get("tie_word_embeddings", False)),
+        )
+
     def config(self) -> dict:
         raise NotImplementedError
 

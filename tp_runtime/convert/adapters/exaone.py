@@ -11,7 +11,7 @@ EXAONE-4 (as transformers' Exaone4 code does it):
     layers are global with no RoPE; when it is null every layer is full attention with RoPE.
 """
 
-from tp_runtime.convert.adapters.base import DecoderAdapter, fetch, fetch_qkv, rope_settings
+from tp_runtime.convert.adapters.base import DecoderAdapter, fetch, fetch_qkv
 from tp_runtime.convert.adapters.llama import LlamaAdapter
 from tp_runtime.errors import UserError
 
@@ -21,26 +21,8 @@ class ExaoneAdapter(DecoderAdapter):
     model_types = {"exaone": "ExaoneForCausalLM"}
 
     def config(self) -> dict:
-        heads = int(self.get("num_attention_heads"))
-        hidden = int(self.get("hidden_size"))
-        theta, scaling = rope_settings(self.hf)
-        return dict(
-            **self.common(),
-            architecture="LlamaForCausalLM",
-            vocab_size=int(self.get("vocab_size")),
-            hidden_size=hidden,
-            num_hidden_layers=int(self.get("num_layers")),
-            num_attention_heads=heads,
-            num_key_value_heads=int(self.get("num_key_value_heads", heads)),
-            head_size=int(self.hf.get("head_dim") or hidden // heads),
-            intermediate_size=int(self.get("intermediate_size")),
-            max_position_embeddings=int(self.get("max_position_embeddings", 4096)),
-            hidden_act=str(self.get("activation_function", "silu")),
-            norm_epsilon=float(self.get("layer_norm_epsilon", 1e-5)),
-            rotary_base=theta,
-            rotary_scaling=scaling,
-            tie_word_embeddings=bool(self.hf.get("tie_word_embeddings", False)),
-        )
+        return dict(self.dims(layers="num_layers", act="activation_function", eps="layer_norm_epsilon",
+                              eps_default=1e-5), architecture="LlamaForCausalLM")
 
     def embedding(self):
         return fetch(self.ckpt, "transformer.wte.weight")

@@ -7,7 +7,7 @@
 the first rotary_pct of each head; with use_parallel_residual, x + attn(ln1(x)) + mlp(ln2(x)).
 """
 
-from tp_runtime.convert.adapters.base import DecoderAdapter, fetch, rope_settings
+from tp_runtime.convert.adapters.base import DecoderAdapter, fetch
 
 
 def split_interleaved_qkv(w, num_heads: int, head_dim: int):
@@ -22,29 +22,15 @@ class GPTNeoXAdapter(DecoderAdapter):
     model_types = {"gpt_neox": "GPTNeoXForCausalLM"}
 
     def config(self) -> dict:
-        heads = int(self.get("num_attention_heads"))
-        hidden = int(self.get("hidden_size"))
-        theta, scaling = rope_settings(self.hf, theta_key="rotary_emb_base")
+        cfg = self.dims(act_default="gelu", eps="layer_norm_eps", eps_default=1e-5, max_positions=2048,
+                        theta_key="rotary_emb_base")
         params = self.hf.get("rope_parameters") or {}
         pct = params.get("partial_rotary_factor", self.hf.get("rotary_pct", 0.25))
         bias = bool(self.hf.get("attention_bias", True))
         return dict(
-            **self.common(),
+            cfg,
             architecture="GPTNeoXForCausalLM",
-            vocab_size=int(self.get("vocab_size")),
-            hidden_size=hidden,
-            num_hidden_layers=int(self.get("num_hidden_layers")),
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            head_size=hidden // heads,
-            intermediate_size=int(self.get("intermediate_size")),
-            max_position_embeddings=int(self.get("max_position_embeddings", 2048)),
-            hidden_act=str(self.hf.get("hidden_act", "gelu")),
-            norm_epsilon=float(self.get("layer_norm_eps", 1e-5)),
-            rotary_base=theta,
-            rotary_scaling=scaling,
             rotary_pct=float(pct),
-            tie_word_embeddings=bool(self.hf.get("tie_word_embeddings", False)),
             norm_type="layer",
             parallel_residual=bool(self.hf.get("use_parallel_residual", True)),
             gated_mlp=False,

@@ -10,7 +10,7 @@ Its tokenizer is remote code too: the engine loads its tokenizer.model as a Sent
 LlamaTokenizer, and the remote .py is never run.
 """
 
-from tp_runtime.convert.adapters.base import DecoderAdapter, fetch, rope_settings
+from tp_runtime.convert.adapters.base import DecoderAdapter, fetch
 from tp_runtime.errors import UserError
 
 
@@ -37,29 +37,8 @@ class InternLM2Adapter(DecoderAdapter):
     tokenizer_overrides = {"tokenizer_class": "LlamaTokenizer", "auto_map": None}
 
     def config(self) -> dict:
-        heads = int(self.get("num_attention_heads"))
-        hidden = int(self.get("hidden_size"))
-        theta, scaling = rope_settings(self.hf)
         bias = bool(self.hf.get("bias", False))
-        return dict(
-            **self.common(),
-            architecture="LlamaForCausalLM",
-            vocab_size=int(self.get("vocab_size")),
-            hidden_size=hidden,
-            num_hidden_layers=int(self.get("num_hidden_layers")),
-            num_attention_heads=heads,
-            num_key_value_heads=int(self.get("num_key_value_heads", heads)),
-            head_size=hidden // heads,
-            intermediate_size=int(self.get("intermediate_size")),
-            max_position_embeddings=int(self.get("max_position_embeddings", 2048)),
-            hidden_act=str(self.hf.get("hidden_act", "silu")),
-            norm_epsilon=float(self.get("rms_norm_eps", 1e-6)),
-            rotary_base=theta,
-            rotary_scaling=scaling,
-            tie_word_embeddings=bool(self.hf.get("tie_word_embeddings", False)),
-            qkv_bias=bias,
-            dense_bias=bias,
-        )
+        return dict(self.dims(max_positions=2048), architecture="LlamaForCausalLM", qkv_bias=bias, dense_bias=bias)
 
     def _wqkv(self, name: str, cfg: dict):
         src = fetch(self.ckpt, name)

@@ -1,6 +1,6 @@
 """LlamaForCausalLM (SmolLM2 included), MistralForCausalLM (sliding window), Qwen2ForCausalLM (qkv bias)."""
 
-from tp_runtime.convert.adapters.base import DecoderAdapter, fetch, fetch_qkv, rope_settings
+from tp_runtime.convert.adapters.base import DecoderAdapter, fetch, fetch_qkv
 
 
 class LlamaAdapter(DecoderAdapter):
@@ -8,31 +8,15 @@ class LlamaAdapter(DecoderAdapter):
     model_types = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
     def config(self) -> dict:
-        heads = int(self.get("num_attention_heads"))
-        hidden = int(self.get("hidden_size"))
-        layers = int(self.get("num_hidden_layers"))
-        theta, scaling = rope_settings(self.hf)
         attention_bias = bool(self.hf.get("attention_bias", False))
+        cfg = self.dims()
         return dict(
-            **self.common(),
+            cfg,
             architecture="LlamaForCausalLM",
-            vocab_size=int(self.get("vocab_size")),
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=int(self.get("num_key_value_heads", heads)),
-            head_size=int(self.hf.get("head_dim") or hidden // heads),
-            intermediate_size=int(self.get("intermediate_size")),
-            max_position_embeddings=int(self.get("max_position_embeddings", 4096)),
-            hidden_act=str(self.hf.get("hidden_act", "silu")),
-            norm_epsilon=float(self.hf.get("rms_norm_eps", 1e-6)),
-            rotary_base=theta,
-            rotary_scaling=scaling,
-            tie_word_embeddings=bool(self.hf.get("tie_word_embeddings", False)),
             qkv_bias=attention_bias or self.arch == "Qwen2ForCausalLM",
             dense_bias=attention_bias,
             mlp_bias=bool(self.hf.get("mlp_bias", False)),
-            sliding_window_per_layer=self._sliding_windows(layers),
+            sliding_window_per_layer=self._sliding_windows(cfg["num_hidden_layers"]),
         )
 
     def _sliding_windows(self, layers: int) -> list | None:

@@ -234,13 +234,13 @@ class NativeInt4(Kernel):
 
     def __init__(self, w, dtype):
         super().__init__()
-        self.packed = native.pack_int4(w.q)  # (out, in / 2)
+        self.packed = native.pack_int4_lanes(w.q)  # (out, in / 2)
         per_half = w.group_size // 32  # the kernel takes a (scale, minimum) per 32 inputs
         self.scale = w.scale.float().repeat_interleave(per_half, dim=1).contiguous()  # (out, in / 32)
         self.minimum = (-w.zeros() * w.scale).float().repeat_interleave(per_half, dim=1).contiguous()
 
     def _dequantized(self, rows: slice) -> torch.Tensor:
-        q = native.unpack_int4(self.packed[rows]).float()  # (out, in)
+        q = native.unpack_int4_lanes(self.packed[rows]).float()  # (out, in)
         out_f = q.shape[0]
         q = q.view(out_f, -1, 32)  # (out, in / 32, 32)
         return (q * self.scale[rows].unsqueeze(-1) + self.minimum[rows].unsqueeze(-1)).view(out_f, -1)
