@@ -116,7 +116,7 @@ def reference_incremental(model, prompt: list[int], n: int) -> tuple[list[int], 
                              pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                              output_logits=True, return_dict_in_generate=True)
     ids = out.sequences[0, len(prompt):].tolist()
-    lps = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids)]
+    lps = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, ids, strict=True)]
     return ids, lps
 
 
@@ -131,7 +131,7 @@ def assert_engine_matches(model, engine: str, tp: int, prompts: list[list[int]],
     """The engine at tp ranks gives transformers' greedy ids and log-probs (within 1e-3) on every row."""
     out = tp_run_json(engine, tp, ["--input_ids", *(",".join(map(str, p)) for p in prompts),
                                    "--max_output_len", str(new_tokens), "--ignore_eos"])
-    for row, (p, o) in enumerate(zip(prompts, out["outputs"])):
+    for row, (p, o) in enumerate(zip(prompts, out["outputs"], strict=True)):
         assert o["input_ids"] == p
         if incremental:
             ids, ref = reference_incremental(model, p, new_tokens)
@@ -140,5 +140,5 @@ def assert_engine_matches(model, engine: str, tp: int, prompts: list[list[int]],
         assert o["output_ids"] == ids, f"{label} tp={tp} row {row}"
         if ref is None:
             ref = reference_logprobs(model, p, o["output_ids"])
-        diff = max(abs(a - b) for a, b in zip(ref, o["output_logprobs"]))
+        diff = max(abs(a - b) for a, b in zip(ref, o["output_logprobs"], strict=True))
         assert diff < 1e-3, f"{label} tp={tp} row {row}: log-probs differ by {diff}"

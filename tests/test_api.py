@@ -62,7 +62,7 @@ def test_rows_equal_their_prompt_alone_and_seeds_repeat(engines):
     llm = LLM(str(engines / "tp1"), max_batch_size=2)  # 3 prompts: two batches
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True)
     batch = llm.generate(PROMPTS, params)
-    for p, o in zip(PROMPTS, batch):
+    for p, o in zip(PROMPTS, batch, strict=True):
         assert llm.generate([p], params)[0].output_ids == o.output_ids
     other = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=1.0, seed=12, ignore_eos=True))
     assert [o.output_ids for o in other] != [o.output_ids for o in batch]

@@ -43,10 +43,10 @@ def test_compiled_decode_matches_transformers(mistral, tp):
     for batch in (prompts, prompts[1:2]):  # batch 4, then batch 1: both compiled graphs
         out = tp_run_json(engine, tp, ["--input_ids", *(",".join(map(str, p)) for p in batch),
                                        "--max_output_len", str(NEW_TOKENS), "--ignore_eos", "--compile", "on"])
-        for row, (p, o) in enumerate(zip(batch, out["outputs"])):
+        for row, (p, o) in enumerate(zip(batch, out["outputs"], strict=True)):
             assert o["output_ids"] == reference_greedy(model, p, NEW_TOKENS), f"tp={tp} batch {len(batch)} row {row}"
             ref = reference_logprobs(model, p, o["output_ids"])
-            assert max(abs(a - b) for a, b in zip(ref, o["output_logprobs"])) < 1e-3
+            assert max(abs(a - b) for a, b in zip(ref, o["output_logprobs"], strict=True)) < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +178,10 @@ def test_engines_of_different_layouts_compiled_in_one_process(mistral, tmp_path,
         ref.close()
         llms.append(LLM(engine, compile="on", max_batch_size=1, max_seq_len=64))
     for _ in range(2):
-        for llm, ref in zip(llms, eager):
+        for llm, ref in zip(llms, eager, strict=True):
             out = llm.generate([prompt], params)[0]
             assert out.output_ids == ref.output_ids
-            assert max(abs(a - b) for a, b in zip(out.output_logprobs, ref.output_logprobs)) < 1e-3
+            assert max(abs(a - b) for a, b in zip(out.output_logprobs, ref.output_logprobs, strict=True)) < 1e-3
     for llm in llms:
         llm.close()
 

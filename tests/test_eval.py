@@ -103,7 +103,7 @@ def test_score_equals_transformers_tp1_tp2(setup, tmp_path):
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (40, 9, 57, 23, 2)]
     starts = [1, 3, 30, 22, 1]
-    ref = [reference_scores(model, s, k) for s, k in zip(seqs, starts)]
+    ref = [reference_scores(model, s, k) for s, k in zip(seqs, starts, strict=True)]
     alone = LLM(str(root / "tp1"), max_batch_size=2).score(seqs, starts)  # 3 batches of different rows
     script = tmp_path / "score.py"
     script.write_text(SCORE_SCRIPT)
@@ -111,10 +111,10 @@ def test_score_equals_transformers_tp1_tp2(setup, tmp_path):
                         str(tmp_path / "out.json")])
     assert res.returncode == 0, res.stderr
     tp2 = json.loads((tmp_path / "out.json").read_text())
-    for row, (r, a, b) in enumerate(zip(ref, alone, tp2)):
+    for row, (r, a, b) in enumerate(zip(ref, alone, tp2, strict=True)):
         assert len(r) == len(a) == len(b) == len(seqs[row]) - starts[row]
-        assert max(abs(x - y) for x, y in zip(r, a)) < 1e-4, f"tp=1 row {row}"
-        assert max(abs(x - y) for x, y in zip(r, b)) < 1e-4, f"tp=2 row {row}"
+        assert max(abs(x - y) for x, y in zip(r, a, strict=True)) < 1e-4, f"tp=1 row {row}"
+        assert max(abs(x - y) for x, y in zip(r, b, strict=True)) < 1e-4, f"tp=2 row {row}"
 
 
 def check_perplexity(out: dict, model, tok, text: str, window: int, stride: int, max_tokens: int):
@@ -157,7 +157,7 @@ def test_summarize_end_to_end(setup, tmp_path):
         texts = [s[side]["text"] for s in data["samples"]]
         assert all(texts)
         for key in ("rouge1", "rouge2", "rougeL"):
-            direct = 100 * sum(scorer.score(r, t)[key].fmeasure for r, t in zip(refs, texts)) / 2
+            direct = 100 * sum(scorer.score(r, t)[key].fmeasure for r, t in zip(refs, texts, strict=True)) / 2
             assert abs(data[side][key] - direct) < 1e-9
         assert data[side]["output_tokens"] == sum(len(s[side]["output_ids"]) for s in data["samples"])
         assert data[side]["tokens_per_s"] > 0

@@ -52,11 +52,11 @@ def test_matches_transformers_at_every_tp(case):
         convert(str(root / "hf"), engine, tp, progress=False)
         out = tp_run_json(engine, tp, ["--input_ids", *(",".join(map(str, p)) for p in prompts),
                                        "--max_output_len", str(NEW_TOKENS), "--ignore_eos"])
-        for row, (p, o) in enumerate(zip(prompts, out["outputs"])):
+        for row, (p, o) in enumerate(zip(prompts, out["outputs"], strict=True)):
             assert o["input_ids"] == p
             assert o["output_ids"] == expected[row], f"{name} tp={tp} row {row}"
             ref = reference_logprobs(model, p, o["output_ids"])
-            diff = max(abs(a - b) for a, b in zip(ref, o["output_logprobs"]))
+            diff = max(abs(a - b) for a, b in zip(ref, o["output_logprobs"], strict=True))
             assert diff < 1e-3, f"{name} tp={tp} row {row}: log-probs differ by {diff}"
             assert o["finish_reason"] == "length"
 
@@ -73,7 +73,7 @@ def test_bf16_checkpoint_keeps_dtype_and_computes_in_fp32(tmp_path):
     # model holds the bf16 weights upcast to fp32, as the engine computes them
     assert o["output_ids"] == reference_greedy(model, prompt, 6)
     ref = reference_logprobs(model, prompt, o["output_ids"])
-    assert max(abs(a - b) for a, b in zip(ref, o["output_logprobs"])) < 1e-3
+    assert max(abs(a - b) for a, b in zip(ref, o["output_logprobs"], strict=True)) < 1e-3
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -321,14 +321,28 @@ def test_cache_key_names_the_flags_that_decide_the_kernel_path(monkeypatch):
     assert not any(f.startswith(("avx512", "amx", "avx_vnni")) for f in cpu.flags())
 
 
-def test_auto_choice_is_timed_once_and_cached(tmp_path):
+def test_auto_choice_is_timed_once_and_cached(tmp_path, monkeypatch):
+    """Each layer shape is timed once per machine: the first load times every candidate, a second one in this
+    process uses the in-process choice, and a new process (simulated: the in-process choice cleared) reads the
+    disk cache instead of timing again."""
+    monkeypatch.setenv("TP_RUNTIME_CACHE", str(tmp_path))
+    monkeypatch.setattr(woq.select, "_chosen", {})
+    timed = []
+    real = woq.select.time_kernel
+    monkeypatch.setattr(woq.select, "time_kernel", lambda k, x: timed.append(k.name) or real(k, x, calls=3))
     qw = quant_weight(SCHEMES["int8"], 64, 128, 0)
-    woq.select._chosen.clear()
+    auto = woq.candidates(qw, torch.float32, auto=True)
+    assert len(auto) >= 2, auto  # (dequant_int8 and torch's aten_int8 at least: there is a choice to time)
     name = woq.choose(qw, torch.float32)
-    assert name in woq.candidates(qw, torch.float32)
-    import json
+    assert name in auto and sorted(timed) == sorted(auto)  # every candidate timed, once
     with open(woq.cache_path()) as f:
         assert json.load(f)[woq.cache_key(qw, torch.float32)] == name
+    assert woq.choose(qw, torch.float32) == name and len(timed) == len(auto)  # same process: no timing
+    monkeypatch.setattr(woq.select, "_chosen", {})
+    assert woq.choose(qw, torch.float32) == name and len(timed) == len(auto)  # "new process": the disk cache
+    qw2 = quant_weight(SCHEMES["int8"], 64, 256, 0)  # another shape is timed on its own
+    woq.choose(qw2, torch.float32)
+    assert len(timed) == 2 * len(auto)
     qw.kernel = "aten_int4_cpu"  # a kernel of the other precision does not apply to this weight
     assert woq.choose(qw, torch.float32) == name
     qw.kernel = "nope"
@@ -349,10 +363,10 @@ def ckpt(tmp_path_factory):
 
 def logprob_gap(model, out, prompts):
     gaps = []
-    for p, o in zip(prompts, out["outputs"]):
+    for p, o in zip(prompts, out["outputs"], strict=True):
         assert o["input_ids"] == p and len(o["output_ids"]) == 6
         ref = reference_logprobs(model, p, o["output_ids"])
-        gaps.append(max(abs(a - b) for a, b in zip(ref, o["output_logprobs"])))
+        gaps.append(max(abs(a - b) for a, b in zip(ref, o["output_logprobs"], strict=True)))
     return max(gaps)
 
 
@@ -407,8 +421,8 @@ def test_int4_g32_engine_runs_at_tp2(ckpt, tmp_path):
     # 4 bits on a random model: close to the float model's probabilities, though not within int8's margin
     assert logprob_gap(model, out, prompts) <= 0.5
     ref = run_engine(engine, 2, prompts, ["--woq_kernel", "dequant_int4"])  # the fallback agrees
-    for a, b in zip(out["outputs"], ref["outputs"]):
-        assert max(abs(x - y) for x, y in zip(a["output_logprobs"], b["output_logprobs"])) < 0.02
+    for a, b in zip(out["outputs"], ref["outputs"], strict=True):
+        assert max(abs(x - y) for x, y in zip(a["output_logprobs"], b["output_logprobs"], strict=True)) < 0.02
 
 
 def test_plan_is_exact_for_quantized_engines(tmp_path):
@@ -528,8 +542,8 @@ def test_awq_engine_is_closer_to_the_float_model_than_rtn(awq_ckpt, tmp_path):
                       quant=qz.parse_scheme("int4", 32, zero_point=True, algo=algo))
         assert cfg.quantization["quant_algo"] == ("W4A16_AWQ" if algo == "awq" else "W4A16")
         out = run_engine(engine, 2, prompts, ["--max_output_len", "8"])
-        diffs = [abs(a - b) for p, o in zip(prompts, out["outputs"])
-                 for a, b in zip(reference_logprobs(model, p, o["output_ids"]), o["output_logprobs"])]
+        diffs = [abs(a - b) for p, o in zip(prompts, out["outputs"], strict=True)
+                 for a, b in zip(reference_logprobs(model, p, o["output_ids"]), o["output_logprobs"], strict=True)]
         gaps[algo] = sum(diffs) / len(diffs)
     assert gaps["awq"] < 0.8 * gaps["rtn"], gaps
     # qkv's and fc/gate's scales went into the norms (no prequant factor for them); with GQA (4 heads,
@@ -604,7 +618,7 @@ def test_awq_clip_lowers_the_output_error_on_the_calibration_activations(awq_ckp
                     t = awq.transform(name, tensors[name].load(False), runs[clip])
                     parts, refs = (t, ref) if key == "qkv" else ((t,), (ref,))
                     one[clip] = 0.0
-                    for j, (w, r) in enumerate(zip(parts, refs)):
+                    for j, (w, r) in enumerate(zip(parts, refs, strict=True)):
                         if key == "qkv" and j < 2:  # q and k: never clipped
                             assert torch.equal(w, r)
                             continue

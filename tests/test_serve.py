@@ -51,7 +51,7 @@ def test_scheduler_join_leave_and_slot_reuse(tiny_llm):
     prompts = [[5, 9, 14], [7] * 11, [3, 30, 60, 90, 11, 12, 13], [40, 41], list(range(10, 26)), [99, 98, 97, 96]]
     lengths = [9, 8, 12, 6, 7, 10]
     sampled = [False, False, True, False, False, True]
-    alone = [llm.generate([p], _params(n, s))[0].output_ids for p, n, s in zip(prompts, lengths, sampled)]
+    alone = [llm.generate([p], _params(n, s))[0].output_ids for p, n, s in zip(prompts, lengths, sampled, strict=True)]
 
     sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.eos_ids)
     got = {i: Event() for i in range(len(prompts))}
