@@ -129,3 +129,24 @@ def test_greedy_sampler_picks_argmax_and_sampling_follows_the_distribution():
     sampler = RowSampler(p, [0], 4)
     counts = torch.bincount(torch.tensor([sampler(logits) for _ in range(4000)]), minlength=4).float() / 4000
     torch.testing.assert_close(counts, logits.softmax(-1), atol=0.03, rtol=0)
+
+
+def test_runtime_options_one_object_for_flags_api_and_environment(monkeypatch):
+    """Keyword arguments replace single settings of RuntimeOptions; an unknown one is an error, not ignored;
+    the settings without a flag take their defaults from the documented environment overrides."""
+    from tp_runtime import RuntimeOptions
+
+    base = RuntimeOptions(max_batch_size=3)
+    assert base.replace(compile="off").compile == "off" and base.replace(compile="off").max_batch_size == 3
+    with pytest.raises(TypeError, match="unknown run-time option.*max_batchsize"):
+        base.replace(max_batchsize=4)
+    monkeypatch.setenv("TP_RUNTIME_ALL_GUARDS", "1")
+    monkeypatch.setenv("TP_RUNTIME_FREEZE", "0")
+    monkeypatch.setenv("TP_RUNTIME_NATIVE_ATTENTION", "0")
+    opts = RuntimeOptions()
+    assert (opts.compile_path, opts.freeze, opts.native_attention) == ("guarded", False, False)
+    monkeypatch.delenv("TP_RUNTIME_ALL_GUARDS")
+    monkeypatch.delenv("TP_RUNTIME_FREEZE")
+    monkeypatch.delenv("TP_RUNTIME_NATIVE_ATTENTION")
+    assert (RuntimeOptions().compile_path, RuntimeOptions().freeze, RuntimeOptions().native_attention) == (
+        "auto", True, True)

@@ -12,7 +12,7 @@ import tp_runtime
 
 ROOT = os.path.dirname(tp_runtime.__file__)
 
-# What each layer may import besides itself (and the package's top-level helpers: errors, cpu).
+# What each layer may import besides itself (and the package's top-level helpers: errors, cpu, env).
 LAYERS = {
     "engine": set(),
     "convert": {"engine"},
@@ -21,7 +21,7 @@ LAYERS = {
     "serve": {"runtime", "engine", "distributed"},
     "cli": {"convert", "runtime", "serve", "engine", "distributed"},
 }
-TOP_HELPERS = {"tp_runtime.errors", "tp_runtime.cpu"}
+TOP_HELPERS = {"tp_runtime.errors", "tp_runtime.cpu", "tp_runtime.env"}
 # Edges that break the rules today, each named with why; the test also fails when one is gone, so the list
 # can only shrink. AWQ calibrates on a float engine built through the converter and run by the runtime;
 # calibrating on a layer-by-layer reference forward removes both.
@@ -121,7 +121,7 @@ def test_layers_import_only_downwards():
             lb = layer(b)
             if b in TOP_HELPERS or lb == la:
                 continue
-            if la is None:  # a top-level module: errors and cpu import nothing of the package
+            if la is None:  # a top-level module: errors, cpu and env import nothing of the package but each other
                 if a in TOP_HELPERS:
                     wrong.add((a, b))
                 continue
@@ -140,3 +140,36 @@ def test_the_checker_sees_a_cycle_and_a_lazy_import():
     # cli.serve imports the server inside a function (an edge all the same)
     assert "tp_runtime.distributed.launch" not in graph["tp_runtime.errors"]
     assert any(t.startswith("tp_runtime.serve") for t in graph["tp_runtime.cli.serve"])
+
+
+def _env_reads(path: str) -> list[str]:
+    """The TP_RUNTIME_* names a module reads from the environment (os.environ.get / [] / os.getenv)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    names = []
+    for node in ast.walk(tree):
+        key = None
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args:
+            if node.func.attr in ("get", "getenv", "pop") and isinstance(node.args[0], ast.Constant):
+                key = node.args[0].value
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_get" and node.args:
+            if isinstance(node.args[0], ast.Constant):
+                key = node.args[0].value
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            if isinstance(node.ctx, ast.Load):
+                key = node.slice.value
+        if isinstance(key, str) and key.startswith("TP_RUNTIME_"):
+            names.append(key)
+    return names
+
+
+def test_environment_overrides_are_read_in_one_place():
+    """tp_runtime/env.py reads the documented overrides; only the launch glue reads the launchers' variables
+    (TP_RUNTIME_LAUNCHER and TP_RUNTIME_RANK_CPUS, which the Ray launcher sets for its ranks)."""
+    from tp_runtime import env
+
+    reads = {name: _env_reads(path) for name, path in modules().items()}
+    assert set(reads["tp_runtime.env"]) <= set(env.VARIABLES) and reads["tp_runtime.env"]
+    assert set(reads["tp_runtime.distributed.launch"]) <= {"TP_RUNTIME_LAUNCHER", "TP_RUNTIME_RANK_CPUS"}
+    elsewhere = {n: r for n, r in reads.items() if r and n not in ("tp_runtime.env", "tp_runtime.distributed.launch")}
+    assert elsewhere == {}

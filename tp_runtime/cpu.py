@@ -24,6 +24,8 @@ import functools
 import os
 import warnings
 
+from tp_runtime import env
+
 ENV = "TP_RUNTIME_ISA"
 LEVELS = ("avx2", "avx_vnni", "avx512", "avx512_vnni", "avx512_bf16", "amx")
 # The flags above AVX2 that a cap may hide; any other flag (sse, avx, avx2, fma, f16c, ...) is never hidden.
@@ -84,7 +86,7 @@ def real_flags() -> frozenset:
 
 def cap() -> str | None:
     """The ISA cap asked for in TP_RUNTIME_ISA, or None. An unknown value is an error that names the choices."""
-    value = os.environ.get(ENV, "").strip().lower()
+    value = env.isa_cap()
     if not value:
         return None
     if value not in LEVELS:

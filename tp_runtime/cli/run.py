@@ -14,6 +14,7 @@ import time
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.runtime import woq
 from tp_runtime.runtime.llm import LLM
+from tp_runtime.runtime.options import DEFAULT_COMM_TIMEOUT_S, RuntimeOptions
 from tp_runtime.runtime.sampling import SamplingParams
 
 JSON_FORMAT_VERSION = 1
@@ -96,7 +97,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantized engines: the matmul kernel; auto: probed against the dequantized "
                         "weight, timed per layer shape at load and cached; or one of "
                         f"{', '.join(woq.KERNELS)} (default %(default)s)")
-    r.add_argument("--comm_timeout", type=float, default=45.0,
+    r.add_argument("--comm_timeout", type=float, default=DEFAULT_COMM_TIMEOUT_S,
                    help="seconds before a collective gives up (default %(default)s)")
     r.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the decode step (auto: on where a C++ compiler or CUDA is present, or as "
@@ -105,14 +106,18 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "disk (default %(default)s)")
 
 
+def options_from_args(args, **overrides) -> RuntimeOptions:
+    """The RuntimeOptions that add_runtime_args' flags describe; overrides replace single settings."""
+    return RuntimeOptions(device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
+                          max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
+                          comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind,
+                          reserve_cores=args.reserve_cores, compile=args.compile,
+                          woq_kernel=args.woq_kernel).replace(**overrides)
+
+
 def llm_from_args(args, **overrides) -> LLM:
-    """The LLM that add_runtime_args' flags describe; overrides replace single keyword arguments."""
-    kw = dict(device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
-              max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-              comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind, reserve_cores=args.reserve_cores,
-              compile=args.compile, woq_kernel=args.woq_kernel)
-    kw.update(overrides)
-    return LLM(args.engine, **kw)
+    """The LLM that add_runtime_args' flags describe."""
+    return LLM(args.engine, options_from_args(args, **overrides))
 
 
 def read_inputs(args) -> tuple[list, bool]:

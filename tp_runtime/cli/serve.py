@@ -24,6 +24,7 @@ import sys
 import threading
 
 from tp_runtime.engine import format as ef
+from tp_runtime import env
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.distributed.launch import detect_launch
 from tp_runtime.cli.run import add_ray_args, add_runtime_args, llm_from_args
@@ -107,7 +108,7 @@ def serve_rank(args) -> int:
         scheduler.shutdown()
         llm.close()
         raise
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = args.api_key or env.api_key()
     name = args.served_model_name or os.path.basename(os.path.normpath(args.engine))
     return _serve(llm, scheduler, tokenizer, lock, sock, args, api_key, name)
 

@@ -33,7 +33,7 @@ import types
 
 import torch
 
-from tp_runtime import cpu
+from tp_runtime import cpu, env
 from tp_runtime.errors import UserError
 
 PATHS = ("auto", "direct", "stance", "guarded")
@@ -164,7 +164,7 @@ def compile_decode(model, cache, max_batch: int = 1, path: str = "auto", freeze:
 
 
 def _times_path() -> str:
-    root = os.environ.get("TP_RUNTIME_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tp_runtime")
+    root = env.cache_dir()
     return os.path.join(root, "compile_times.json")
 
 

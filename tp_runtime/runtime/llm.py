@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tp_runtime import cpu
+from tp_runtime import cpu, env
 from tp_runtime.engine import format as ef
 from tp_runtime.runtime import woq
-from tp_runtime.distributed.comm import DEFAULT_TIMEOUT_S
+
 from tp_runtime.distributed.communicator import make_communicator
 from tp_runtime.errors import UserError, read_json_object
 from tp_runtime.runtime import engine_loop
@@ -30,6 +30,7 @@ from tp_runtime.distributed.launch import detect_launch
 from tp_runtime.runtime import compile as compile_step
 from tp_runtime.runtime.compile import COMPILE_SPAN, compile_decode
 from tp_runtime.runtime.model import KVCache, TPDecoder
+from tp_runtime.runtime.options import RuntimeOptions
 from tp_runtime.runtime.sampling import SamplingParams
 
 DTYPES = ef.DTYPES
@@ -94,7 +95,7 @@ def compile_mode(requested: str) -> str:
     if requested not in COMPILE_MODES:
         raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
     if requested == "auto":
-        requested = os.environ.get("TP_RUNTIME_COMPILE", "auto")
+        requested = env.compile_mode()
         if requested not in COMPILE_MODES:
             raise UserError(f"TP_RUNTIME_COMPILE must be one of {', '.join(COMPILE_MODES)}, got {requested!r}")
     return requested
@@ -112,13 +113,14 @@ def pick_compile(requested: str, device: torch.device) -> bool:
 
 
 class LLM:
-    def __init__(self, engine_dir: str, device: str = "auto", threads: int | None = None,
-                 max_batch_size: int | None = None, max_seq_len: int | None = None, dtype: str = "auto",
-                 tokenizer_dir: str | None = None, comm_timeout_s: float = DEFAULT_TIMEOUT_S, comm: str = "auto",
-                 bind: str = "auto", reserve_cores: int = 0, compile: str = "auto", woq_kernel: str = "auto",
-                 decode_steps: int | None = None):
-        """decode_steps: the most decode steps this engine will run, where known (a one-shot tp-run); with
-        --compile auto a run too short for the compile to pay back decodes eagerly. None: long-lived."""
+    def __init__(self, engine_dir: str, options: RuntimeOptions | None = None, **kwargs):
+        """options: the run-time settings (runtime/options.py); keyword arguments replace single ones, e.g.
+        LLM("ENGINE", compile="off", max_batch_size=4). decode_steps: the most decode steps this engine will run,
+        where known (a one-shot tp-run): with compile auto, a run too short to pay back the compile decodes
+        eagerly. None: long-lived."""
+        opts = self.options = (options or RuntimeOptions()).replace(**kwargs)
+        device, threads, dtype, compile = opts.device, opts.threads, opts.dtype, opts.compile
+        max_batch_size, max_seq_len, reserve_cores, bind = opts.max_batch_size, opts.max_seq_len, opts.reserve_cores, opts.bind
         self.engine_dir = engine_dir
         self.info = detect_launch()
         self.rank = self.info.rank
@@ -156,14 +158,15 @@ class LLM:
             torch.set_num_threads(self.threads)
         self.dtype = pick_compute_dtype(cfg.dtype, self.device, dtype)
         self.generation_config = self._read_generation_config()
-        self.tokenizer_dir = tokenizer_dir or engine_dir
+        self.tokenizer_dir = opts.tokenizer_dir or engine_dir
         self._tokenizer = None
 
         t0 = time.perf_counter()
-        self.comm = make_communicator(self.info, self.device, comm_timeout_s, comm)
+        self.comm = make_communicator(self.info, self.device, opts.comm_timeout_s, opts.comm)
         show = self.rank == 0 and sys.stderr.isatty()  # rank 0 alone draws the bar
         weights = load_rank_weights(os.path.join(engine_dir, ef.rank_file(self.rank)), self.dtype, self.device, show)
-        self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len, woq_kernel).eval()
+        self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len, opts.woq_kernel,
+                               opts.native_attention).eval()
         del weights
         self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
         eos = self.generation_config.get("eos_token_id", cfg.eos_token_id)
@@ -185,9 +188,9 @@ class LLM:
         batch = min(2, self.max_batch_size)
         key = compile_step.compile_key(cfg, self.threads, self.dtype, batch)
         last_s = compile_step.last_compile_s(key)
-        if self.compiled and compile_mode(compile) == "auto" and not compile_step.pays_back(decode_steps, last_s):
+        if self.compiled and compile_mode(compile) == "auto" and not compile_step.pays_back(opts.decode_steps, last_s):
             self.compiled = False
-            self.compile_skipped = (f"{decode_steps} decode steps would not pay back compiling the step "
+            self.compile_skipped = (f"{opts.decode_steps} decode steps would not pay back compiling the step "
                                     f"({'~%.0f s last time here' % last_s if last_s else 'never compiled here'})")
         # rank 0 decides for all (the times file is per host, and written when rank 0 finishes compiling)
         self.compiled, self.compile_skipped = self.comm.broadcast_object((self.compiled, self.compile_skipped))
@@ -198,15 +201,13 @@ class LLM:
                       f"; --compile off skips it)", file=sys.stderr, flush=True)
             self.comm.offline = True
             try:
-                path = "guarded" if os.environ.get("TP_RUNTIME_ALL_GUARDS", "0") == "1" else "auto"
-                step = compile_decode(self.model, self.cache, batch, path,
-                                      freeze=os.environ.get("TP_RUNTIME_FREEZE", "1") != "0")
+                step = compile_decode(self.model, self.cache, batch, opts.compile_path, freeze=opts.freeze)
                 self.model.compiled_step, self.compile_s = step, step.seconds
             finally:
                 self.comm.offline = False
             if self.rank == 0:
                 compile_step.remember_compile_s(key, self.compile_s)
-            self.comm.barrier(timeout_s=max(COMPILE_BARRIER_S, comm_timeout_s))
+            self.comm.barrier(timeout_s=max(COMPILE_BARRIER_S, opts.comm_timeout_s))
         self.last_timings = Timings()
 
     # --- set-up helpers ---

@@ -13,7 +13,6 @@ lives in cache slot b (or slots[b]), and its tokens at positions 0..len_b-1.
 """
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -242,7 +241,7 @@ class TPDecoder(nn.Module):
     so each source tensor is freed once its layer holds its own (transposed / fused) copy."""
 
     def __init__(self, cfg: EngineConfig, rank: int, weights: dict, comm: Communicator, max_seq_len: int,
-                 woq_kernel: str = "auto"):
+                 woq_kernel: str = "auto", native_attention: bool = True):
         super().__init__()
         self.cfg = cfg
         emb = weights.pop(ef.EMBEDDING)
@@ -260,7 +259,7 @@ class TPDecoder(nn.Module):
         cos, sin = rope_tables(cfg, max_seq_len)
         dtype = self.embedding.weight.dtype
         native_attention = (emb.device.type == "cpu" and dtype == torch.float32 and cfg.head_size % 8 == 0
-                            and os.environ.get("TP_RUNTIME_NATIVE_ATTENTION", "1") != "0" and native.load())
+                            and native_attention and native.load())
         for layer in self.layers:
             layer.attention.native_decode = native_attention
         self.register_buffer("cos", cos.to(dtype), persistent=False)

@@ -15,7 +15,7 @@ import threading
 
 import torch
 
-from tp_runtime import cpu
+from tp_runtime import cpu, env
 
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "woq_cpu.cpp")
 _lock = threading.Lock()
@@ -64,7 +64,7 @@ def load() -> bool:
             return True
         if _reason:
             return False
-        if os.environ.get("TP_RUNTIME_NATIVE", "1") == "0":
+        if not env.native_kernels():
             _reason.append("TP_RUNTIME_NATIVE=0")
         elif not cpu.has("avx2", "fma"):
             _reason.append("the CPU lacks AVX2/FMA")

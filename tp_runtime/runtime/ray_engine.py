@@ -29,8 +29,8 @@ class RayEngine:
 
     placement: pack (every rank on one node) or spread (across nodes); address: the Ray cluster (None: Ray's
     rule, a new local cluster when none runs; "auto": a running one). threads: CPUs (and torch threads) per
-    rank, default an even share of a node. Other keyword arguments go to LLM (max_batch_size, max_seq_len, dtype,
-    comm, comm_timeout_s, bind, reserve_cores, tokenizer_dir)."""
+    rank, default an even share of a node. Other keyword arguments go to LLM: options=RuntimeOptions(...) and
+    single settings (max_batch_size, max_seq_len, dtype, comm, comm_timeout_s, bind, reserve_cores, ...)."""
 
     def __init__(self, engine_dir: str, placement: str = "pack", address: str | None = None, device: str = "auto",
                  threads: int | None = None, placement_timeout_s: float = DEFAULT_PLACEMENT_TIMEOUT_S, **llm_kwargs):

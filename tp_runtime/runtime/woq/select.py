@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from tp_runtime import cpu
+from tp_runtime import cpu, env
 from tp_runtime.errors import UserError
 from tp_runtime.runtime.woq.format import QuantWeight
 from tp_runtime.runtime.woq.kernels import KERNELS, Kernel, candidates
@@ -30,7 +30,7 @@ PROBE_ROWS = 64  # output rows of a layer the probe runs (a slice: no memory at 
 
 
 def cache_path() -> str:
-    root = os.environ.get("TP_RUNTIME_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tp_runtime")
+    root = env.cache_dir()
     return os.path.join(root, "woq_kernels.json")
 
 
