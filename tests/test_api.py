@@ -150,3 +150,21 @@ def test_runtime_options_one_object_for_flags_api_and_environment(monkeypatch):
     monkeypatch.delenv("TP_RUNTIME_NATIVE_ATTENTION")
     assert (RuntimeOptions().compile_path, RuntimeOptions().freeze, RuntimeOptions().native_attention) == (
         "auto", True, True)
+
+
+def test_half_precision_only_where_the_cpu_computes_it(monkeypatch):
+    """A bf16 / fp16 engine computes in float32 on a CPU without native half precision (capped here to AVX2,
+    as on AMD Zen 2/3), and asking for bf16 there anyway warns of the cost."""
+    from tp_runtime.runtime.llm import pick_compute_dtype
+
+    cpu_dev = torch.device("cpu")
+    monkeypatch.setenv("TP_RUNTIME_ISA", "avx2")
+    assert pick_compute_dtype("bfloat16", cpu_dev) == torch.float32
+    assert pick_compute_dtype("float16", cpu_dev) == torch.float32
+    assert pick_compute_dtype("float32", cpu_dev) == torch.float32
+    with pytest.warns(RuntimeWarning, match="--dtype bfloat16 on a CPU without native bfloat16"):
+        assert pick_compute_dtype("float32", cpu_dev, "bfloat16") == torch.bfloat16
+    monkeypatch.setenv("TP_RUNTIME_ISA", "amx")  # uncapped: whatever this CPU has
+    from tp_runtime import cpu
+    want = torch.bfloat16 if cpu.native_half("bfloat16") else torch.float32
+    assert pick_compute_dtype("bfloat16", cpu_dev) == want

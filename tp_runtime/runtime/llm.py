@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,10 @@ def pick_compute_dtype(storage: str, device: torch.device, requested: str = "aut
     """On CPUs without native bf16/fp16 (no AVX512_BF16 / AMX, no AVX512_FP16), half-precision matmuls
     run ~100x slower than fp32, so compute there in float32 whatever the engine stores."""
     if requested != "auto":
+        if device.type == "cpu" and requested != "float32" and not cpu.native_half(requested):
+            warnings.warn(f"--dtype {requested} on a CPU without native {requested} ({cpu.describe()}): its matmuls "
+                          "run far slower than float32's; --dtype auto computes in float32 here", RuntimeWarning,
+                          stacklevel=2)
         return DTYPES[requested]
     dtype = DTYPES[storage]
     if device.type == "cpu" and dtype != torch.float32 and not cpu.native_half(storage):
