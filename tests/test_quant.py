@@ -401,6 +401,10 @@ def test_untraceable_kernel_keeps_the_eager_step(ckpt, tmp_path, monkeypatch):
     monkeypatch.delenv("TP_RUNTIME_COMPILE", raising=False)
     llm = LLM(engine, woq_kernel="fbgemm_int8")
     assert llm.compiled is False
+    # which kernel each linear runs: 2 layers x (qkv, dense, fc+gate, proj), all the named one
+    kernels = llm.woq_kernels()
+    assert len(kernels) == 8 and set(kernels.values()) == {"fbgemm_int8"}
+    assert llm.kernel_summary().startswith("fbgemm_int8 x8 (")
     llm.close()
     with pytest.raises(UserError, match="cannot trace the fbgemm_int8 kernel"):
         LLM(engine, woq_kernel="fbgemm_int8", compile="on")

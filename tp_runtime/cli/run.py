@@ -197,6 +197,9 @@ def main(argv=None):
               + (f", decode step compiled in {llm.compile_s:.1f}s" if llm.compiled else ", eager decode")
               + (f" ({llm.compile_skipped}; --compile on forces it)" if llm.compile_skipped else ""),
               file=sys.stderr, flush=True)
+        kernels = llm.kernel_summary()
+        if kernels:
+            print(f"[tp-run] weight-only kernels (rank 0): {kernels}", file=sys.stderr, flush=True)
         if llm.device.type == "cpu":
             for line in llm.binding_table():
                 print(f"[tp-run] bind {line}", file=sys.stderr, flush=True)

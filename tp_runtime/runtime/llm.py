@@ -366,6 +366,18 @@ class LLM:
         if bad:
             raise UserError(f"prompt {i} has token ids outside the vocabulary [0, {self.config.vocab_size}): {bad[:5]}")
 
+    def woq_kernels(self) -> dict[str, str]:
+        """This rank's weight-only quantized linears and the kernel each one runs: {module name: kernel}."""
+        return {name: m.kernel_name for name, m in self.model.named_modules() if isinstance(m, woq.WeightOnlyLinear)}
+
+    def kernel_summary(self) -> str:
+        """'native_int4_q8x2 x 120 (1536x576, 576x1536, ...)': each kernel, how many linears, which shapes."""
+        groups: dict[str, list] = {}
+        for name, m in self.model.named_modules():
+            if isinstance(m, woq.WeightOnlyLinear):
+                groups.setdefault(m.kernel_name, []).append(f"{m.out_features}x{m.in_features}")
+        return ", ".join(f"{k} x{len(v)} ({', '.join(sorted(set(v)))})" for k, v in sorted(groups.items()))
+
     def binding_table(self) -> list[str]:
         """How every local rank of this host is bound (the rule is deterministic, so rank 0 can tell)."""
         return [plan_binding(self.allowed_cores, self.numa_nodes, r, self.info.local_world_size, self.bind_mode,
