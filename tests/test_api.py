@@ -4,6 +4,8 @@ import json
 import sys
 import textwrap
 
+import os
+
 import pytest
 import torch
 
@@ -168,3 +170,24 @@ def test_half_precision_only_where_the_cpu_computes_it(monkeypatch):
     from tp_runtime import cpu
     want = torch.bfloat16 if cpu.native_half("bfloat16") else torch.float32
     assert pick_compute_dtype("bfloat16", cpu_dev) == want
+
+
+def test_isa_cap_reaches_torch_and_onednn_before_torch_loads():
+    """TP_RUNTIME_ISA=avx2 in the environment: `import tp_runtime` sets PyTorch's and oneDNN's own caps before
+    torch is imported, so torch dispatches to its AVX2 kernels; a wrong value is a one-line error of the command
+    that consults it (here tp-run), naming the choices."""
+    import subprocess
+    import sys
+
+    from helpers import tool
+
+    code = ("import os, tp_runtime, torch; "
+            "print(torch.backends.cpu.get_cpu_capability(), os.environ['ONEDNN_MAX_CPU_ISA'], tp_runtime.cpu.q8_dot())")
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, TP_RUNTIME_ISA="avx2"), capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["AVX2", "AVX2", "0"]
+    res = subprocess.run([tool("tp-run"), "--engine", "/nonexistent", "--input_ids", "1,2"],
+                         env=dict(env, TP_RUNTIME_ISA="avx3"), capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "TP_RUNTIME_ISA='avx3' is not one of avx2, avx_vnni, avx512" in res.stderr

@@ -25,6 +25,7 @@ import os
 import warnings
 
 from tp_runtime import env
+from tp_runtime.errors import UserError
 
 ENV = "TP_RUNTIME_ISA"
 LEVELS = ("avx2", "avx_vnni", "avx512", "avx512_vnni", "avx512_bf16", "amx")
@@ -90,7 +91,7 @@ def cap() -> str | None:
     if not value:
         return None
     if value not in LEVELS:
-        raise ValueError(f"{ENV}={value!r} is not one of {', '.join(LEVELS)}")
+        raise UserError(f"{ENV}={value!r} is not one of {', '.join(LEVELS)}")
     return value
 
 
@@ -159,7 +160,10 @@ def levels_available() -> list[str]:
 def apply_to_environment(environ=os.environ) -> None:
     """Set PyTorch's and oneDNN's own caps from TP_RUNTIME_ISA, unless already set. Both are read when torch
     is imported: if it already is, only tp_runtime's own decisions follow the cap, and a warning says so."""
-    level = cap()
+    try:
+        level = cap()
+    except UserError:  # reported where the cap is first consulted, inside a command's error handling
+        return
     if level is None:
         return
     wanted = {"ATEN_CPU_CAPABILITY": _TORCH[level], "ONEDNN_MAX_CPU_ISA": _ONEDNN[level]}

@@ -124,6 +124,7 @@ class LLM:
         where known (a one-shot tp-run): with compile auto, a run too short to pay back the compile decodes
         eagerly. None: long-lived."""
         opts = self.options = (options or RuntimeOptions()).replace(**kwargs)
+        cpu.cap()  # a wrong TP_RUNTIME_ISA is a user error before anything loads
         device, threads, dtype, compile = opts.device, opts.threads, opts.dtype, opts.compile
         max_batch_size, max_seq_len, reserve_cores, bind = opts.max_batch_size, opts.max_seq_len, opts.reserve_cores, opts.bind
         self.engine_dir = engine_dir
