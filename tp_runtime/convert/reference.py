@@ -78,7 +78,9 @@ def rope_inv_freq(cfg: dict, seq_len: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rot_dim features by halves (GPT-NeoX style). x: (B, T, heads, D); cos, sin: (B, T, 1, rot_dim)."""
+    """Rotate the first rot_dim features by halves (GPT-NeoX style).
+
+    x: (B, T, heads, D); cos, sin: (B, T, 1, rot_dim), rot_dim <= D."""
     rot = cos.shape[-1]
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
