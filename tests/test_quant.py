@@ -633,6 +633,58 @@ def test_awq_clip_lowers_the_output_error_on_the_calibration_activations(awq_ckp
     assert errs[True] < 0.9 * errs[False], errs
 
 
+def test_awq_calibration_holds_one_layer_at_a_time(tmp_path):
+    """Calibration and search run layer by layer on the reference forward: once a tensor of layer i is
+    loaded, no tensor loaded for an earlier layer is still alive nor loaded again; at no load are more
+    tensors alive than one layer has; each is loaded a fixed number of times (forward, scale search,
+    clip search), whatever the depth."""
+    import weakref
+
+    from tp_runtime.convert import awq
+    from tp_runtime.convert.checkpoint import open_checkpoint
+
+    hf = str(tmp_path / "hf")
+    build_checkpoint(hf, "llama", num_hidden_layers=4, intermediate_size=128)
+    save_char_tokenizer(hf)
+    adapter = get_adapter(open_checkpoint(hf))
+    fields = adapter.config()
+    tensors = {ct.name: ct for ct in adapter.tensors(fields)}
+    alive, loads, wrong = [], [], []  # alive: (layer, weakref) of every tensor handed out
+
+    def layer_of(name):
+        return int(name.split(".")[2]) if name.startswith("transformer.layers.") else -1
+
+    def watched(ct, load):
+        def wrapped(meta):
+            out = load(meta)
+            if meta:
+                return out
+            i = layer_of(ct.name)
+            if any(j < i and r() is not None for j, r in alive):
+                wrong.append(f"{ct.name} loaded while an earlier layer's tensor is alive")
+            if loads and i < max(layer_of(n) for n in loads):
+                wrong.append(f"{ct.name} loaded again after a later layer")
+            loads.append(ct.name)
+            alive.extend((i, weakref.ref(t)) for t in (out if isinstance(out, tuple) else (out,)))
+            peak.append(sum(r() is not None for _, r in alive))
+            return out
+        return wrapped
+
+    peak = []
+    for ct in tensors.values():
+        ct.load = watched(ct, ct.load)
+    res = awq.search(hf, tensors, fields, qz.QuantScheme("int4", 32, False, "awq"), None, 4, 32)
+    assert not wrong, wrong[:3]
+    assert sorted({layer_of(n) for n in loads}) == [-1, 0, 1, 2, 3] and len(res.alphas) == 16
+    per_layer = sum(3 if n.endswith("qkv.weight") else 1 for n in tensors if layer_of(n) == 0)
+    assert max(peak) <= per_layer, (max(peak), per_layer)
+    counts = {n: loads.count(n) for n in set(loads)}
+    for i in range(4):
+        p = ef.layer_prefix(i)
+        assert counts[f"{p}.mlp.proj.weight"] == 3 and counts[f"{p}.input_layernorm.weight"] == 1
+    assert all(r() is None for _, r in alive)
+
+
 def test_awq_bad_calibration_input(awq_ckpt, tmp_path):
     root, _ = awq_ckpt
     empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"

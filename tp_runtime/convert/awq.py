@@ -30,25 +30,35 @@ The 1 / s goes where the math allows, so it costs nothing at run time:
     dense     <- the rows of v, when every query head has its own KV head (no GQA)
 and otherwise into a `prequant_scaling_factor` that multiplies the activation before the matmul.
 
-Calibration activations come from the project's own runtime, the one converter -> runtime use DESIGN
-allows: an unquantized tp=1 float32 engine is built in a temporary directory, run through the public
-LLM API on the calibration text, and forward pre-hooks on its linear layers record their inputs.
+Calibration runs layer by layer, as AutoAWQ and ModelOpt do, on the reference forward of the canonical
+decoder (reference.py) fed by the adapter's own tensors: the calibration text is tokenized with the
+checkpoint's tokenizer (as the engine will have it), cut into windows, embedded; then for each decoder layer
+in turn, the layer runs on the carried hidden states while the inputs of its four linear groups are recorded,
+its scales and clips are searched, and its output (computed with the original float weights) is carried to
+the next layer. Memory: one float32 layer, the calibration hidden states and one layer's recorded inputs,
+whatever the depth; no engine is built and nothing of the runtime is imported. The scales are searched on
+the whole (unsharded) layer; the pipeline shards the transformed tensors like any others.
 """
 
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
-from tp_runtime.engine import format as ef
 from tp_runtime.convert import quantize as qz
+from tp_runtime.convert.adapters import get_adapter
+from tp_runtime.convert.checkpoint import Checkpoint, open_checkpoint
+from tp_runtime.convert.reference import LINEAR_INPUTS, ReferenceDecoder
+from tp_runtime.convert.writer import copy_tokenizer
+from tp_runtime.engine import format as ef
 from tp_runtime.errors import UserError
 
 GRID = 20  # alpha in 0, 0.05, ..., 0.95
 CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5  # clip ratios 1, 0.95, ..., 0.55 (AutoAWQ's n_grid, max_shrink)
 MAX_ROWS = 1024  # calibration tokens kept per linear for the search (mean |x| uses them all)
+CHUNK_TOKENS = 2048  # calibration tokens run through a layer at once (bounds attention scores and the MLP)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 @dataclass
@@ -91,15 +101,41 @@ def calibration_samples(ids: list[int], samples: int, seq_len: int, source: str)
     return [ids[w * seq_len:(w + 1) * seq_len] for w in picks]
 
 
+def calibration_ids(ckpt: Checkpoint, text: str) -> list[int]:
+    """The text's token ids under the checkpoint's tokenizer as the engine will have it: its files copied
+    as the converter copies them (a remote-code family's overrides applied), then read by AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    overrides = getattr(get_adapter(ckpt), "tokenizer_overrides", None)
+    with tempfile.TemporaryDirectory(prefix="tp_awq_tokenizer-") as tmp:
+        copy_tokenizer(ckpt, tmp, overrides)
+        if not any(os.path.isfile(os.path.join(tmp, n)) for n in TOKENIZER_FILES):
+            raise UserError(f"{ckpt.tokenizer_dir} has no tokenizer, which AWQ calibration needs to read its text")
+        try:
+            tok = AutoTokenizer.from_pretrained(tmp)
+        except Exception as e:  # any loader failure: the checkpoint's tokenizer is unusable
+            raise UserError(f"{ckpt.tokenizer_dir} has no usable tokenizer for AWQ calibration ({e})") from None
+        return tok(text)["input_ids"]
+
+
+def calibration_windows(ckpt: Checkpoint, calib_file: str | None, samples: int, seq_len: int) -> list[list[int]]:
+    """The calibration text (--calib_file, or CPython's documentation) as `samples` windows of seq_len ids."""
+    text = calibration_text(calib_file)
+    budget = samples * seq_len * 12  # characters: enough for the samples at any tokenizer's rate
+    ids = calibration_ids(ckpt, text if calib_file else text[:budget])
+    return calibration_samples(ids, samples, seq_len, calib_file or "pydoc_data.topics")
+
+
 class _Recorder:
-    """Forward pre-hook: mean |x| per input channel over every token, and a sample of token rows."""
+    """One linear's calibration inputs: mean |x| per input channel over every token, and a sample of rows."""
 
     def __init__(self, seed: int):
         self.abs_sum, self.count, self.rows = None, 0, []
         self.gen = torch.Generator().manual_seed(seed)
 
-    def __call__(self, module, args):
-        x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
+    def add(self, x: torch.Tensor) -> None:
+        """One window's inputs (tokens, in)."""
+        x = x.detach().float().reshape(-1, x.shape[-1])  # (tokens, in)
         s = x.abs().sum(0)
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.count += x.shape[0]
@@ -114,45 +150,33 @@ class _Recorder:
         return self.abs_sum / self.count, rows
 
 
-def collect_activations(model_dir: str, calib_file: str | None, samples: int, seq_len: int) -> dict:
-    """{(layer, 'qkv' | 'dense' | 'fc_gate' | 'proj'): (mean |x| (in,), rows (n, in))} from an fp32 tp=1 run."""
-    from tp_runtime.convert.pipeline import convert  # the converter builds the temporary engine
-    from tp_runtime.runtime.llm import LLM  # the public runtime API
-    from tp_runtime.runtime.sampling import SamplingParams
+def layer_activations(tensors: dict, cfg: dict, windows: list[list[int]]):
+    """Yields (i, {'qkv' | 'dense' | 'fc_gate' | 'proj': (mean |x| (in,), rows (n, in))}) for each decoder
+    layer in order: its linears' inputs on the calibration windows, by the reference forward with the
+    original float weights. Layer i's output, the input of layer i + 1, is computed in the same pass; between
+    two layers only the hidden states (windows, seq_len, hidden) are kept."""
+    ref = ReferenceDecoder(tensors, cfg)
+    x = ref.embed(torch.tensor(windows))  # (windows, seq_len, hidden)
+    for i in range(ref.cfg["num_hidden_layers"]):
+        recorders = {key: _Recorder(seed=8 * i + k) for k, key in enumerate(LINEAR_INPUTS)}
 
-    text = calibration_text(calib_file)
-    tmp = tempfile.mkdtemp(prefix="tp_awq_calib-")
-    try:
-        engine = os.path.join(tmp, "engine")
-        convert(model_dir, engine, 1, dtype="float32", progress=False, max_seq_len=seq_len + 1, max_batch_size=1)
-        llm = LLM(engine, device="cpu", bind="none", max_batch_size=1, max_seq_len=seq_len + 1)
-        try:
-            if not llm.has_tokenizer:
-                raise UserError(f"{model_dir} has no tokenizer, which AWQ calibration needs to read its text")
-            source = calib_file or "pydoc_data.topics"
-            budget = samples * seq_len * 12  # characters: enough for the samples at any tokenizer's rate
-            ids = llm.tokenizer(text if calib_file else text[:budget])["input_ids"]
-            windows = calibration_samples(ids, samples, seq_len, source)
-            recorders, handles = {}, []
-            for i, layer in enumerate(llm.model.layers):
-                mlp = layer.mlp
-                mods = {"qkv": layer.attention.qkv, "dense": layer.attention.dense,
-                        "fc_gate": getattr(mlp, "fc_gate", None) or mlp.fc, "proj": mlp.proj}
-                for name, mod in mods.items():
-                    rec = recorders[(i, name)] = _Recorder(seed=i * 4 + len(recorders))
-                    handles.append(mod.register_forward_pre_hook(rec))
-            try:
-                params = SamplingParams(max_tokens=1, ignore_eos=True)
-                for w in windows:
-                    llm.generate([w], params)
-            finally:
-                for h in handles:
-                    h.remove()
-        finally:
-            llm.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {k: r.result() for k, r in recorders.items()}
+        def record(key, y):  # y: (rows of a chunk, seq_len, in); each row is one window
+            for window in y:
+                recorders[key].add(window)
+
+        x = ref.layer_forward(i, x, record=record, max_tokens=CHUNK_TOKENS)
+        yield i, {key: r.result() for key, r in recorders.items()}
+
+
+def collect_activations(model_dir, calib_file: str | None, samples: int, seq_len: int) -> dict:
+    """{(layer, 'qkv' | 'dense' | 'fc_gate' | 'proj'): (mean |x| (in,), rows (n, in))} for every layer at once,
+    for inspection and tests (search() takes them a layer at a time). model_dir: a path or a Checkpoint."""
+    ckpt = open_checkpoint(model_dir) if isinstance(model_dir, str) else model_dir
+    windows = calibration_windows(ckpt, calib_file, samples, seq_len)
+    adapter = get_adapter(ckpt)
+    fields = adapter.config()
+    tensors = {ct.name: ct for ct in adapter.tensors(fields)}
+    return {(i, key): v for i, acts in layer_activations(tensors, fields, windows) for key, v in acts.items()}
 
 
 def _quant_error(w: torch.Tensor, x: torch.Tensor, s: torch.Tensor, scheme: qz.QuantScheme) -> float:
@@ -278,62 +302,73 @@ def _clip_layer(res: AwqResult, tensors: dict, names: list, rows: torch.Tensor, 
         res.clip_errors[n] = tuple(errs)
 
 
-def search(model_dir: str, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme, calib_file: str | None,
+def search(model_dir, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme, calib_file: str | None,
            samples: int, seq_len: int, progress: bool = False, clip: bool = True, acts: dict | None = None
            ) -> AwqResult:
-    """ckpt_tensors: engine name -> CanonicalTensor (global, unsharded); cfg: the canonical config fields.
-    clip: also search the clipping ranges; acts: collect_activations' result, when already at hand."""
+    """model_dir: the checkpoint (a path or a Checkpoint), whose tokenizer reads the calibration text;
+    ckpt_tensors: engine name -> CanonicalTensor (global, unsharded); cfg: the canonical config fields.
+    clip: also search the clipping ranges; acts: collect_activations' result, when already at hand.
+    Layer by layer: calibrate layer i on the reference forward, search its scales and clips, carry on."""
+    layers = cfg["num_hidden_layers"]
     if acts is None:
-        acts = collect_activations(model_dir, calib_file, samples, seq_len)
+        ckpt = open_checkpoint(model_dir) if isinstance(model_dir, str) else model_dir
+        windows = calibration_windows(ckpt, calib_file, samples, seq_len)
+        per_layer = layer_activations(ckpt_tensors, cfg, windows)
+    else:
+        per_layer = ((i, {key: acts[(i, key)] for key in LINEAR_INPUTS}) for i in range(layers))
     res = AwqResult()
+    from tqdm import tqdm
+
+    for i, layer_acts in tqdm(per_layer, total=layers, desc="AWQ calibration + search", unit="layer",
+                              disable=not progress):
+        search_layer(res, i, layer_acts, ckpt_tensors, cfg, scheme, clip)
+    return res
+
+
+def search_layer(res: AwqResult, i: int, acts: dict, ckpt_tensors: dict, cfg: dict, scheme: qz.QuantScheme,
+                 clip: bool = True) -> None:
+    """Layer i's scales (and clips) into res, from its four linear groups' calibration inputs `acts`."""
+    p = ef.layer_prefix(i)
     pre_norm = cfg.get("norm_placement", "pre") == "pre"
     gated = cfg.get("gated_mlp", True)
     no_gqa = cfg["num_key_value_heads"] == cfg["num_attention_heads"]
-    from tqdm import tqdm
-
-    for i in tqdm(range(cfg["num_hidden_layers"]), desc="AWQ search", unit="layer", disable=not progress):
-        p = ef.layer_prefix(i)
-
-        def load(name):
-            return ckpt_tensors[name].load(False)
-
-        groups = [("qkv", [f"{p}.attention.qkv.weight"]), ("dense", [f"{p}.attention.dense.weight"]),
-                  ("fc_gate", [f"{p}.mlp.fc.weight"] + ([f"{p}.mlp.gate.weight"] if gated else [])),
-                  ("proj", [f"{p}.mlp.proj.weight"])]
-        chosen = {}
-        for key, names in groups:
-            ws = []
+    groups = [("qkv", [f"{p}.attention.qkv.weight"]), ("dense", [f"{p}.attention.dense.weight"]),
+              ("fc_gate", [f"{p}.mlp.fc.weight"] + ([f"{p}.mlp.gate.weight"] if gated else [])),
+              ("proj", [f"{p}.mlp.proj.weight"])]
+    chosen = {}
+    for key, names in groups:
+        ws = []
+        for n in names:
+            t = ckpt_tensors[n].load(False)
+            ws.extend(t if isinstance(t, tuple) else [t])
+        mean_abs, rows = acts[key]
+        s, alpha, err_rtn, err_awq = search_scale(torch.cat(ws), mean_abs, rows, scheme)
+        del ws, t
+        res.alphas[f"{p}.{key}"] = alpha
+        res.errors[f"{p}.{key}"] = (err_rtn, err_awq)
+        chosen[key] = (names, rows, None if alpha == 0.0 else s)
+        if alpha == 0.0:
+            continue
+        for n in names:
+            res.col_scale[n] = s
+        if key == "qkv" and pre_norm:
+            _fold(res, ckpt_tensors, f"{p}.input_layernorm", s)
+        elif key == "fc_gate" and pre_norm:
+            _fold(res, ckpt_tensors, f"{p}.post_layernorm", s)
+        elif key == "proj" and gated:
+            res.row_div[f"{p}.mlp.gate.weight"] = s
+            if f"{p}.mlp.gate.bias" in ckpt_tensors:
+                res.row_div[f"{p}.mlp.gate.bias"] = s
+        elif key == "dense" and no_gqa:
+            res.qkv_v_div[f"{p}.attention.qkv.weight"] = s
+            if f"{p}.attention.qkv.bias" in ckpt_tensors:
+                res.qkv_v_div[f"{p}.attention.qkv.bias"] = s
+        else:
             for n in names:
-                t = load(n)
-                ws.extend(t if isinstance(t, tuple) else [t])
-            mean_abs, rows = acts[(i, key)]
-            s, alpha, err_rtn, err_awq = search_scale(torch.cat(ws), mean_abs, rows, scheme)
-            res.alphas[f"{p}.{key}"] = alpha
-            res.errors[f"{p}.{key}"] = (err_rtn, err_awq)
-            chosen[key] = (names, rows, None if alpha == 0.0 else s)
-            if alpha == 0.0:
-                continue
-            for n in names:
-                res.col_scale[n] = s
-            if key == "qkv" and pre_norm:
-                _fold(res, ckpt_tensors, f"{p}.input_layernorm", s)
-            elif key == "fc_gate" and pre_norm:
-                _fold(res, ckpt_tensors, f"{p}.post_layernorm", s)
-            elif key == "proj" and gated:
-                res.row_div[f"{p}.mlp.gate.weight"] = s
-                if f"{p}.mlp.gate.bias" in ckpt_tensors:
-                    res.row_div[f"{p}.mlp.gate.bias"] = s
-            elif key == "dense" and no_gqa:
-                res.qkv_v_div[f"{p}.attention.qkv.weight"] = s
-                if f"{p}.attention.qkv.bias" in ckpt_tensors:
-                    res.qkv_v_div[f"{p}.attention.qkv.bias"] = s
-            else:
-                for n in names:
-                    res.prequant[n] = 1.0 / s
-        if clip:  # after the layer's scales: v's rows (dense's scale) and gate's rows (proj's) are final
-            for names, rows, s in chosen.values():
-                _clip_layer(res, ckpt_tensors, names, rows, s, scheme)
-    return res
+                res.prequant[n] = 1.0 / s
+    if clip:  # after the layer's scales: v's rows (dense's scale) and gate's rows (proj's) are final
+        for names, rows, s in chosen.values():
+            _clip_layer(res, ckpt_tensors, names, rows, s, scheme)
 
 
 def _fold(res: AwqResult, tensors: dict, norm: str, s: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 
+from tp_runtime.convert import awq
 from tp_runtime.convert.adapters import get_adapter
 from tp_runtime.convert.checkpoint import open_checkpoint
 from tp_runtime.convert.plan import plan_engine
@@ -54,8 +55,8 @@ def convert(
     if quant is not None and quant.algo == "awq" and not quant.prequantized and quant.awq is None:
         # plan first: a flag or group-size mistake is reported before the calibration run
         plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)
-        quant = dataclasses.replace(quant, awq=search_awq(ckpt, model_dir, quant, calib_file, calib_samples,
-                                                          calib_seq_len, progress, awq_clip))
+        quant = dataclasses.replace(quant, awq=search_awq(ckpt, quant, calib_file, calib_samples, calib_seq_len,
+                                                          progress, awq_clip))
     plan = plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)
     cfg, plans, tensors, specs, out_dtype = plan.config, plan.plans, plan.tensors, plan.specs, plan.out_dtype
     head_dim = cfg.head_size
@@ -93,13 +94,12 @@ def convert(
     return cfg
 
 
-def search_awq(ckpt, model_dir: str, quant, calib_file, calib_samples: int, calib_seq_len: int, progress: bool,
+def search_awq(ckpt, quant, calib_file, calib_samples: int, calib_seq_len: int, progress: bool,
                clip: bool = True):
-    from tp_runtime.convert import awq
     adapter = get_adapter(ckpt)
     fields = adapter.config()
     tensors = {ct.name: ct for ct in adapter.tensors(fields)}
-    return awq.search(model_dir, tensors, fields, quant, calib_file, calib_samples, calib_seq_len, progress, clip)
+    return awq.search(ckpt, tensors, fields, quant, calib_file, calib_samples, calib_seq_len, progress, clip)
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tp_runtime.convert import awq
 from tp_runtime.convert import partition as pt
 from tp_runtime.convert import quantize as qz
 from tp_runtime.convert.adapters import CanonicalTensor, get_adapter
@@ -30,7 +31,6 @@ def _checkpoint_dtype(ckpt) -> torch.dtype:
 
 def with_awq(tensors: list, res) -> list:
     """The canonical tensors with AWQ's scales applied as each is loaded (shapes unchanged)."""
-    from tp_runtime.convert import awq
     def wrap(ct):
         return lambda meta: ct.load(True) if meta else awq.transform(ct.name, ct.load(False), res)
 
