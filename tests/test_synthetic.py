@@ -63,7 +63,8 @@ def test_full_depth_stays_bounded_and_decodes_varied_tokens(preset, depth, tmp_p
         assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
     source = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert [o.input_ids for o in outs] == [source(p)["input_ids"] for p in PROMPTS]
-    assert llm.encode("Hello", chat_template=True)[-1] == llm.tokenizer.convert_tokens_to_ids("\n")
+    chat = llm.encode("Hello", chat_template=True)  # the chat route's template applies
+    assert chat.count(llm.tokenizer.convert_tokens_to_ids("<|im_start|>")) == 2
 
 
 def test_shards_with_an_index_read_back_like_one_file(tmp_path):
@@ -138,7 +139,7 @@ def test_cli_writes_shards_and_shows_its_defaults(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     res = subprocess.run([sys.executable, "-m", "tp_runtime.synthetic", "--help"], capture_output=True, text=True,
                          env=env, timeout=120)
-    assert res.returncode == 0 and "(default: 5GB)" in res.stdout and "--no_tokenizer" in res.stdout
+    assert res.returncode == 0 and "(default: 5GB)" in " ".join(res.stdout.split()) and "--no_tokenizer" in res.stdout
     res = subprocess.run([sys.executable, "-m", "tp_runtime.synthetic", "--config", str(tmp_path / "preset.json"),
                           "--output_dir", str(tmp_path / "hf"), "--num_layers", "1", "--shard_size", "100KB"],
                          capture_output=True, text=True, env=env, timeout=120)
