@@ -22,7 +22,7 @@ and fan_in a matrix's input width (all normal, mean 0, unless stated):
       given a unit-RMS normed input; attention scores then have std about 1;
     - output projections (o_proj / wo / dense / down_proj / w2 / c_proj / dense_4h_to_h): std
       1/sqrt(fan_in) / sqrt(2L), as GPT-2 and Megatron scale them: the 2L residual branches together
-      add about unit variance, so the residual stream's RMS stays within a small factor with depth;
+      add at most about unit variance, so the residual stream's RMS stays within a small factor with depth;
     - norm weights near 1 (mean 1, std 0.05); norm biases std 0.02; biases of input projections std 0.1,
       of output projections 0.1/sqrt(2L). Norms applied to a branch's output before the residual add
       (EXAONE-4's post-norms) play the output projection's part: weights near 1/sqrt(2L);
