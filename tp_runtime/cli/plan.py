@@ -13,7 +13,6 @@ stay in the engine dtype.
 
 import argparse
 import json
-import re
 import sys
 
 import torch
@@ -23,18 +22,13 @@ from tp_runtime.convert import quantize as qz
 from tp_runtime.convert.checkpoint import Checkpoint
 from tp_runtime.convert.plan import DTYPES, plan_engine
 from tp_runtime.errors import UserError, exit_on_user_error
-from tp_runtime.convert.synthetic import load_preset, source_shapes
+from tp_runtime.convert.synthetic import load_preset, parse_size, source_shapes
 
 GiB = 1 << 30
 
 
 def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([0-9.]+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*", text.lower())
-    if not m:
-        raise UserError(f"--memory_per_rank {text!r} is not a size such as 24GiB, 80GB or 1073741824")
-    units = {None: 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-    return int(float(m.group(1)) * units[m.group(2)])
+    return parse_size(text, "--memory_per_rank")
 
 
 def meta_checkpoint(cfg: dict) -> Checkpoint:

@@ -1,20 +1,45 @@
 """Synthetic checkpoints: random weights at a model's true shapes, as a Hugging Face folder of its family.
 
 So the converter and the runtime run at real widths (hidden 6144, 48 or 64 heads) on a small
-machine: keep the preset's widths and cut the layer count.
+machine: keep the preset's widths and cut the layer count, or keep the full depth.
 
     python -m tp_runtime.synthetic --config internlm2-20b --output_dir /tmp/ilm2-20b-2l --num_layers 2
 
 Shapes and names come from the family's published checkpoint layout: transformers' own class on the
-meta device for the families it ships (Llama, Mistral, Qwen2, EXAONE-4, GPT-NeoX), and the layout of
-the remote-code checkpoints for EXAONE-3 and InternLM2. Tensors are written one at a time, so a
-checkpoint of many GB never sits in memory. `source_shapes` alone (no data) serves tp-plan.
+meta device for the families it ships (Llama, Mistral, Qwen2, EXAONE-4, GPT-NeoX: its per-head
+interleaved `query_key_value`), and the layout of the remote-code checkpoints for EXAONE-3 and
+InternLM2 (its `wqkv` grouped per KV head). Tensors are generated and written a block of rows at a
+time, so neither a checkpoint nor one of its tensors ever sits whole in memory; they are split into
+`model-0000i-of-0000K.safetensors` files of at most --shard_size bytes with a
+`model.safetensors.index.json`, as real checkpoints of this size come (one file: `model.safetensors`).
+A byte-level BPE tokenizer at the preset's vocabulary size comes with it (synthetic_tokenizer.py).
+`source_shapes` alone (no data) serves tp-plan.
+
+The init keeps a deep model's activations finite and non-degenerate, so greedy decoding wanders
+through the vocabulary instead of repeating one id. With C the hidden size, L the layer count,
+and fan_in a matrix's input width (all normal, mean 0, unless stated):
+    - input projections (q, k, v, gate, up, fc): std 1/sqrt(fan_in), so each output is about unit RMS
+      given a unit-RMS normed input; attention scores then have std about 1;
+    - output projections (o_proj / wo / dense / down_proj / w2 / c_proj / dense_4h_to_h): std
+      1/sqrt(fan_in) / sqrt(2L), as GPT-2 and Megatron scale them: the 2L residual branches together
+      add at most about unit variance, so the residual stream's RMS stays within a small factor with depth;
+    - norm weights near 1 (mean 1, std 0.05); norm biases std 0.02; biases of input projections std 0.1,
+      of output projections 0.1/sqrt(2L). Norms applied to a branch's output before the residual add
+      (EXAONE-4's post-norms) play the output projection's part: weights near 1/sqrt(2L);
+    - embedding std 1, so the residual starts at RMS 1 and the current token drives the next; a separate
+      LM head std 1/sqrt(C) (unit-variance logits). A tied embedding is the LM head too, and its rows would
+      score their own token far above the rest (one id forever): there the final norm's weights carry a
+      random sign each (|w| near 1), which makes a token's score against itself average zero.
+Measured on full-depth presets cut to hidden 64 (tests/test_synthetic.py): the residual RMS grows from
+about 1.0 after the first layer to 1.2 after the last (InternLM2 48 layers, GPT-NeoX 44).
 """
 
 import argparse
 import copy
 import json
+import math
 import os
+import re
 import sys
 
 import torch
@@ -44,6 +69,11 @@ def _architecture(cfg: dict) -> str:
     return archs[0]
 
 
+# Names a class uses in memory that its published checkpoints spell otherwise (transformers >= 5 renames
+# GPT-NeoX's embed_out to lm_head on load, and back on save_pretrained).
+HUB_NAMES = {"GPTNeoXForCausalLM": {"lm_head.weight": "embed_out.weight"}}
+
+
 def _transformers_shapes(cfg: dict) -> dict[str, tuple]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -59,7 +89,8 @@ def _transformers_shapes(cfg: dict) -> dict[str, tuple]:
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
-    return shapes
+    renames = HUB_NAMES.get(_architecture(cfg), {})
+    return {renames.get(k, k): v for k, v in shapes.items()}
 
 
 def _exaone3_shapes(cfg: dict) -> dict[str, tuple]:
@@ -120,50 +151,151 @@ def with_layers(cfg: dict, num_layers: int | None) -> dict:
     return out
 
 
-def random_tensor(name: str, shape: tuple, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    if len(shape) == 1 and ("norm" in name or "ln_" in name or "layernorm" in name) and name.endswith("weight"):
-        return (1 + 0.1 * (torch.rand(shape, generator=gen) - 0.5)).to(dtype)
-    scale = 0.1 if name.endswith("bias") else 0.02
-    return (scale * torch.randn(shape, generator=gen)).to(dtype)
+EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "model.tok_embeddings.weight",
+              "gpt_neox.embed_in.weight")
+LM_HEADS = ("lm_head.weight", "output.weight", "embed_out.weight")
+FINAL_NORMS = ("model.norm.weight", "transformer.ln_f.weight", "gpt_neox.final_layer_norm.weight")
+OUTPUT_PROJECTIONS = (".o_proj.", ".down_proj.", ".out_proj.", ".c_proj.", ".wo.", ".w2.", ".attention.dense.",
+                      ".dense_4h_to_h.")
+POST_NORMS = {"Exaone4ForCausalLM": (".post_attention_layernorm.", ".post_feedforward_layernorm.")}
+ROWS_PER_BLOCK = 1 << 24  # elements generated at a time (64 MB of float32)
+
+
+def num_layers_of(cfg: dict) -> int:
+    return cfg["num_layers"] if "num_layers" in cfg else cfg["num_hidden_layers"]
+
+
+def init_distribution(name: str, shape: tuple, cfg: dict, tied: bool) -> tuple[float, float, bool]:
+    """(mean, std, random_sign) of a tensor's init: normal(mean, std), times a random sign per element
+    when random_sign; see the module docstring."""
+    depth = 1 / math.sqrt(2 * num_layers_of(cfg))
+    is_output = any(p in name for p in OUTPUT_PROJECTIONS)
+    if name in EMBEDDINGS:
+        return 0.0, 1.0, False
+    if name in LM_HEADS:
+        return 0.0, 1 / math.sqrt(shape[1]), False
+    if len(shape) == 1 and ("norm" in name or "ln_" in name):
+        if name.endswith("bias"):
+            return 0.0, 0.02, False
+        post = any(p in name for p in POST_NORMS.get(_architecture(cfg), ()))
+        mean = depth if post else 1.0
+        return mean, 0.05 * mean, tied and name in FINAL_NORMS
+    if name.endswith("bias"):
+        return 0.0, 0.1 * (depth if is_output else 1.0), False
+    return 0.0, (depth if is_output else 1.0) / math.sqrt(shape[-1]), False
+
+
+def random_blocks(shape: tuple, mean: float, std: float, random_sign: bool, dtype: torch.dtype,
+                  gen: torch.Generator):
+    """Blocks of rows of a normal(mean, std) tensor (times random signs when random_sign); the values depend
+    on the shape, never on how a checkpoint is split into files."""
+    per_row = math.prod(shape[1:])
+    step = max(1, ROWS_PER_BLOCK // max(per_row, 1))
+    for start in range(0, shape[0], step):
+        rows = (min(step, shape[0] - start), *shape[1:])
+        block = torch.randn(rows, generator=gen).mul_(std).add_(mean)
+        if random_sign:
+            block.mul_(torch.randint(0, 2, rows, generator=gen).mul_(2).sub_(1))
+        yield block.to(dtype)
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912; a plain number is bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*", str(text).lower())
+    if not m:
+        raise UserError(f"{flag} {text!r} is not a size such as 24GiB, 80GB or 1073741824")
+    units = {None: 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+    return int(float(m.group(1)) * units[m.group(2)])
+
+
+def shard_files(specs: list[tuple[str, torch.dtype, tuple]], shard_size: int) -> list[tuple[str, list]]:
+    """Tensors in order, cut into files of at most shard_size bytes (a bigger tensor has a file of its own),
+    named as transformers' save_pretrained names them."""
+    groups, size = [[]], 0
+    for spec in specs:
+        nbytes = math.prod(spec[2]) * torch.empty((), dtype=spec[1]).element_size()
+        if groups[-1] and size + nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += nbytes
+    if len(groups) == 1:
+        return [("model.safetensors", groups[0])]
+    n = len(groups)
+    return [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
 def write_synthetic(cfg: dict, output_dir: str, num_layers: int | None = None, dtype: str = "bfloat16",
-                    seed: int = 0, progress: bool = True) -> dict:
-    """Write config.json + model.safetensors with random weights; returns the written config."""
+                    seed: int = 0, progress: bool = True, shard_size: int | str = "5GB",
+                    tokenizer: bool = True) -> dict:
+    """Write config.json + the weights (one file, or shards with an index) with random weights, and a
+    tokenizer when `tokenizer` and the vocabulary can hold one; returns the written config."""
     dtypes = ef.DTYPES
     if dtype not in dtypes:
         raise UserError(f"--dtype must be one of {', '.join(dtypes)}")
+    shard_bytes = parse_size(shard_size, "--shard_size") if isinstance(shard_size, str) else int(shard_size)
+    if shard_bytes <= 0:
+        raise UserError(f"--shard_size must be positive, not {shard_size!r}")
     if os.path.exists(output_dir):
         raise UserError(f"{output_dir} exists; remove it first")
+    if num_layers is not None and num_layers < 1:
+        raise UserError(f"--num_layers must be at least 1, not {num_layers}")
     cfg = with_layers(cfg, num_layers)
     cfg["torch_dtype"] = dtype
     shapes = source_shapes(cfg)
+    tied = not any(name in shapes for name in LM_HEADS)
     os.makedirs(output_dir)
-    specs = [(name, dtypes[dtype], shape) for name, shape in shapes.items()]
-    writer = StreamingSafetensorsWriter(os.path.join(output_dir, "model.safetensors"), specs, {"format": "pt"})
+    files = shard_files([(name, dtypes[dtype], shape) for name, shape in shapes.items()], shard_bytes)
     gen = torch.Generator().manual_seed(seed)
     from tqdm import tqdm
 
-    for name, shape in tqdm(shapes.items(), desc="synthesizing", unit="tensor", disable=not progress, file=sys.stderr):
-        writer.write(name, random_tensor(name, shape, dtypes[dtype], gen))
-    writer.close()
+    bar = tqdm(total=len(shapes), desc="synthesizing", unit="tensor", disable=not progress, file=sys.stderr)
+    for fname, specs in files:
+        writer = StreamingSafetensorsWriter(os.path.join(output_dir, fname), specs, {"format": "pt"})
+        for name, _, shape in specs:
+            writer.write_rows(name, random_blocks(shape, *init_distribution(name, shape, cfg, tied), dtypes[dtype], gen))
+            bar.update(1)
+        writer.close()
+    bar.close()
+    if len(files) > 1:
+        total = sum(math.prod(shape) * dtypes[dtype].itemsize for shape in shapes.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: fname for fname, specs in files for name, _, _ in specs}}
+        with open(os.path.join(output_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
     with open(os.path.join(output_dir, "config.json"), "w") as f:
         json.dump({k: v for k, v in cfg.items() if not k.startswith("_")}, f, indent=2)
+    if tokenizer:
+        from tp_runtime.convert import synthetic_tokenizer
+
+        if synthetic_tokenizer.can_train(cfg["vocab_size"], cfg):
+            synthetic_tokenizer.write_tokenizer(cfg, output_dir, seed)
+        elif progress:
+            print(f"no tokenizer: a vocabulary of {cfg['vocab_size']} cannot hold the 256 byte tokens",
+                  file=sys.stderr)
     return cfg
 
 
 @exit_on_user_error
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tp_runtime.synthetic",
-                                description="Write a random-weight Hugging Face checkpoint at a preset's true shapes.")
+                                description="Write a random-weight Hugging Face checkpoint at a preset's true shapes, "
+                                            "with a byte-level BPE tokenizer of its vocabulary size.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", required=True, help="preset name (configs/NAME.json), a .json file or a model folder")
-    p.add_argument("--output_dir", required=True, help="Hugging Face folder to write")
-    p.add_argument("--num_layers", type=int, default=None, help="cut the layer count (default: the preset's)")
+    p.add_argument("--output_dir", required=True, help="Hugging Face folder to write (must not exist)")
+    p.add_argument("--num_layers", type=int, default=None, help="layer count (None: the preset's, full depth)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the weights (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default %(default)s)")
+                   help="dtype of the weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the tokenizer's fill")
+    p.add_argument("--shard_size", default="5GB",
+                   help="largest weight file (bytes, or 5GB / 4GiB / 500MB); more files get "
+                        "model.safetensors.index.json")
+    p.add_argument("--no_tokenizer", action="store_true", help="write no tokenizer files")
     args = p.parse_args(argv)
-    write_synthetic(load_preset(args.config), args.output_dir, args.num_layers, args.dtype, args.seed)
+    write_synthetic(load_preset(args.config), args.output_dir, args.num_layers, args.dtype, args.seed,
+                    shard_size=args.shard_size, tokenizer=not args.no_tokenizer)
     print(f"wrote {args.output_dir}")
     return 0
 

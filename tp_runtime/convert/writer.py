@@ -42,16 +42,37 @@ class StreamingSafetensorsWriter:
         self.next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        dtype, shape = self._expect(name)
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise RuntimeError(f"{self.path}: {name} is {tensor.dtype}{tuple(tensor.shape)}, planned {dtype}{shape}")
+        self._append(tensor)
+        self.next += 1
+
+    def write_rows(self, name: str, blocks) -> None:
+        """Write the planned tensor `name` as consecutive blocks of rows (dim 0), each written as it
+        comes, so a tensor need never be whole in memory (a 92544 x 6144 embedding is 1.1 GB in bf16)."""
+        dtype, shape = self._expect(name)
+        rows = 0
+        for t in blocks:
+            if t.dtype != dtype or t.dim() != len(shape) or tuple(t.shape[1:]) != shape[1:]:
+                raise RuntimeError(f"{self.path}: a block of {name} is {t.dtype}{tuple(t.shape)}, "
+                                   f"planned rows of {dtype}{shape}")
+            self._append(t)
+            rows += t.shape[0]
+        if rows != shape[0]:
+            raise RuntimeError(f"{self.path}: {name} got {rows} rows, planned {dtype}{shape}")
+        self.next += 1
+
+    def _expect(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
         expected = self.order[self.next] if self.next < len(self.order) else None
         if name != expected:
             raise RuntimeError(f"{self.path}: expected tensor {expected}, got {name}")
-        dtype, shape = self.specs[name]
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise RuntimeError(f"{self.path}: {name} is {tensor.dtype}{tuple(tensor.shape)}, planned {dtype}{shape}")
+        return self.specs[name]
+
+    def _append(self, tensor: torch.Tensor) -> None:
         t = tensor.contiguous()
         if t.numel():
             self.file.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-        self.next += 1
 
     def close(self) -> None:
         try:

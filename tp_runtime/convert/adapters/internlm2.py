@@ -7,8 +7,11 @@ Llama math with other names and one fused tensor:
 num_attention_heads / num_key_value_heads query heads, then its key head, then its value head,
 each head_dim rows. It is de-interleaved here, at conversion, never at run time.
 Its tokenizer is remote code too: the engine loads its tokenizer.model as a SentencePiece
-LlamaTokenizer, and the remote .py is never run.
+LlamaTokenizer, and the remote .py is never run. A checkpoint that ships a tokenizer.json and no
+tokenizer.model (a synthetic one) keeps the class its tokenizer_config.json names.
 """
+
+import os
 
 from tp_runtime.convert.adapters.base import DecoderAdapter, fetch
 from tp_runtime.errors import UserError
@@ -34,7 +37,14 @@ def split_grouped_wqkv(w, num_heads: int, num_kv_heads: int, head_dim: int):
 class InternLM2Adapter(DecoderAdapter):
     architectures = ("InternLM2ForCausalLM",)
     model_types = {"internlm2": "InternLM2ForCausalLM"}
-    tokenizer_overrides = {"tokenizer_class": "LlamaTokenizer", "auto_map": None}
+
+    @property
+    def tokenizer_overrides(self) -> dict | None:
+        """tokenizer_config.json keys the engine's copy rewrites: only a SentencePiece tokenizer.model is
+        read as LlamaTokenizer (a LlamaTokenizer built from a byte-level tokenizer.json would not be it)."""
+        if os.path.isfile(os.path.join(self.ckpt.tokenizer_dir, "tokenizer.model")):
+            return {"tokenizer_class": "LlamaTokenizer", "auto_map": None}
+        return None
 
     def config(self) -> dict:
         bias = bool(self.hf.get("bias", False))
