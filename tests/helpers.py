@@ -126,11 +126,29 @@ def random_prompts(vocab: int, seed: int, lengths=(3, 11, 7, 16)) -> list[list[i
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def in_process_outputs(engine: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    """tp-run --output_json's "outputs" for a tp=1 engine, from LLM in this process (eager, unbound)."""
+    from tp_runtime import LLM, SamplingParams
+
+    llm = LLM(engine, compile="off", bind="none")
+    try:
+        res = llm.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    finally:
+        llm.close()
+    return {"outputs": [{"input_ids": r.input_ids, "output_ids": r.output_ids, "output_logprobs": r.output_logprobs}
+                        for r in res]}
+
+
 def assert_engine_matches(model, engine: str, tp: int, prompts: list[list[int]], new_tokens: int = 8,
                           incremental: bool = False, label: str = ""):
-    """The engine at tp ranks gives transformers' greedy ids and log-probs (within 1e-3) on every row."""
-    out = tp_run_json(engine, tp, ["--input_ids", *(",".join(map(str, p)) for p in prompts),
-                                   "--max_output_len", str(new_tokens), "--ignore_eos"])
+    """The engine at tp ranks gives transformers' greedy ids and log-probs (within 1e-3) on every row. tp > 1 runs
+    tp-run's ranks; tp=1 runs the same runtime in this process (tp-run's own path is tested in test_cli and
+    test_real_model), which spares a process start per check."""
+    if tp == 1:
+        out = in_process_outputs(engine, prompts, new_tokens)
+    else:
+        out = tp_run_json(engine, tp, ["--input_ids", *(",".join(map(str, p)) for p in prompts),
+                                       "--max_output_len", str(new_tokens), "--ignore_eos"])
     for row, (p, o) in enumerate(zip(prompts, out["outputs"], strict=True)):
         assert o["input_ids"] == p
         if incremental:

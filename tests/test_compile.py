@@ -7,13 +7,14 @@ inside it at tp=2, and every row must still give transformers' greedy ids and lo
 """
 
 
+import json
 import os
 import subprocess
 
 import pytest
 import torch
 
-from helpers import build_checkpoint, random_prompts, reference_greedy, reference_logprobs, run_ranks, tool, tp_run_json
+from helpers import build_checkpoint, random_prompts, reference_greedy, reference_logprobs, run_ranks, tool
 from tp_runtime.convert.pipeline import convert
 from tp_runtime.errors import UserError
 from tp_runtime.runtime.llm import pick_compile
@@ -30,23 +31,27 @@ def mistral(tmp_path_factory):
     return model, root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2])
 def test_compiled_decode_matches_transformers(mistral, tp):
     model, root = mistral
     engine = str(root / f"tp{tp}")
     convert(str(root / "hf"), engine, tp, progress=False)
     prompts = random_prompts(97, seed=tp)
-    ids = ["--input_ids", *(",".join(map(str, p)) for p in prompts)]
-    res = run_ranks(tp, [tool("tp-run"), "--engine", engine, *ids, "--max_output_len", "2", "--compile", "on"])
+    # 4 prompts, 3 batch slots: the first three decode together (the batch >= 2 graph), the fourth joins when
+    # their slots free and decodes alone (the batch-1 graph); one process, one compile
+    out_file = str(root / f"out{tp}.json")
+    res = run_ranks(tp, [tool("tp-run"), "--engine", engine, "--input_ids", *(",".join(map(str, p)) for p in prompts),
+                         "--max_output_len", str(NEW_TOKENS), "--ignore_eos", "--compile", "on",
+                         "--max_batch_size", "3", "--output_json", out_file])
     assert res.returncode == 0, res.stderr
     assert "decode step compiled in" in res.stderr  # not a silent fallback to the eager step
-    for batch in (prompts, prompts[1:2]):  # batch 4, then batch 1: both compiled graphs
-        out = tp_run_json(engine, tp, ["--input_ids", *(",".join(map(str, p)) for p in batch),
-                                       "--max_output_len", str(NEW_TOKENS), "--ignore_eos", "--compile", "on"])
-        for row, (p, o) in enumerate(zip(batch, out["outputs"], strict=True)):
-            assert o["output_ids"] == reference_greedy(model, p, NEW_TOKENS), f"tp={tp} batch {len(batch)} row {row}"
-            ref = reference_logprobs(model, p, o["output_ids"])
-            assert max(abs(a - b) for a, b in zip(ref, o["output_logprobs"], strict=True)) < 1e-3
+    with open(out_file) as f:
+        out = json.load(f)
+    for row, (p, o) in enumerate(zip(prompts, out["outputs"], strict=True)):
+        assert o["output_ids"] == reference_greedy(model, p, NEW_TOKENS), f"tp={tp} row {row}"
+        ref = reference_logprobs(model, p, o["output_ids"])
+        assert max(abs(a - b) for a, b in zip(ref, o["output_logprobs"], strict=True)) < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +81,7 @@ def _same(got, want):
         assert max(abs(a - b) for a, b in zip(g.output_logprobs, w.output_logprobs, strict=True)) < 1e-4
 
 
+@pytest.mark.slow
 def test_no_recompile_after_load(in_process, monkeypatch):
     """The graphs built at load serve every later batch size and attention span: a recompile mid-generation
     would stall the other ranks' collectives (and cost seconds on its own). Checked on the guarded path
@@ -99,6 +105,7 @@ def test_no_recompile_after_load(in_process, monkeypatch):
     llm.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["direct", "stance"])
 def test_every_compile_path_gives_the_eager_tokens(in_process, path):
     """Each way of calling the compiled graphs (runtime/compile.py), forced in turn: the fast path (Dynamo's
@@ -118,6 +125,7 @@ def test_every_compile_path_gives_the_eager_tokens(in_process, path):
     llm.close()
 
 
+@pytest.mark.slow
 def test_direct_path_falls_back_when_the_bytecode_is_not_there(in_process, monkeypatch):
     """Where this torch does not expose Dynamo's cache entries, auto takes the stance (or guarded) path."""
     import torch._C._dynamo.eval_frame as eval_frame
@@ -159,6 +167,7 @@ def test_compile_switch(monkeypatch):
     assert pick_compile("auto", cpu) is False  # no compiler: eager, no error
 
 
+@pytest.mark.slow
 def test_engines_of_different_layouts_compiled_in_one_process(mistral, tmp_path, monkeypatch):
     """Several LLMs in one process (a benchmark taking turns, a notebook): each compiled decode step is its
     own code object, so one model's cache entries and guards never meet another's weights (they did: six
@@ -186,6 +195,7 @@ def test_engines_of_different_layouts_compiled_in_one_process(mistral, tmp_path,
         llm.close()
 
 
+@pytest.mark.slow
 def test_a_one_shot_run_compiles_only_when_it_pays_back(mistral, tmp_path):
     """tp-run knows its decode steps before it loads: --compile auto skips a compile the run cannot pay back
     (judged by the last compile on this machine, a cold guess where there was none) and says so."""

@@ -146,6 +146,7 @@ def test_missing_or_corrupt_engine_config(ckpt, tmp_path, content, needle):
     expect_error(run([tool("tp-run"), "--engine", str(engine), "--input_ids", "1,2,3"]), needle)
 
 
+@pytest.mark.slow
 def test_prompt_longer_than_max_input_length(ckpt):
     res = run([tool("tp-run"), "--engine", str(ckpt / "tp2"), "--input_ids", "1,2,3,4,5,6", "--max_input_length", "4"],
               n=2)
@@ -173,6 +174,7 @@ def test_bad_sampling_values(ckpt, flags, needle):
 
 @pytest.mark.parametrize("comm,message", [("gloo", "another rank died or timed out"),
                                           ("shm", "rank(s) [1] died during a shared-memory collective")])
+@pytest.mark.slow
 def test_a_dead_rank_ends_the_job(ckpt, comm, message):
     """Kill rank 1 in the middle of a long generation: rank 0 must stop within 60 s, in one line."""
     port = str(free_port())

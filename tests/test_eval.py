@@ -126,6 +126,7 @@ def check_perplexity(out: dict, model, tok, text: str, window: int, stride: int,
     assert out["transformers"]["tokens_scored"] == count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,launcher", [(1, None), (2, "env"), (2, "mpirun")])
 def test_perplexity_equals_transformers(setup, tmp_path, tp, launcher):
     root, model, tok, text = setup

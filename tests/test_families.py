@@ -17,6 +17,8 @@ from helpers import assert_engine_matches, build_checkpoint, random_prompts, run
 from tp_runtime.convert.pipeline import convert
 from tp_runtime.errors import UserError
 
+pytestmark = pytest.mark.slow  # each family at several tp sizes: a process per rank and check
+
 
 def tiny(cls_cfg, cls_model, seed, **kw):
     torch.manual_seed(seed)

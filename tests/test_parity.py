@@ -11,6 +11,8 @@ import torch
 from helpers import build_checkpoint, reference_greedy, reference_logprobs, tp_run_json
 from tp_runtime.convert.pipeline import convert
 
+pytestmark = pytest.mark.slow  # every tp size against transformers: a process per rank and check
+
 NEW_TOKENS = 8
 
 CASES = {

@@ -40,6 +40,7 @@ def data_bytes(path):
     return os.path.getsize(path) - start
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_synthetic_checkpoint_converts_runs_and_matches_the_plan(family, tmp_path):
     cfg = family_config(family)
@@ -69,6 +70,7 @@ def test_kv_cache_plan_equals_the_runtime_allocation(tmp_path):
     assert plan(cfg, 1, "float32", max_batch_size=3, max_seq_len=50)["ranks"][0]["kv_cache_bytes"] == allocated
 
 
+@pytest.mark.slow
 def test_tp_plan_cli_on_a_preset():
     res = run_ranks(1, [tool("tp-plan"), "--config", "smollm2-135m-instruct", "--tp_size", "2", "--dtype", "float32",
                         "--json"])

@@ -376,6 +376,7 @@ def run_engine(engine, tp, prompts, extra=()):
                        env_extra={"TP_RUNTIME_CACHE": os.environ["TP_RUNTIME_CACHE"]})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2])
 def test_int8_engine_logprobs_close_to_fp32(ckpt, tp, tmp_path):
     root, model = ckpt
@@ -390,6 +391,7 @@ def test_int8_engine_logprobs_close_to_fp32(ckpt, tp, tmp_path):
     assert logprob_gap(model, out, prompts) <= 0.05
 
 
+@pytest.mark.slow
 def test_untraceable_kernel_keeps_the_eager_step(ckpt, tmp_path, monkeypatch):
     """FBGEMM's prepacked weight cannot enter a torch.compile graph: auto falls back to the eager step,
     --compile on says why."""
@@ -410,6 +412,7 @@ def test_untraceable_kernel_keeps_the_eager_step(ckpt, tmp_path, monkeypatch):
         LLM(engine, woq_kernel="fbgemm_int8", compile="on")
 
 
+@pytest.mark.slow
 def test_int4_g32_engine_runs_at_tp2(ckpt, tmp_path):
     root, model = ckpt
     engine = str(tmp_path / "e")
@@ -444,6 +447,7 @@ def test_plan_is_exact_for_quantized_engines(tmp_path):
             assert r["weight_bytes"] == data_bytes(os.path.join(engine, f"rank{r['rank']}.safetensors"))
 
 
+@pytest.mark.slow
 def test_bad_quantization_input(ckpt, tmp_path):
     root, _ = ckpt
     hf = str(root / "hf")
@@ -531,6 +535,7 @@ def awq_ckpt(tmp_path_factory):
     return root, model
 
 
+@pytest.mark.slow
 def test_awq_engine_is_closer_to_the_float_model_than_rtn(awq_ckpt, tmp_path):
     from pydoc_data.topics import topics
     from transformers import AutoTokenizer
@@ -589,6 +594,7 @@ def test_clip_search_errors_are_the_clipped_weights_output_errors(group, zero_po
     assert after < 0.9 * before, (after, before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_point", [False, True])
 def test_awq_clip_lowers_the_output_error_on_the_calibration_activations(awq_ckpt, zero_point):
     """The AWQ search with clipping against the same search without, on the same calibration activations
@@ -685,6 +691,7 @@ def test_awq_calibration_holds_one_layer_at_a_time(tmp_path):
     assert all(r() is None for _, r in alive)
 
 
+@pytest.mark.slow
 def test_awq_bad_calibration_input(awq_ckpt, tmp_path):
     root, _ = awq_ckpt
     empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
@@ -790,6 +797,7 @@ def write_prequantized(hf, method, group, desc_act=False, scatter=False):
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["awq", "gptq"])
 def test_prequantized_checkpoint_shards_and_matches_its_dequantized_weights(method, tmp_path):
     from safetensors.torch import load_file

@@ -14,6 +14,8 @@ from tp_runtime import SamplingParams
 from tp_runtime.errors import CommError
 from tp_runtime.errors import UserError
 
+pytestmark = pytest.mark.slow  # a local Ray cluster and its actors
+
 NEW_TOKENS = 8
 
 

@@ -23,6 +23,8 @@ from tp_runtime.runtime.sequence import Request
 from tp_runtime.runtime.llm import LLM
 from tp_runtime.runtime.sampling import SamplingParams
 
+pytestmark = pytest.mark.slow  # servers with their ranks, and HTTP clients
+
 KEY = "test-key-123"
 MAX_SEQ_LEN = 256
 SERVE = [sys.executable, "-m", "tp_runtime.cli.serve"]

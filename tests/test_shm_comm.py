@@ -20,6 +20,7 @@ def report(res, ok=True):
     return json.loads(line[len("REPORT "):])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_known_sums_gathers_and_broadcasts(world):
     rep = report(run_ranks(world, [sys.executable, WORKER, "sums"], timeout=300))
@@ -29,11 +30,13 @@ def test_known_sums_gathers_and_broadcasts(world):
     assert not os.path.exists(rep["shm_path"])
 
 
+@pytest.mark.slow
 def test_auto_picks_shm_on_one_host_and_gloo_when_asked():
     assert report(run_ranks(2, [sys.executable, WORKER, "none", "auto"]))["backend"] == "shm"
     assert report(run_ranks(2, [sys.executable, WORKER, "none", "gloo"]))["backend"] == "gloo"
 
 
+@pytest.mark.slow
 def test_weakly_ordered_cpus_are_refused_loudly():
     """On a CPU without x86's store order the protocol could read a flag before its data: auto falls back
     to gloo with a warning, --comm shm is a clear error."""
@@ -44,6 +47,7 @@ def test_weakly_ordered_cpus_are_refused_loudly():
     assert res.returncode != 0 and "--comm shm: the shared-memory communicator relies on x86" in res.stderr
 
 
+@pytest.mark.slow
 def test_a_rank_dying_mid_collective_fails_the_others_fast():
     """The survivor notices the dead peer (its pid is gone) long before the collective timeout (20 s)."""
     res = run_ranks(2, [sys.executable, WORKER, "die"], timeout=120)
@@ -53,6 +57,7 @@ def test_a_rank_dying_mid_collective_fails_the_others_fast():
     assert not os.path.exists(report(res, ok=False)["shm_path"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [2, 3])
 def test_engine_over_shm_equals_gloo(tp, tmp_path):
     """tp=2: bit for bit (a + b is the same sum in any order). tp=3: gloo may add in another order,

@@ -133,6 +133,7 @@ def test_tokenizer_has_the_exact_vocabulary_and_round_trips(preset, tmp_path):
         assert json.loads(again.to_str()) == json.load(f)
 
 
+@pytest.mark.slow
 def test_cli_writes_shards_and_shows_its_defaults(tmp_path):
     cfg = narrow("gpt-neox-20b", vocab_size=300, num_hidden_layers=2)
     (tmp_path / "preset.json").write_text(json.dumps(cfg))
