@@ -23,11 +23,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" bash launch/demo.sh "$(ENGINE)" "$(PROMPT)"
 
+# Two pytest workers, each test file on one of them (its module fixtures built once): most tests wait on rank
+# processes starting, so two workers keep both cores busy.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 # Measurements, not tests (about 75 minutes on 2 cores; several GB of scratch space in /tmp).
 bench: setup

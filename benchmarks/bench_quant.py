@@ -12,9 +12,8 @@ RSS and TTFT.
 
     .venv/bin/python benchmarks/bench_quant.py [--new_tokens 128] [--skip_ort] [--configs LABEL ...]
         [--out benchmarks/results/quant.json]
-As on an AVX2-only CPU (torch's kernels restricted to AVX2; ORT GenAI keeps its own dispatch):
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 .venv/bin/python benchmarks/bench_quant.py \
-        --out benchmarks/results/quant_avx2.json
+As on an AVX2-only CPU (tp_runtime's, torch's and oneDNN's kernels capped to AVX2; ORT GenAI keeps its own
+dispatch): TP_RUNTIME_ISA=avx2 .venv/bin/python benchmarks/bench_quant.py --out benchmarks/results/quant_avx2.json
 """
 
 import argparse

@@ -79,6 +79,16 @@ def run_ranks(n: int, args: list[str], launcher: str = "env", timeout: float = 3
     return subprocess.CompletedProcess(args, rc, "".join(o[0] for o in outs), "".join(o[1] for o in outs))
 
 
+def cli_in_process(main, argv: list[str], capsys) -> tuple[int, str]:
+    """A console script's main(argv) run in this process: (exit status, stderr). A user error is its one line
+    and status 2 as from the command (exit_on_user_error); anything else escapes and fails the test."""
+    try:
+        rc = main(argv) or 0
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
 def tp_run_json(engine: str, n: int, extra: list[str], launcher: str = "env", **kw) -> dict:
     """Run tp-run on n ranks with --output_json and return the parsed JSON."""
     fd, out = tempfile.mkstemp(suffix=".json")
@@ -135,8 +145,8 @@ def in_process_outputs(engine: str, prompts: list[list[int]], new_tokens: int) -
         res = llm.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     finally:
         llm.close()
-    return {"outputs": [{"input_ids": r.input_ids, "output_ids": r.output_ids, "output_logprobs": r.output_logprobs}
-                        for r in res]}
+    return {"outputs": [{"input_ids": r.input_ids, "output_ids": r.output_ids, "output_logprobs": r.output_logprobs,
+                         "finish_reason": r.finish_reason} for r in res]}
 
 
 def assert_engine_matches(model, engine: str, tp: int, prompts: list[list[int]], new_tokens: int = 8,

@@ -8,7 +8,7 @@ log-probs must match within 1e-3 (fp32).
 import pytest
 import torch
 
-from helpers import build_checkpoint, reference_greedy, reference_logprobs, tp_run_json
+from helpers import build_checkpoint, in_process_outputs, reference_greedy, reference_logprobs, tp_run_json
 from tp_runtime.convert.pipeline import convert
 
 pytestmark = pytest.mark.slow  # every tp size against transformers: a process per rank and check
@@ -52,8 +52,11 @@ def test_matches_transformers_at_every_tp(case):
     for tp in tps:
         engine = str(root / f"tp{tp}")
         convert(str(root / "hf"), engine, tp, progress=False)
-        out = tp_run_json(engine, tp, ["--input_ids", *(",".join(map(str, p)) for p in prompts),
-                                       "--max_output_len", str(NEW_TOKENS), "--ignore_eos"])
+        if tp == 1:  # the runtime in this process (tp-run's own path: test_cli, test_real_model)
+            out = in_process_outputs(engine, prompts, NEW_TOKENS)
+        else:
+            out = tp_run_json(engine, tp, ["--input_ids", *(",".join(map(str, p)) for p in prompts),
+                                           "--max_output_len", str(NEW_TOKENS), "--ignore_eos"])
         for row, (p, o) in enumerate(zip(prompts, out["outputs"], strict=True)):
             assert o["input_ids"] == p
             assert o["output_ids"] == expected[row], f"{name} tp={tp} row {row}"

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from helpers import build_checkpoint, random_prompts, reference_logprobs, run_ranks, tool, tp_run_json
+from helpers import build_checkpoint, cli_in_process, random_prompts, reference_logprobs, run_ranks, tool, tp_run_json
 from tp_runtime import cpu
 from tp_runtime.engine import format as ef
 from tp_runtime.convert import partition as pt
@@ -448,18 +448,19 @@ def test_plan_is_exact_for_quantized_engines(tmp_path):
 
 
 @pytest.mark.slow
-def test_bad_quantization_input(ckpt, tmp_path):
+def test_bad_quantization_input(ckpt, tmp_path, capsys):
+    from tp_runtime.cli import convert as convert_main
+
     root, _ = ckpt
     hf = str(root / "hf")
     with pytest.raises(UserError, match="--quantize_lm_head takes int8 or int4"):
         qz.parse_scheme("int4", 32, quantize_lm_head="int2")
 
-    def convert_cli(*flags, code=2):
-        res = run_ranks(1, [tool("tp-convert"), "--model_dir", hf, "--output_dir", str(tmp_path / "x"),
-                            "--no_progress", *flags], timeout=120)
-        assert "Traceback" not in res.stderr, res.stderr
-        assert res.returncode == code, (res.returncode, res.stderr)
-        return res.stderr
+    def convert_cli(*flags, code=2):  # tp-convert's main in this process (the console script: below)
+        rc, err = cli_in_process(convert_main.main, ["--model_dir", hf, "--output_dir", str(tmp_path / "x"),
+                                                     "--no_progress", *flags], capsys)
+        assert rc == code, (rc, err)
+        return err
 
     # dense's 64 inputs on 2 ranks: 32 each; group 64 divides the whole but not a rank's slice
     err = convert_cli("--tp_size", "2", "--use_weight_only", "--weight_only_precision", "int4", "--group_size", "64")
@@ -472,7 +473,7 @@ def test_bad_quantization_input(ckpt, tmp_path):
     err = convert_cli("--weight_only_precision", "int4")
     assert "need --use_weight_only" in err
     build_checkpoint(str(tmp_path / "odd"), "llama", intermediate_size=97)
-    res = run_ranks(1, [tool("tp-convert"), "--model_dir", str(tmp_path / "odd"), "--output_dir",
+    res = run_ranks(1, [tool("tp-convert"), "--model_dir", str(tmp_path / "odd"), "--output_dir",  # the script
                         str(tmp_path / "y"), "--use_weight_only", "--weight_only_precision", "int4",
                         "--group_size", "-1", "--no_progress"], timeout=120)
     assert res.returncode == 2 and "odd input width" in res.stderr and "Traceback" not in res.stderr
@@ -692,17 +693,19 @@ def test_awq_calibration_holds_one_layer_at_a_time(tmp_path):
 
 
 @pytest.mark.slow
-def test_awq_bad_calibration_input(awq_ckpt, tmp_path):
+def test_awq_bad_calibration_input(awq_ckpt, tmp_path, capsys):
+    from tp_runtime.cli import convert as convert_main
+
     root, _ = awq_ckpt
     empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
     empty.write_text("  \n")
     short.write_text("too short")
 
-    def convert_cli(*flags):
-        res = run_ranks(1, [tool("tp-convert"), "--model_dir", str(root / "hf"), "--output_dir", str(tmp_path / "x"),
-                            "--no_progress", *flags], timeout=120)
-        assert res.returncode == 2 and "Traceback" not in res.stderr, (res.returncode, res.stderr)
-        return res.stderr
+    def convert_cli(*flags):  # tp-convert's main in this process: one line, status 2
+        rc, err = cli_in_process(convert_main.main, ["--model_dir", str(root / "hf"), "--output_dir",
+                                                     str(tmp_path / "x"), "--no_progress", *flags], capsys)
+        assert rc == 2, (rc, err)
+        return err
 
     awq_flags = ["--use_weight_only", "--weight_only_precision", "int4", "--group_size", "32", "--quant_algo", "awq"]
     assert "is empty" in convert_cli(*awq_flags, "--calib_file", str(empty))
