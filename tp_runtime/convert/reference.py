@@ -27,64 +27,17 @@ A record callback sees the inputs of the layer's four linear groups as they are 
 """
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
 
 from tp_runtime.engine import format as ef
+from tp_runtime.engine.functions import ACTIVATIONS, apply_rope, rope_inv_freq
 
 LINEAR_INPUTS = ("qkv", "dense", "fc_gate", "proj")
 
-# The runtime's activations (runtime/model.py's ACTIVATIONS), by engine config name.
-ACTIVATIONS = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
-
 # The canonical switches' defaults: a field an adapter does not emit means what the engine config means.
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ef.EngineConfig) if f.default is not dataclasses.MISSING}
-
-
-def rope_inv_freq(cfg: dict, seq_len: int) -> torch.Tensor:
-    """Inverse frequencies (rot_dim / 2,) of the rotary embedding for a forward over positions < seq_len
-    (dynamic NTK raises the base once seq_len outgrows max_position_embeddings)."""
-    rot_dim = int(cfg["head_size"] * cfg["rotary_pct"])
-    base = cfg["rotary_base"]
-    scaling = cfg["rotary_scaling"] or {}
-    kind = scaling.get("rope_type")
-    if kind == "dynamic" and seq_len > cfg["max_position_embeddings"]:
-        factor = float(scaling["factor"])
-        base = base * ((factor * seq_len / cfg["max_position_embeddings"]) - (factor - 1)) ** (rot_dim / (rot_dim - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
-    if kind == "linear":
-        inv_freq = inv_freq / float(scaling["factor"])
-    elif kind == "llama3":
-        factor = float(scaling["factor"])
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old_len = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq.float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rot_dim features by halves (GPT-NeoX style).
-
-    x: (B, T, heads, D); cos, sin: (B, T, 1, rot_dim), rot_dim <= D."""
-    rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
-    return torch.cat([x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin, x_pass], dim=-1)
 
 
 class ReferenceDecoder:
@@ -188,7 +141,8 @@ class ReferenceDecoder:
             q = F.rms_norm(q, (D,), w["attention.q_layernorm.weight"], eps)
             k = F.rms_norm(k, (D,), w["attention.k_layernorm.weight"], eps)
         if c["rope_per_layer"] is None or c["rope_per_layer"][i]:
-            inv_freq = rope_inv_freq(c, int(positions.max()) + 1)
+            inv_freq = rope_inv_freq(c["head_size"], c["rotary_pct"], c["rotary_base"], c["rotary_scaling"],
+                                     c["max_position_embeddings"], int(positions.max()) + 1)
             angles = positions.unsqueeze(-1).float() * inv_freq  # (B, T, rot_dim / 2)
             angles = torch.cat([angles, angles], dim=-1).unsqueeze(2)  # (B, T, 1, rot_dim)
             q, k = apply_rope(q, angles.cos(), angles.sin()), apply_rope(k, angles.cos(), angles.sin())

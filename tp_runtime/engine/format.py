@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tp_runtime.engine import functions
+
 from tp_runtime.errors import UserError, read_json_object
 
 FORMAT_VERSION = 1
@@ -41,8 +43,8 @@ TOKENIZER_FILES = (
 # Engine storage / compute dtypes by their config.json names.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Activations the runtime implements (model.py maps each to its function).
-ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
+# Activations the canonical decoder implements (functions.py maps each to its function).
+ACTIVATIONS = tuple(functions.ACTIVATIONS)
 
 
 def rank_file(rank: int) -> str:

@@ -12,54 +12,23 @@ The KV cache is static: (max_batch, kv_heads_per_rank, max_seq, head_dim) per la
 lives in cache slot b (or slots[b]), and its tokens at positions 0..len_b-1.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tp_runtime.engine import format as ef
+from tp_runtime.engine import functions
+from tp_runtime.engine.functions import ACTIVATIONS, apply_rope
 from tp_runtime.runtime import native, woq
 from tp_runtime.distributed.comm import Communicator
 from tp_runtime.engine.format import EngineConfig
 from tp_runtime.runtime.layers import (ColumnParallelLinear, Embedding, LayerNorm, ParallelLMHead, RMSNorm, RowParallelLinear,
                                VocabParallelEmbedding)
 
-ACTIVATIONS = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
-
-
 def rope_inv_freq(cfg: EngineConfig, seq_len: int | None = None) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding. seq_len matters only to dynamic NTK scaling,
-    which raises the base once the sequence outgrows max_position_embeddings."""
-    rot_dim = int(cfg.head_size * cfg.rotary_pct)
-    base = cfg.rotary_base
-    scaling = cfg.rotary_scaling or {}
-    kind = scaling.get("rope_type")
-    if kind == "dynamic" and seq_len is not None and seq_len > cfg.max_position_embeddings:
-        factor = float(scaling["factor"])
-        base = base * ((factor * seq_len / cfg.max_position_embeddings) - (factor - 1)) ** (rot_dim / (rot_dim - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
-    if kind == "linear":
-        inv_freq = inv_freq / float(scaling["factor"])
-    elif kind == "llama3":
-        factor = float(scaling["factor"])
-        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-        old_len = float(scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq.float()
+    return functions.rope_inv_freq(cfg.head_size, cfg.rotary_pct, cfg.rotary_base, cfg.rotary_scaling,
+                                   cfg.max_position_embeddings, seq_len)
 
 
 def rope_tables(cfg: EngineConfig, max_seq_len: int, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,17 +36,6 @@ def rope_tables(cfg: EngineConfig, max_seq_len: int, seq_len: int | None = None)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (seq, rot_dim / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (seq, rot_dim)
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rot_dim features, GPT-NeoX style (halves).
-
-    x: (B, T, heads, D); cos/sin: (B, T, 1, rot_dim), rot_dim <= D."""
-    rot = cos.shape[-1]
-    x_rot = x[..., :rot] if rot < x.shape[-1] else x
-    x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2 :]
-    out = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
-    return torch.cat([out, x[..., rot:]], dim=-1) if rot < x.shape[-1] else out
 
 
 def decode_attention(q, keys, values, mask):
