@@ -60,8 +60,8 @@ def flags_missing_from(text: str, parser_map: dict) -> list[str]:
     return missing
 
 
-def test_the_five_console_scripts_build_their_parsers():
-    assert set(console_scripts()) == {"tp-convert", "tp-run", "tp-plan", "tp-eval", "tp-serve"}
+def test_the_six_console_scripts_build_their_parsers():
+    assert set(console_scripts()) == {"tp-convert", "tp-run", "tp-plan", "tp-eval", "tp-serve", "tp-verify"}
     names = parsers()
     assert {"tp-eval perplexity", "tp-eval summarize"} <= set(names)
 

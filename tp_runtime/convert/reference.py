@@ -102,23 +102,38 @@ class ReferenceDecoder:
         positions = positions.expand(B, T) if positions.dim() == 1 else positions
         w = self.layer_weights(i)
         rows = B if max_tokens is None else max(1, max_tokens // T)
-        out = [self._block(i, w, xc, pc, record) for xc, pc in zip(x.split(rows), positions.split(rows), strict=True)]
+        out = [self._block(i, w, xc, pc, record)[1]
+               for xc, pc in zip(x.split(rows), positions.split(rows), strict=True)]
         del w
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def _block(self, i: int, w: dict, x: torch.Tensor, positions: torch.Tensor, record) -> torch.Tensor:
+    def layer_stages(self, i: int, x: torch.Tensor, positions: torch.Tensor | None = None):
+        """Decoder layer i on x (B, T, hidden) -> (h, out): the hidden state after the attention half of the
+        block (x plus the attention branch; for a parallel residual, x + attention alone) and the layer's output.
+        tp-verify compares both, to tell an attention error from an MLP one."""
+        B, T, _ = x.shape
+        if positions is None:
+            positions = torch.arange(T)
+        positions = positions.expand(B, T) if positions.dim() == 1 else positions
+        w = self.layer_weights(i)
+        h, out = self._block(i, w, x, positions, None)
+        del w
+        return h, out
+
+    def _block(self, i: int, w: dict, x: torch.Tensor, positions: torch.Tensor, record):
+        """(h, out): the hidden state after attention, and the layer's output."""
         c = self.cfg
         x = x.float()
         note = record if record is not None else (lambda key, y: None)
         if c["norm_placement"] == "post":
             h = x + self._norm(self._attention(i, w, x, positions, note), w.get("post_attention_layernorm.weight"))
-            return h + self._norm(self._mlp(w, h, note), w.get("post_feedforward_layernorm.weight"))
+            return h, h + self._norm(self._mlp(w, h, note), w.get("post_feedforward_layernorm.weight"))
         a = self._attention(i, w, self._norm(x, w["input_layernorm.weight"], w.get("input_layernorm.bias")),
                             positions, note)
         h = x + a
         m_in = x if c["parallel_residual"] else h
         m = self._mlp(w, self._norm(m_in, w["post_layernorm.weight"], w.get("post_layernorm.bias")), note)
-        return h + m
+        return h, h + m
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         eps = self.cfg["norm_epsilon"]

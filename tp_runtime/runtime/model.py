@@ -193,6 +193,23 @@ class DecoderLayer(nn.Module):
         h = x + self.attention(self.norm1(x), *args)
         return h + self.mlp(self.norm2(h))
 
+    # The two halves of forward, apart, so a checker can feed each its own input (tp-verify): forward's
+    # output is mlp_half(x, attention_half(x, ...)). A parallel residual's h is x + attention alone.
+
+    def attention_half(self, x, cos, sin, cache_k, cache_v, batch_idx, slots, positions, masks):
+        """x (B, T, hidden) -> h, the hidden state after the attention half of the block."""
+        rope = (cos, sin) if self.rope else (None, None)
+        args = (*rope, cache_k, cache_v, batch_idx, slots, positions, masks[self.window])
+        if self.placement == "post":
+            return x + self.norm1(self.attention(x, *args))
+        return x + self.attention(self.norm1(x), *args)
+
+    def mlp_half(self, x, h):
+        """The layer's output from h (attention_half's); x, the layer's input, feeds a parallel residual's MLP."""
+        if self.placement == "post":
+            return h + self.norm2(self.mlp(h))
+        return h + self.mlp(self.norm2(x if self.parallel else h))
+
 
 class TPDecoder(nn.Module):
     """This rank's part of the canonical decoder. Takes its tensors out of `weights` as it builds,
@@ -258,6 +275,11 @@ class TPDecoder(nn.Module):
         B, T = ids.shape
         rows = torch.arange(B, device=ids.device) if slots is None else slots
         return self._layers(ids, *self._prepare(ids, positions, rows), positions, cache.k, cache.v, slots)
+
+    def layer_inputs(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """(batch_idx, masks, cos, sin) of a step whose rows are cache slots 0..B-1, for calling layers one at a
+        time (tp-verify): layer(x, cos, sin, cache.k[i], cache.v[i], batch_idx, None, positions, masks)."""
+        return self._prepare(ids, positions, torch.arange(ids.shape[0], device=ids.device))
 
     def _prepare(self, ids, positions, rows):
         """(batch_idx, masks, cos, sin) of a step: the cache slot of every token, the attention masks
