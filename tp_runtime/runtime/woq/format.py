@@ -77,11 +77,12 @@ def cat_out(parts: list):
                        zero, pre, first.kernel, first.dtype)
 
 
-def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto") -> dict:
+def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto", prefix: str = "") -> dict:
     """Replace each quantized linear's tensors in a rank's `weights` by one QuantWeight under `P.weight`.
     A linear is quantized when its scales are there: per_channel_scale (int8) or weights_scaling_factor
-    (int4). Other tensors are left as they are."""
-    for name in [n for n in weights if n.endswith((f".{ef.INT8_SCALE}", f".{ef.INT4_SCALE}"))]:
+    (int4). Other tensors are left as they are. prefix: only the names under it (the model collects one
+    layer at a time, so the unpacked codes of one layer are alive at once, not the model's)."""
+    for name in [n for n in weights if n.startswith(prefix) and n.endswith((f".{ef.INT8_SCALE}", f".{ef.INT4_SCALE}"))]:
         prefix, kind = name.rsplit(".", 1)
         w = weights.pop(f"{prefix}.weight")
         scale = weights.pop(name).float()
