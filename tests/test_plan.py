@@ -118,6 +118,9 @@ def test_plan_keeps_float_tensors_in_the_compute_dtype():
     assert as_bf16["resident_weight_bytes"] == as_bf16["weight_bytes"] == as_fp32["weight_bytes"]
     assert as_fp32["resident_weight_bytes"] - as_fp32["weight_bytes"] == (101 * 64 + 5 * 64) * 2
     assert as_fp32["kv_cache_bytes"] == 2 * as_bf16["kv_cache_bytes"]
+    # an untied head: an embedding in the compute dtype stays mapped (a row a token), not counted
+    untied = plan(family_config("internlm2"), 1, "bfloat16", compute_dtype="bfloat16")["ranks"][0]
+    assert untied["weight_bytes"] - untied["resident_weight_bytes"] == 101 * 64 * 2
     assert as_fp32["total_bytes"] == (as_fp32["resident_weight_bytes"] + as_fp32["kv_cache_bytes"]
                                       + as_fp32["runtime_bytes"])
 
@@ -155,7 +158,7 @@ def test_tp_run_refuses_before_loading_when_the_kv_cache_does_not_fit(tmp_path, 
     def no_load(*a, **k):
         raise AssertionError("weights were read before the memory check")
 
-    monkeypatch.setattr(llm, "load_rank_weights", no_load)
+    monkeypatch.setattr(llm, "RankTensors", no_load)
     argv = ["--engine", str(tmp_path / "e"), "--input_ids", "5,6", "--max_output_len", "2", "--compile", "off"]
     rc, err = cli_in_process(run.main, argv + ["--max_batch_size", "4096", "--max_seq_len", "128"], capsys)
     assert rc == 2 and "--max_batch_size 4096 x --max_seq_len 128" in err and "fits at" in err, err

@@ -35,6 +35,7 @@ from tp_runtime.runtime import footprint
 from tp_runtime.runtime.compile import COMPILE_SPAN, compile_decode
 from tp_runtime.runtime.model import KVCache, TPDecoder
 from tp_runtime.runtime.options import RuntimeOptions
+from tp_runtime.runtime.rank_file import RankTensors
 from tp_runtime.runtime.sampling import SamplingParams
 
 DTYPES = ef.DTYPES
@@ -77,21 +78,6 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
         raise UserError(f"local rank {local_rank} has no GPU: this host has {count}; start fewer ranks per host")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
-
-
-def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device, progress: bool = False) -> dict:
-    """This rank's file only, through safetensors' mmap, one tensor at a time, cast as it is read."""
-    from safetensors import safe_open
-    from tqdm import tqdm
-
-    out = {}
-    with safe_open(path, framework="pt", device="cpu") as f:
-        for name in tqdm(list(f.keys()), desc="reading", unit="tensor", disable=not progress, leave=False):
-            t = f.get_tensor(name)
-            if t.is_floating_point() and t.dtype != dtype and not name.endswith(ef.QUANT_SUFFIXES):
-                t = t.to(dtype)
-            out[name] = t.to(device)
-    return out
 
 
 COMPILE_MODES = ("auto", "on", "off")
@@ -175,9 +161,10 @@ class LLM:
         show = self.rank == 0 and sys.stderr.isatty()  # rank 0 alone draws the bar
         rank_path = os.path.join(engine_dir, ef.rank_file(self.rank))
         self._check_memory(rank_path)
-        weights = load_rank_weights(rank_path, self.dtype, self.device, show)
+        weights = RankTensors(rank_path, self.dtype, self.device)  # each tensor read as the model takes it
         self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len, opts.woq_kernel,
                                opts.native_attention, progress=show).eval()
+        weights.close()
         del weights
         self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
         # every rank's memory after load, [(anonymous, mapped) bytes] in rank order (rank 0 prints it)

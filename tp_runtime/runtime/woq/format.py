@@ -89,9 +89,8 @@ def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto", prefix: str
         zero = weights.pop(f"{prefix}.{ef.ZERO}", None)
         pre = weights.pop(f"{prefix}.{ef.PREQUANT}", None)
         if kind == ef.INT8_SCALE:
-            # A fresh, aligned copy: a tensor read from the rank file may sit at any byte offset, and
-            # torch's bf16 int8 kernel crashes on an unaligned weight (seen here with an mmap'd file).
-            w = w.clone()
+            # The codes must be aligned: torch's bf16 int8 kernel crashes on a weight at an odd offset of an
+            # mmap'd file; runtime/rank_file.py reads codes into fresh buffers, never mapped.
             qw = QuantWeight("int8", w, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1), pre,
                              kernel, dtype)
         else:
