@@ -3,6 +3,7 @@ generator for every family (tiny widths here; real widths in benchmarks/)."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -106,3 +107,59 @@ def test_presets_load_and_name_their_source():
         assert cfg.get("_source"), f"{name} does not cite where its numbers come from"
         report = plan(cfg, 1, "bfloat16")
         assert report["ranks"][0]["weight_bytes"] > 0
+
+
+def test_plan_keeps_float_tensors_in_the_compute_dtype():
+    # tp=1 llama, tied embedding, int4 g32: the float tensors are the (101, 64) embedding and 2 x 2 + 1 norms of
+    # 64; computed in float32 they take 2 more bytes per element than their bf16 file, the codes and scales none
+    cfg = family_config("llama")
+    as_bf16, as_fp32 = (plan(cfg, 1, "bfloat16", precision="int4", group_size=32, compute_dtype=c)["ranks"][0]
+                        for c in ("bfloat16", "float32"))
+    assert as_bf16["resident_weight_bytes"] == as_bf16["weight_bytes"] == as_fp32["weight_bytes"]
+    assert as_fp32["resident_weight_bytes"] - as_fp32["weight_bytes"] == (101 * 64 + 5 * 64) * 2
+    assert as_fp32["kv_cache_bytes"] == 2 * as_bf16["kv_cache_bytes"]
+    # an untied head: an embedding in the compute dtype stays mapped (a row a token), not counted
+    untied = plan(family_config("internlm2"), 1, "bfloat16", compute_dtype="bfloat16")["ranks"][0]
+    assert untied["weight_bytes"] - untied["resident_weight_bytes"] == 101 * 64 * 2
+    assert as_fp32["total_bytes"] == (as_fp32["resident_weight_bytes"] + as_fp32["kv_cache_bytes"]
+                                      + as_fp32["runtime_bytes"])
+
+
+def test_fit_check_names_the_flags_and_a_size_that_fits():
+    from tp_runtime.errors import UserError
+    from tp_runtime.runtime.footprint import GiB, check_fits
+
+    need = [(3 * GiB, 8 * GiB, GiB // 2)] * 2  # two ranks on one host: KV for 8 x 4096 tokens each
+    check_fits(need, 23 * GiB, 8, 4096, torch.float32)  # 23 GiB fit
+    with pytest.raises(UserError) as e:
+        check_fits(need, 15 * GiB, 8, 4096, torch.float32, "hostA (ranks 0, 1)")
+    msg = str(e.value)
+    assert "2 rank(s) on hostA (ranks 0, 1) need 23.0 GiB" in msg and "15.0 GiB is available" in msg
+    fit_seq = int(re.search(r"--max_seq_len (\d+) fits", msg).group(1))
+    fit_batch = int(re.search(r"--max_batch_size (\d+) fits", msg).group(1))
+    per_token = 16 * GiB / (8 * 4096)
+    assert 7 * GiB + per_token * 8 * (fit_seq + 1) > 15 * GiB >= 7 * GiB + per_token * 8 * fit_seq
+    assert fit_batch == 4 and 7 * GiB + per_token * 4096 * fit_batch <= 15 * GiB
+    with pytest.raises(UserError, match="the weights alone do not fit; quantize"):
+        check_fits(need, 6 * GiB, 8, 4096, torch.float32)
+
+
+def test_tp_run_refuses_before_loading_when_the_kv_cache_does_not_fit(tmp_path, monkeypatch, capsys):
+    from helpers import cli_in_process
+    from tp_runtime import memory
+    from tp_runtime.cli import run
+    from tp_runtime.runtime import llm
+
+    cfg = family_config("llama")
+    write_synthetic(cfg, str(tmp_path / "hf"), dtype="float32", progress=False)
+    convert(str(tmp_path / "hf"), str(tmp_path / "e"), 1, progress=False)
+    monkeypatch.setattr(memory, "available", lambda: 600 << 20)  # 600 MiB left on this host
+
+    def no_load(*a, **k):
+        raise AssertionError("weights were read before the memory check")
+
+    monkeypatch.setattr(llm, "RankTensors", no_load)
+    argv = ["--engine", str(tmp_path / "e"), "--input_ids", "5,6", "--max_output_len", "2", "--compile", "off"]
+    rc, err = cli_in_process(run.main, argv + ["--max_batch_size", "4096", "--max_seq_len", "128"], capsys)
+    assert rc == 2 and "--max_batch_size 4096 x --max_seq_len 128" in err and "fits at" in err, err
+    assert "Traceback" not in err

@@ -4,11 +4,13 @@
             --memory_per_rank 24GiB
 
 Runs the converter's own planning on meta tensors (no weights read or needed), so the weight bytes per
-rank are exactly those of the rank files tp-convert would write. KV cache bytes per rank:
-2 (k and v) x layers x batch x kv_heads_per_rank x seq x head_size x element size. Activations and
-the runtime's own overhead are not counted. With --weight_only_precision the converter plans the
-quantized rank files too (codes, scales), so those figures are exact as well; embeddings and lm_head
-stay in the engine dtype.
+rank are exactly those of the rank files tp-convert would write. What a rank then holds once tp-run has
+loaded it (runtime/footprint.py, the figures tp-run itself checks against the host's memory before it
+loads): its weights as kept (float tensors in the compute dtype: a bf16 engine on a CPU without native
+bf16 computes in float32 and keeps its float tensors so, quantized codes and scales as stored), the KV
+cache (2 (k and v) x layers x batch x kv_heads_per_rank x seq x head_size x the compute dtype's size) and
+the runtime's own share (Python, torch, the step's scratch). --compute_dtype auto is what tp-run would
+pick on this machine's CPU.
 """
 
 import argparse
@@ -22,6 +24,8 @@ from tp_runtime.convert import quantize as qz
 from tp_runtime.convert.checkpoint import Checkpoint
 from tp_runtime.convert.plan import DTYPES, plan_engine
 from tp_runtime.errors import UserError, exit_on_user_error
+from tp_runtime.runtime import footprint
+from tp_runtime.runtime.llm import pick_compute_dtype
 from tp_runtime.convert.synthetic import load_preset, parse_size, source_shapes
 
 GiB = 1 << 30
@@ -39,7 +43,7 @@ def meta_checkpoint(cfg: dict) -> Checkpoint:
 
 def plan(cfg: dict, tp_size: int, dtype: str = "auto", precision: str | None = None, group_size: int | None = None,
          max_batch_size: int = 1, max_seq_len: int | None = None, memory_per_rank: int | None = None,
-         parallel_embedding: bool = False) -> dict:
+         parallel_embedding: bool = False, compute_dtype: str = "auto") -> dict:
     quant = None
     if precision is not None:
         quant = qz.parse_scheme(precision, group_size if precision == "int4" else None)
@@ -49,15 +53,18 @@ def plan(cfg: dict, tp_size: int, dtype: str = "auto", precision: str | None = N
                      parallel_embedding, quant)
     ec = ep.config
     seq = ec.max_seq_len
-    kv_elem = torch.empty((), dtype=ep.out_dtype).element_size()
+    compute = DTYPES[compute_dtype] if compute_dtype != "auto" else pick_compute_dtype(ec.dtype, torch.device("cpu"))
     ranks = []
     for r in range(tp_size):
-        w = ep.rank_bytes(r)
-        kv = 2 * ec.num_hidden_layers * max_batch_size * ec.kv_heads_per_rank[r] * seq * ec.head_size * kv_elem
+        kept = footprint.weight_bytes(ep.specs[r], compute)
+        kv = footprint.kv_cache_bytes(ec, r, max_batch_size, seq, compute)
+        total = kept + kv + footprint.RUNTIME_BYTES
         ranks.append({"rank": r, "heads": ec.heads_per_rank[r], "kv_heads": ec.kv_heads_per_rank[r],
-                      "weight_bytes": w, "kv_cache_bytes": kv, "total_bytes": w + kv,
-                      "fits": None if memory_per_rank is None else w + kv <= memory_per_rank})
+                      "weight_bytes": ep.rank_bytes(r), "resident_weight_bytes": kept, "kv_cache_bytes": kv,
+                      "runtime_bytes": footprint.RUNTIME_BYTES, "total_bytes": total,
+                      "fits": None if memory_per_rank is None else total <= memory_per_rank})
     return {"architecture": ec.source_architecture, "tp_size": tp_size, "dtype": ec.dtype,
+            "compute_dtype": str(compute).removeprefix("torch."),
             "weight_only_precision": precision, "max_batch_size": max_batch_size, "max_seq_len": seq,
             "num_attention_heads": ec.num_attention_heads, "num_key_value_heads": ec.num_key_value_heads,
             "valid_tp_sizes": pt.valid_tp_sizes(ec.num_attention_heads, ec.num_key_value_heads),
@@ -68,15 +75,19 @@ def render(report: dict) -> str:
     lines = [f"{report['architecture']}: {report['num_attention_heads']} heads / {report['num_key_value_heads']} KV "
              f"heads, tp_size {report['tp_size']}, {report['dtype']}"
              + (f" weights {report['weight_only_precision']}" if report["weight_only_precision"] else "")
+             + f", computed in {report['compute_dtype']}"
              + f", KV cache for {report['max_batch_size']} x {report['max_seq_len']} tokens", ""]
     mem = report["memory_per_rank"]
-    head = "| rank | heads | KV heads | weights GiB | KV cache GiB | total GiB |"
-    lines += [head + (f" fits {mem / GiB:.1f} GiB |" if mem else ""), "|---" * (7 if mem else 6) + "|"]
+    head = "| rank | heads | KV heads | rank file GiB | weights kept GiB | KV cache GiB | runtime GiB | total GiB |"
+    lines += [head + (f" fits {mem / GiB:.1f} GiB |" if mem else ""), "|---" * (9 if mem else 8) + "|"]
     for r in report["ranks"]:
         row = (f"| {r['rank']} | {r['heads']} | {r['kv_heads']} | {r['weight_bytes'] / GiB:.2f} | "
-               f"{r['kv_cache_bytes'] / GiB:.2f} | {r['total_bytes'] / GiB:.2f} |")
+               f"{r['resident_weight_bytes'] / GiB:.2f} | {r['kv_cache_bytes'] / GiB:.2f} | "
+               f"{r['runtime_bytes'] / GiB:.2f} | {r['total_bytes'] / GiB:.2f} |")
         lines.append(row + (f" {'yes' if r['fits'] else 'NO'} |" if mem else ""))
-    lines += ["", f"valid tp sizes for these heads: {', '.join(map(str, report['valid_tp_sizes']))}"]
+    lines += ["", "total: what a rank holds after tp-run has loaded it (tp-run refuses to load when its host's "
+                  "ranks would not fit)",
+              f"valid tp sizes for these heads: {', '.join(map(str, report['valid_tp_sizes']))}"]
     return "\n".join(lines)
 
 
@@ -98,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory of one rank, e.g. 24GiB, 80GB; exit status 1 when a rank does not fit "
                         "(default: not checked)")
     p.add_argument("--use_parallel_embedding", action="store_true", help="as tp-convert's: split the embedding")
+    p.add_argument("--compute_dtype", default="auto", choices=["auto", *DTYPES],
+                   help="the dtype tp-run computes in (and keeps float weights and the KV cache in); auto: what "
+                        "tp-run picks on this machine (a CPU without native bf16 computes a bf16 engine in float32)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -109,7 +123,7 @@ def main(argv=None):
     cfg.setdefault("_name", args.config)
     mem = parse_bytes(args.memory_per_rank) if args.memory_per_rank else None
     report = plan(cfg, args.tp_size, args.dtype, args.weight_only_precision, args.group_size,
-                  args.max_batch_size, args.max_seq_len, mem, args.use_parallel_embedding)
+                  args.max_batch_size, args.max_seq_len, mem, args.use_parallel_embedding, args.compute_dtype)
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0 if mem is None or all(r["fits"] for r in report["ranks"]) else 1
 

@@ -162,7 +162,7 @@ def sampling_from_args(args) -> SamplingParams:
     return params
 
 
-def output_json(results, timings) -> dict:
+def output_json(results, timings, load_memory=()) -> dict:
     return {
         "format_version": JSON_FORMAT_VERSION,
         "outputs": [
@@ -172,6 +172,7 @@ def output_json(results, timings) -> dict:
         ],
         "timings": {"ttft_ms": timings.ttft_ms, "decode_tokens_per_s": timings.decode_tokens_per_s,
                     "prefill_tokens_per_s": timings.prefill_tokens_per_s, "total_s": timings.total_s},
+        "memory_after_load": [{"rank": r, "anonymous": a, "mapped": m} for r, (a, m) in enumerate(load_memory)],
     }
 
 
@@ -197,6 +198,9 @@ def main(argv=None):
               + (f", decode step compiled in {llm.compile_s:.1f}s" if llm.compiled else ", eager decode")
               + (f" ({llm.compile_skipped}; --compile on forces it)" if llm.compile_skipped else ""),
               file=sys.stderr, flush=True)
+        print("[tp-run] memory after load: " + "; ".join(
+            f"rank {r} anonymous {a / 2**30:.2f} GiB, mapped {m / 2**30:.2f} GiB"
+            for r, (a, m) in enumerate(llm.load_memory)), file=sys.stderr, flush=True)
         kernels = llm.kernel_summary()
         if kernels:
             print(f"[tp-run] weight-only kernels (rank 0): {kernels}", file=sys.stderr, flush=True)
@@ -238,7 +242,7 @@ def main(argv=None):
               file=sys.stderr)
         if args.output_json:
             with open(args.output_json, "w") as f:
-                json.dump(output_json(results, timings), f, indent=1, ensure_ascii=False)
+                json.dump(output_json(results, timings, llm.load_memory), f, indent=1, ensure_ascii=False)
     llm.close()
     return 0
 

@@ -81,6 +81,10 @@ class Communicator:
     def broadcast_object(self, obj, src: int = 0):
         return obj
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's picklable `obj`, in rank order."""
+        return [obj]
+
     def barrier(self, timeout_s: float | None = None) -> None:
         """Wait for every rank (timeout_s: this wait's own limit instead of the communicator's)."""
 
@@ -169,6 +173,12 @@ class TorchDistCommunicator(Communicator):
         box = [obj]
         self.dist.broadcast_object_list(box, src=src, group=self.object_group)
         return box[0]
+
+    @_guard
+    def all_gather_object(self, obj):
+        out = [None] * self.world_size
+        self.dist.all_gather_object(out, obj, group=self.object_group)
+        return out
 
     @_guard
     def barrier(self, timeout_s=None):

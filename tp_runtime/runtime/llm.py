@@ -6,11 +6,13 @@ used (they are broadcast), and every rank gets rank 0's results back.
 
 Start-up order, so that a user mistake fails alike on every rank before any collective:
 read config.json -> check world size == tp_size -> check every rank file -> set threads ->
-communicator -> load this rank's file -> build the model and the KV cache.
+communicator -> check that every host's ranks fit its memory (weights + KV cache, runtime/footprint.py) ->
+load this rank's file -> build the model and the KV cache.
 """
 
 import os
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tp_runtime import cpu, env
+from tp_runtime import cpu, env, memory
 from tp_runtime.engine import format as ef
 from tp_runtime.runtime import woq
 
@@ -29,9 +31,11 @@ from tp_runtime.runtime.sequence import Request, Timings
 from tp_runtime.distributed.binding import apply_binding, plan_binding, read_numa_nodes
 from tp_runtime.distributed.launch import detect_launch
 from tp_runtime.runtime import compile as compile_step
+from tp_runtime.runtime import footprint
 from tp_runtime.runtime.compile import COMPILE_SPAN, compile_decode
 from tp_runtime.runtime.model import KVCache, TPDecoder
 from tp_runtime.runtime.options import RuntimeOptions
+from tp_runtime.runtime.rank_file import RankTensors
 from tp_runtime.runtime.sampling import SamplingParams
 
 DTYPES = ef.DTYPES
@@ -74,21 +78,6 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
         raise UserError(f"local rank {local_rank} has no GPU: this host has {count}; start fewer ranks per host")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
-
-
-def load_rank_weights(path: str, dtype: torch.dtype, device: torch.device, progress: bool = False) -> dict:
-    """This rank's file only, through safetensors' mmap, one tensor at a time, cast as it is read."""
-    from safetensors import safe_open
-    from tqdm import tqdm
-
-    out = {}
-    with safe_open(path, framework="pt", device="cpu") as f:
-        for name in tqdm(list(f.keys()), desc="loading", unit="tensor", disable=not progress, leave=False):
-            t = f.get_tensor(name)
-            if t.is_floating_point() and t.dtype != dtype and not name.endswith(ef.QUANT_SUFFIXES):
-                t = t.to(dtype)
-            out[name] = t.to(device)
-    return out
 
 
 COMPILE_MODES = ("auto", "on", "off")
@@ -170,11 +159,17 @@ class LLM:
         t0 = time.perf_counter()
         self.comm = make_communicator(self.info, self.device, opts.comm_timeout_s, opts.comm)
         show = self.rank == 0 and sys.stderr.isatty()  # rank 0 alone draws the bar
-        weights = load_rank_weights(os.path.join(engine_dir, ef.rank_file(self.rank)), self.dtype, self.device, show)
+        rank_path = os.path.join(engine_dir, ef.rank_file(self.rank))
+        self._check_memory(rank_path)
+        weights = RankTensors(rank_path, self.dtype, self.device)  # each tensor read as the model takes it
         self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len, opts.woq_kernel,
-                               opts.native_attention).eval()
+                               opts.native_attention, progress=show).eval()
+        weights.close()
         del weights
         self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
+        # every rank's memory after load, [(anonymous, mapped) bytes] in rank order (rank 0 prints it)
+        mine = memory.process()
+        self.load_memory = self.comm.all_gather_object((mine["anonymous"], mine["mapped"]))
         eos = self.generation_config.get("eos_token_id", cfg.eos_token_id)
         eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id or [])
         self.eos_ids = set(eos)
@@ -217,6 +212,23 @@ class LLM:
         self.last_timings = Timings()
 
     # --- set-up helpers ---
+
+    def _check_memory(self, rank_path: str) -> None:
+        """Before any weight is read: refuse, on every rank alike, when the ranks that share a host (or a GPU)
+        would not fit its memory with this KV cache (runtime/footprint.py)."""
+        need = (footprint.rank_file_weight_bytes(rank_path, self.dtype),
+                footprint.kv_cache_bytes(self.config, self.rank, self.max_batch_size, self.max_seq_len, self.dtype),
+                footprint.RUNTIME_BYTES if self.device.type == "cpu" else 0)
+        if self.device.type == "cuda":
+            where, avail = f"{socket.gethostname()}:{self.device.index}", torch.cuda.mem_get_info(self.device)[0]
+        else:
+            where, avail = socket.gethostname(), memory.available()
+        everyone = self.comm.all_gather_object((where, need, avail))
+        for host in dict.fromkeys(w for w, _, _ in everyone):  # each host in rank order, the same verdict everywhere
+            here = [(r, n, a) for r, (w, n, a) in enumerate(everyone) if w == host]
+            ranks = ", ".join(str(r) for r, _, _ in here)
+            footprint.check_fits([n for _, n, _ in here], min(a for _, _, a in here), self.max_batch_size,
+                                 self.max_seq_len, self.dtype, f"{host} (rank{'s' if len(here) > 1 else ''} {ranks})")
 
     def _read_generation_config(self) -> dict:
         path = os.path.join(self.engine_dir, "generation_config.json")

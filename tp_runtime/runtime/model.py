@@ -16,6 +16,7 @@ lives in cache slot b (or slots[b]), and its tokens at positions 0..len_b-1.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from tp_runtime.engine import format as ef
 from tp_runtime.engine import functions
@@ -216,13 +217,18 @@ class TPDecoder(nn.Module):
     so each source tensor is freed once its layer holds its own (transposed / fused) copy."""
 
     def __init__(self, cfg: EngineConfig, rank: int, weights: dict, comm: Communicator, max_seq_len: int,
-                 woq_kernel: str = "auto", native_attention: bool = True):
+                 woq_kernel: str = "auto", native_attention: bool = True, progress: bool = False):
         super().__init__()
         self.cfg = cfg
         emb = weights.pop(ef.EMBEDDING)
-        woq.collect(weights, emb.dtype, woq_kernel)  # weight-only quantized linears, if the engine has any
         self.embedding = VocabParallelEmbedding(emb, rank, comm) if cfg.use_parallel_embedding else Embedding(emb)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rank, weights, i, comm) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList()
+        for i in tqdm(range(cfg.num_hidden_layers), desc="loading", unit="layer", disable=not progress, leave=False):
+            # Weight-only quantized linears become QuantWeights one layer at a time: their unpacked codes live
+            # until the layer's kernels hold their own layout, so one layer's are alive at once, not the model's.
+            woq.collect(weights, emb.dtype, woq_kernel, prefix=ef.layer_prefix(i) + ".")
+            self.layers.append(DecoderLayer(cfg, rank, weights, i, comm))
+        woq.collect(weights, emb.dtype, woq_kernel)  # a quantized lm_head
         self.ln_f = make_norm(cfg, weights, ef.FINAL_NORM)
         head = weights.pop(ef.LM_HEAD, None)
         if head is None:  # tied, and sharded like the embedding: the head is the embedding itself

@@ -77,20 +77,20 @@ def cat_out(parts: list):
                        zero, pre, first.kernel, first.dtype)
 
 
-def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto") -> dict:
+def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto", prefix: str = "") -> dict:
     """Replace each quantized linear's tensors in a rank's `weights` by one QuantWeight under `P.weight`.
     A linear is quantized when its scales are there: per_channel_scale (int8) or weights_scaling_factor
-    (int4). Other tensors are left as they are."""
-    for name in [n for n in weights if n.endswith((f".{ef.INT8_SCALE}", f".{ef.INT4_SCALE}"))]:
+    (int4). Other tensors are left as they are. prefix: only the names under it (the model collects one
+    layer at a time, so the unpacked codes of one layer are alive at once, not the model's)."""
+    for name in [n for n in weights if n.startswith(prefix) and n.endswith((f".{ef.INT8_SCALE}", f".{ef.INT4_SCALE}"))]:
         prefix, kind = name.rsplit(".", 1)
         w = weights.pop(f"{prefix}.weight")
         scale = weights.pop(name).float()
         zero = weights.pop(f"{prefix}.{ef.ZERO}", None)
         pre = weights.pop(f"{prefix}.{ef.PREQUANT}", None)
         if kind == ef.INT8_SCALE:
-            # A fresh, aligned copy: a tensor read from the rank file may sit at any byte offset, and
-            # torch's bf16 int8 kernel crashes on an unaligned weight (seen here with an mmap'd file).
-            w = w.clone()
+            # The codes must be aligned: torch's bf16 int8 kernel crashes on a weight at an odd offset of an
+            # mmap'd file; runtime/rank_file.py reads codes into fresh buffers, never mapped.
             qw = QuantWeight("int8", w, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1), pre,
                              kernel, dtype)
         else:

@@ -1,0 +1,135 @@
+"""Memory as the kernel counts it: this process's resident set by kind, the machine's available memory, and
+a sampler of the peak while something runs. Linux /proc and cgroup files; elsewhere the readers return 0.
+
+    anonymous  RssAnon + RssShmem: memory only this process's pages hold (heap, tensors it allocated,
+               shared memory segments). The kernel cannot drop it without swap: it is what must fit.
+    mapped     RssFile: file pages mapped and touched (an mmap'd rank file); clean, so the kernel can drop
+               them under pressure and read them again.
+
+No torch import here.
+"""
+
+import threading
+import time
+
+GiB = 1 << 30
+
+
+def _status() -> dict:
+    try:
+        with open("/proc/self/status") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if len(parts) == 2 and parts[1] == "kB":
+            out[key] = int(parts[0]) * 1024
+    return out
+
+
+def process() -> dict:
+    """{"anonymous", "mapped", "rss", "peak_rss"} bytes of this process now (peak_rss: VmHWM, both kinds)."""
+    s = _status()
+    return {"anonymous": s.get("RssAnon", 0) + s.get("RssShmem", 0), "mapped": s.get("RssFile", 0),
+            "rss": s.get("VmRSS", 0), "peak_rss": s.get("VmHWM", 0)}
+
+
+def anonymous() -> int:
+    return process()["anonymous"]
+
+
+def _cgroup_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2 memory.max, v1 limit_in_bytes), None when unlimited."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < (1 << 60):
+            return int(text)
+    return None
+
+
+def _cgroup_usage() -> int:
+    for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
+        try:
+            with open(path) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
+def available() -> int:
+    """Bytes this process may still allocate on this host: MemAvailable (free memory plus the page cache the
+    kernel can drop), capped by the cgroup's limit less its usage where a container sets one. 0: unknown."""
+    avail = 0
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        return 0
+    limit = _cgroup_limit()
+    if limit is not None:
+        avail = min(avail, max(0, limit - _cgroup_usage()))
+    return avail
+
+
+def describe(mem: dict | None = None) -> str:
+    """'anonymous 1.23 GiB, mapped 0.45 GiB' of process() (or the dict given)."""
+    mem = mem or process()
+    return f"anonymous {mem['anonymous'] / GiB:.2f} GiB, mapped {mem['mapped'] / GiB:.2f} GiB"
+
+
+class PeakSampler:
+    """Samples this process's anonymous memory every `interval` s on a thread while a `with` block runs:
+    `.peak` is the largest seen (the kernel keeps no high-water mark of anonymous memory alone).
+
+        with PeakSampler() as s:
+            load()
+        print(s.peak)
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, anonymous())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakSampler":
+        self.peak = anonymous()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, anonymous())
+        return False
+
+
+def pid_anonymous(pid: int) -> int:
+    """Another process's anonymous bytes (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            text = f.read()
+    except OSError:
+        return 0
+    total = 0
+    for line in text.splitlines():
+        if line.startswith(("RssAnon:", "RssShmem:")):
+            total += int(line.split()[1]) * 1024
+    return total
+

@@ -1,0 +1,110 @@
+"""What a rank holds in memory once loaded, known before anything is loaded: its weights as the runtime keeps
+them, its KV cache, and the runtime's own share. tp-run checks the sum against the host's memory before it
+reads a weight; tp-plan prints the same figures for a model not yet converted.
+
+    weights   each tensor of the rank file as the model keeps it: quantized codes, scales and zeros as
+              stored (the kernels re-lay them out at the same size); float tensors in the compute dtype
+              (a bf16 engine on a CPU without native bf16 computes, and so keeps, float32: twice its file);
+              an embedding table left in its file's dtype is mapped and read a row a token: not counted
+    KV cache  2 (keys, values) x layers x max_batch_size x kv_heads_per_rank x max_seq_len x head_size
+              x the compute dtype's size
+    runtime   Python, torch and the tokenizer, the decode step's activations and scratch (RUNTIME_BYTES)
+
+The weights' kernel layouts may differ from the file by a few percent (a padded tile, scales repeated
+per 32 inputs for native_int4): the figure is the file's, which the measured RSS after load is compared
+against (after a generation has touched every weight) in benchmarks/bench_20b.py.
+"""
+
+import json
+import struct
+
+import torch
+
+from tp_runtime.engine import format as ef
+from tp_runtime.errors import UserError
+
+GiB = 1 << 30
+MiB = 1 << 20
+# Python + torch + tokenizers + tp_runtime imported, threads started, the step's scratch: measured as a rank's
+# anonymous memory after loading a model of a few MB (benchmarks/bench_20b.py prints it for each run).
+RUNTIME_BYTES = 450 * MiB
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_header(path: str) -> dict:
+    """A safetensors file's header: {name: {"dtype": "BF16", "shape": [...], ...}} (no tensor data read)."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the safetensors header of {path}: {e}; the file is missing or corrupt "
+                        f"(re-run tp-convert)") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def header_entries(header: dict) -> list[tuple[str, torch.dtype, tuple]]:
+    """(name, torch dtype, shape) of each tensor of a read_header() dict."""
+    return [(n, _SAFETENSORS_DTYPES.get(e["dtype"], torch.uint8), tuple(e["shape"])) for n, e in header.items()]
+
+
+def weight_bytes(entries, compute_dtype: torch.dtype) -> int:
+    """Resident bytes of a rank's tensors, given as (name, torch dtype, shape): float tensors other than
+    quantization scales in the compute dtype, the rest as stored. An embedding table already in the compute
+    dtype and apart from the lm_head stays mapped from the rank file, where a lookup reads one row a token:
+    it costs (almost) nothing resident and is not counted."""
+    entries = list(entries)
+    compute = torch.empty((), dtype=compute_dtype).element_size()
+    separate_head = any(name == ef.LM_HEAD for name, _, _ in entries)
+    total = 0
+    for name, dtype, shape in entries:
+        if name == ef.EMBEDDING and separate_head and dtype == compute_dtype:
+            continue
+        is_weight = dtype.is_floating_point and not name.endswith(ef.QUANT_SUFFIXES)
+        total += torch.Size(shape).numel() * (compute if is_weight else torch.empty((), dtype=dtype).element_size())
+    return total
+
+
+def rank_file_weight_bytes(path: str, compute_dtype: torch.dtype) -> int:
+    return weight_bytes(header_entries(read_header(path)), compute_dtype)
+
+
+def kv_cache_bytes(cfg: ef.EngineConfig, rank: int, max_batch_size: int, max_seq_len: int,
+                   dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * max_batch_size * cfg.kv_heads_per_rank[rank] * max_seq_len * cfg.head_size * elem
+
+
+def check_fits(need: list[tuple[int, int, int]], available: int, max_batch_size: int, max_seq_len: int,
+               dtype: torch.dtype, where: str = "this host") -> None:
+    """Refuse, naming the flags that size the cache, when this host's ranks would not fit its memory.
+
+    need: (weights, kv_cache, runtime) bytes of each rank on this host; available: the host's available
+    memory before any of them loaded (memory.available(); 0: unknown, nothing is checked)."""
+    if available <= 0:
+        return
+    total = sum(sum(n) for n in need)
+    if total <= available:
+        return
+    weights, kv, runtime = (sum(n[k] for n in need) for k in range(3))
+    kv_per_token = kv / max(1, max_batch_size * max_seq_len)
+    room = available - weights - runtime
+    fit_seq = int(room / max(1.0, kv_per_token * max_batch_size))
+    fit_batch = int(room / max(1.0, kv_per_token * max_seq_len))
+    dt = str(dtype).removeprefix("torch.")
+    what = (f"{len(need)} rank(s) on {where} need {total / GiB:.1f} GiB: weights {weights / GiB:.1f} GiB + KV "
+            f"cache {kv / GiB:.1f} GiB ({dt}, --max_batch_size {max_batch_size} x --max_seq_len {max_seq_len}) "
+            f"+ runtime {runtime / GiB:.1f} GiB, but {available / GiB:.1f} GiB is available")
+    if room <= kv_per_token * 2:
+        raise UserError(f"{what}: the weights alone do not fit; quantize them (tp-convert --use_weight_only "
+                        f"--weight_only_precision int4) or spread the ranks over more hosts")
+    hints = []
+    if fit_seq >= 2:
+        hints.append(f"--max_seq_len {fit_seq} fits at --max_batch_size {max_batch_size}")
+    if fit_batch >= 1:
+        hints.append(f"--max_batch_size {fit_batch} fits at --max_seq_len {max_seq_len}")
+    raise UserError(f"{what}; lower --max_batch_size or --max_seq_len" + (f" ({'; '.join(hints)})" if hints else ""))
