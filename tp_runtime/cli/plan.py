@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use_parallel_embedding", action="store_true", help="as tp-convert's: split the embedding")
     p.add_argument("--compute_dtype", default="auto", choices=["auto", *DTYPES],
                    help="the dtype tp-run computes in (and keeps float weights and the KV cache in); auto: what "
-                        "tp-run picks on this machine (a CPU without native bf16 computes a bf16 engine in float32)")
+                        "tp-run picks on this machine (a CPU without native bf16 computes a bf16 engine in float32) (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
