@@ -206,7 +206,7 @@ def main():
                     row["roofline_tok_s"] = roof
                     row["roofline_share_b1"] = run["decode_tok_s_b1"] / roof
                     print(f"{spec}: load {run['load_s']:.0f} s, anonymous + mapped after load "
-                          f"{[(round(a / GiB, 2), round(m / GiB, 2)) for a, m in run['load_memory']]} GiB (tp-plan: "
+                          f"{[(round(a / GiB, 2), round(m / GiB, 2)) for a, m, _ in run['load_memory']]} GiB (tp-plan: "
                           f"{[round(b / GiB, 2) for b in row['predicted_rank_bytes']]}), TTFT {run['ttft_ms']:.0f} ms, "
                           f"decode b1 {run['decode_tok_s_b1']:.2f} tok/s ({row['roofline_share_b1']:.0%} of "
                           f"{roof:.2f}), b4 {run['decode_tok_s_b4']:.2f} tok/s", flush=True)
@@ -228,7 +228,7 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         run = r.get("run") or {}
-        mem = ", ".join(f"{a / GiB:.2f} + {m / GiB:.2f} ({b / GiB:.2f})" for (a, m), b in
+        mem = ", ".join(f"{a / GiB:.2f} + {m / GiB:.2f} ({b / GiB:.2f})" for (a, m, _), b in
                         zip(run.get("load_memory", []), r.get("predicted_rank_bytes", [])))
         after = ", ".join(f"{m['rss'] / GiB:.2f} ({b / GiB:.2f})" for m, b in
                           zip(run.get("memory_after_run", []), r.get("predicted_rank_bytes", [])))

@@ -9,6 +9,8 @@ a sampler of the peak while something runs. Linux /proc and cgroup files; elsewh
 No torch import here.
 """
 
+import ctypes
+import os
 import threading
 import time
 
@@ -118,6 +120,54 @@ class PeakSampler:
         self._thread.join()
         self.peak = max(self.peak, anonymous())
         return False
+
+
+MADV_DONTNEED = 4
+
+
+def release_file_pages(path: str) -> int:
+    """Drop the pages of `path` that this process has mapped and touched from its resident set (madvise
+    MADV_DONTNEED on each of its mappings); tensors that still map them read them back from the page cache
+    when they next touch them, the others' pages stay out. For a loader that copied tensors out of a mapped file:
+    the copies' sources stop counting. A mapping that holds pages written since it was made (copies on write,
+    which DONTNEED would throw away) is left as it is. Returns the bytes released (0 off Linux)."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/smaps") as f:
+            text = f.read().splitlines()
+    except OSError:
+        return 0
+    spans, cur = [], None
+    for line in text:
+        head = line.split(None, 5)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            cur = None
+            if len(head) == 6 and os.path.realpath(head[5].strip()) == real:
+                start, end = (int(v, 16) for v in head[0].split("-"))
+                cur = {"start": start, "end": end, "Rss": 0, "Anonymous": 0}
+                spans.append(cur)
+        elif cur is not None and head and head[0].rstrip(":") in cur:
+            cur[head[0].rstrip(":")] = int(head[1]) * 1024
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    released = 0
+    for s in spans:
+        if s["Anonymous"] or not s["Rss"]:  # Anonymous: copies on write (Private_Dirty counts the page cache's too)
+            continue
+        if libc.madvise(ctypes.c_void_p(s["start"]), ctypes.c_size_t(s["end"] - s["start"]), MADV_DONTNEED) == 0:
+            released += s["Rss"]
+    return released
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc malloc_trim): a loader's freed transient buffers
+    otherwise stay in this process's anonymous memory. Nothing where there is no glibc."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def pid_anonymous(pid: int) -> int:

@@ -11,6 +11,7 @@ import statistics
 import sys
 import time
 
+from tp_runtime import memory
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.runtime import woq
 from tp_runtime.runtime.llm import LLM
@@ -162,7 +163,7 @@ def sampling_from_args(args) -> SamplingParams:
     return params
 
 
-def output_json(results, timings, load_memory=()) -> dict:
+def output_json(results, timings, load_memory=(), after_run=()) -> dict:
     return {
         "format_version": JSON_FORMAT_VERSION,
         "outputs": [
@@ -172,7 +173,10 @@ def output_json(results, timings, load_memory=()) -> dict:
         ],
         "timings": {"ttft_ms": timings.ttft_ms, "decode_tokens_per_s": timings.decode_tokens_per_s,
                     "prefill_tokens_per_s": timings.prefill_tokens_per_s, "total_s": timings.total_s},
-        "memory_after_load": [{"rank": r, "anonymous": a, "mapped": m} for r, (a, m) in enumerate(load_memory)],
+        "memory_after_load": [{"rank": r, "anonymous": a, "mapped": m, "rss_before_load": b}
+                              for r, (a, m, b) in enumerate(load_memory)],
+        "memory_after_run": [{"rank": r, "anonymous": m["anonymous"], "mapped": m["mapped"], "rss": m["rss"],
+                              "peak_rss": m["peak_rss"]} for r, m in enumerate(after_run)],
     }
 
 
@@ -200,7 +204,7 @@ def main(argv=None):
               file=sys.stderr, flush=True)
         print("[tp-run] memory after load: " + "; ".join(
             f"rank {r} anonymous {a / 2**30:.2f} GiB, mapped {m / 2**30:.2f} GiB"
-            for r, (a, m) in enumerate(llm.load_memory)), file=sys.stderr, flush=True)
+            for r, (a, m, _) in enumerate(llm.load_memory)), file=sys.stderr, flush=True)
         kernels = llm.kernel_summary()
         if kernels:
             print(f"[tp-run] weight-only kernels (rank 0): {kernels}", file=sys.stderr, flush=True)
@@ -229,6 +233,7 @@ def main(argv=None):
             ttft = statistics.median(r[1].ttft_ms for r in runs)
             print(f"[tp-run] profiling, median of 3: latency {t * 1000:.1f} ms, TTFT {ttft:.1f} ms, "
                   f"decode {dec:.1f} tokens/s per sequence", file=sys.stderr)
+    after = llm.comm.all_gather_object(memory.process())  # every weight touched now: what the run holds
     if lead:
         if args.streaming:
             print()
@@ -242,7 +247,7 @@ def main(argv=None):
               file=sys.stderr)
         if args.output_json:
             with open(args.output_json, "w") as f:
-                json.dump(output_json(results, timings, llm.load_memory), f, indent=1, ensure_ascii=False)
+                json.dump(output_json(results, timings, llm.load_memory, after), f, indent=1, ensure_ascii=False)
     llm.close()
     return 0
 

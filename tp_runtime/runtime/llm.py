@@ -161,15 +161,18 @@ class LLM:
         show = self.rank == 0 and sys.stderr.isatty()  # rank 0 alone draws the bar
         rank_path = os.path.join(engine_dir, ef.rank_file(self.rank))
         self._check_memory(rank_path)
+        before = memory.process()["rss"]
         weights = RankTensors(rank_path, self.dtype, self.device)  # each tensor read as the model takes it
         self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len, opts.woq_kernel,
                                opts.native_attention, progress=show).eval()
         weights.close()
         del weights
+        memory.release_file_pages(rank_path)  # what the build read through the mapping (the fused fc + gate's parts)
+        memory.trim_heap()  # and the transient buffers it freed
         self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
-        # every rank's memory after load, [(anonymous, mapped) bytes] in rank order (rank 0 prints it)
+        # every rank's memory after load, [(anonymous, mapped, resident before load) bytes] in rank order
         mine = memory.process()
-        self.load_memory = self.comm.all_gather_object((mine["anonymous"], mine["mapped"]))
+        self.load_memory = self.comm.all_gather_object((mine["anonymous"], mine["mapped"], before))
         eos = self.generation_config.get("eos_token_id", cfg.eos_token_id)
         eos = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_id or [])
         self.eos_ids = set(eos)
