@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Several hosts as one Ray cluster, one rank per host (tests/test_multihost.py runs its commands on the hosts of netns_hosts.sh).
+# Several hosts as one Ray cluster, one rank per host (tests/test_multihost.py runs these commands on netns hosts).
 #
 #   head host:     ray start --head --port 6379 [--num-cpus C]
 #   every other:   ray start --address HEAD_IP:6379 [--num-cpus C]
