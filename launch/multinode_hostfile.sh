@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Several hosts under MPICH (documented recipe; not run in CI, which has one host).
+# Several hosts under MPICH (tests/test_multihost.py runs its mpirun on the hosts of netns_hosts.sh, netns-rsh as ssh).
 # Every host needs the same Python environment and the engine directory at the same path
 # (a shared filesystem, or a copy: each rank reads only its own rank{r}.safetensors).
 #

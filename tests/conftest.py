@@ -35,3 +35,21 @@ def ray_local():
     ray.shutdown()
     _, alive = psutil.wait_procs(started, timeout=20)
     assert not alive, f"Ray left processes running: {[' '.join(p.cmdline()[:2]) for p in alive]}"
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    """Two hosts on this machine (tests/netns_hosts.py: tphost0 at 10.231.0.1, tphost1 at 10.231.0.2), up for one
+    test module and removed after it, processes included, whatever the tests did. Skipped, with the reason, where
+    network namespaces cannot be made (not root, no CAP_SYS_ADMIN, no iproute2)."""
+    from netns_hosts import Hosts, unavailable
+
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    hosts = Hosts(2)
+    hosts.up()
+    try:
+        yield hosts
+    finally:
+        hosts.down()

@@ -1,8 +1,9 @@
 """Ray launch glue: the ranks of one engine as Ray actors, one per bundle of a placement group.
 
     placement group  one bundle per rank: {"CPU": c} on CPU (c = torch threads of the rank), {"CPU": 1, "GPU": 1}
-                     on CUDA; --placement pack -> STRICT_PACK (every rank on one node), spread -> SPREAD (across
-                     nodes). Readiness has a timeout; a cluster that can never fit the group is refused at once.
+                     on CUDA; --placement pack -> STRICT_PACK (every rank on one node), spread -> STRICT_SPREAD (one
+                     rank per node) when enough nodes can each hold a bundle, else SPREAD (across nodes, best effort).
+                     Readiness has a timeout; a cluster that can never fit the group is refused at once.
     actors           one per rank, pinned to its bundle. Every actor reports its node; rank 0's publishes its
                      address and a free port; every actor then gets torchrun's variables (RANK, WORLD_SIZE,
                      LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so tp_runtime.distributed.launch and the
@@ -28,7 +29,7 @@ import time
 from tp_runtime.distributed import launch
 from tp_runtime.errors import UserError
 
-PLACEMENTS = {"pack": "STRICT_PACK", "spread": "SPREAD"}
+PLACEMENTS = {"pack": "STRICT_PACK", "spread": "SPREAD"}  # spread becomes STRICT_SPREAD where it can: strategy()
 DEFAULT_PLACEMENT_TIMEOUT_S = 60.0
 GRACE_S = 2.0  # after a rank fails, how long the others get to report their own error before they are stopped
 
@@ -171,6 +172,16 @@ def _check_fits(ray, tp_size: int, bundle: dict, placement: str) -> None:
                             f"({fits} bundle(s) fit); lower --threads or add resources")
 
 
+def strategy(ray, tp_size: int, bundle: dict, placement: str) -> str:
+    """The placement group's strategy: pack -> STRICT_PACK; spread -> STRICT_SPREAD (one rank per node) when at
+    least tp_size alive nodes can each hold a bundle, else SPREAD (ranks share nodes, as few per node as Ray can)."""
+    if placement == "pack":
+        return "STRICT_PACK"
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    holders = sum(all(n.get(k, 0) >= v for k, v in bundle.items()) for n in nodes)
+    return "STRICT_SPREAD" if holders >= tp_size else "SPREAD"
+
+
 def default_cpus_per_rank(ray, tp_size: int, placement: str) -> int:
     """The CPUs of one rank when not given: pack shares the largest node among the ranks; spread shares the
     cluster, but no rank gets more than a node."""
@@ -230,11 +241,12 @@ class RankGroup:
         cpus = 1 if use_gpu else (cpus or default_cpus_per_rank(ray, self.tp_size, placement))
         bundle = _bundle(use_gpu, cpus)
         _check_fits(ray, self.tp_size, bundle, placement)
-        self.pg = placement_group([dict(bundle) for _ in range(self.tp_size)], strategy=PLACEMENTS[placement])
+        self.strategy = strategy(ray, self.tp_size, bundle, placement)
+        self.pg = placement_group([dict(bundle) for _ in range(self.tp_size)], strategy=self.strategy)
         try:
             ray.get(self.pg.ready(), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
-            raise UserError(f"the Ray cluster did not grant {self.tp_size} x {bundle} ({PLACEMENTS[placement]}) "
+            raise UserError(f"the Ray cluster did not grant {self.tp_size} x {bundle} ({self.strategy}) "
                             f"within {timeout_s:g}s: its resources are busy (available: "
                             f"{_short(ray.available_resources())}); free them or raise the timeout") from None
         self.cpus_per_rank, self.use_gpu = cpus, use_gpu
@@ -264,6 +276,9 @@ class RankGroup:
                               for r, (a, e) in enumerate(zip(self.actors, envs))], "start")
         self.master = (addr, port)
         self.start_s = time.perf_counter() - t0
+        if self.capture:  # a console script's driver: say where the ranks run
+            where = ", ".join(f"rank {r} on {n['host']} ({n['ip']})" for r, n in enumerate(self.nodes))
+            print(f"[tp_runtime] Ray placement {self.strategy}: {where}", file=sys.stderr, flush=True)
 
     # --- running on every rank ---
 

@@ -1,0 +1,207 @@
+"""The launchers across two hosts: tphost0 and tphost1 (conftest.two_hosts, launch/netns_hosts.sh) are network,
+UTS and mount namespaces of this machine with their own addresses, hostnames and /dev/shm, so the ranks of
+one engine on both see what ranks on two machines see: other hostnames, TCP between them, no shared memory.
+Under torchrun (one command per host), mpirun (MPICH's hydra with a hostfile, netns-rsh standing in for ssh) and
+Ray (a head and a worker node; tp-run --launcher ray and `ray job submit`), a tiny engine's greedy tokens equal
+those of the same engine run on one host."""
+
+import json
+import os
+import re
+import secrets
+import sys
+
+import pytest
+
+from helpers import build_checkpoint, random_prompts, run_ranks, tool
+from netns_hosts import REPO, RSH, wait_all
+
+NEW_TOKENS = 8
+PY = sys.executable
+slow = pytest.mark.slow  # every test here but the placement rule starts processes on two hosts
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """The same tiny checkpoint converted for tp=2 and tp=4 (4 heads, 2 KV heads: replicated at tp=4)."""
+    from tp_runtime.convert.pipeline import convert
+
+    root = tmp_path_factory.mktemp("multihost")
+    build_checkpoint(str(root / "hf"), seed=11)
+    out = {}
+    for tp in (2, 4):
+        out[tp] = str(root / f"tp{tp}")
+        convert(str(root / "hf"), out[tp], tp, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(103, seed=5)  # 4 rows of different lengths and tokens
+
+
+def tp_run_args(engine: str, prompts, out: str) -> list[str]:
+    return ["-m", "tp_runtime.cli.run", "--engine", engine, "--input_ids", *(",".join(map(str, p)) for p in prompts),
+            "--max_output_len", str(NEW_TOKENS), "--ignore_eos", "--threads", "1", "--output_json", out]
+
+
+@pytest.fixture(scope="module")
+def single_host(engines, prompts, tmp_path_factory):
+    """tp -> the outputs of that engine's ranks on this one host (shared memory between them), run once."""
+    cache = {}
+
+    def get(tp: int) -> list[dict]:
+        if tp not in cache:
+            out = str(tmp_path_factory.mktemp("single") / "out.json")
+            res = run_ranks(tp, [PY, *tp_run_args(engines[tp], prompts, out)], env_extra={"PYTHONPATH": REPO})
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert f"tp_size={tp} device=cpu comm=shm" in res.stderr
+            cache[tp] = read_outputs(out)
+        return cache[tp]
+
+    return get
+
+
+def read_outputs(path: str) -> list[dict]:
+    with open(path) as f:
+        return json.load(f)["outputs"]
+
+
+def assert_same(got: list[dict], expected: list[dict]) -> None:
+    """Greedy ids identical row by row; log-probs equal but for the order of the sums (gloo's against shared memory's)."""
+    assert len(got) == len(expected) == 4
+    for row, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert g["input_ids"] == e["input_ids"], f"row {row}"
+        assert g["output_ids"] == e["output_ids"], f"row {row}"
+        diff = max(abs(a - b) for a, b in zip(g["output_logprobs"], e["output_logprobs"], strict=True))
+        assert diff < 1e-4, f"row {row}: log-probs differ by {diff}"
+
+
+@slow
+def test_hosts_are_apart(two_hosts, tmp_path):
+    """Each host has its name, its address, names for the others, a /dev/shm of its own; the disk is shared; and
+    netns-rsh skips ssh's options as a launcher passes them."""
+    h = two_hosts
+    env = h.env()
+    probe = ("import os, socket; print(socket.gethostname(), socket.gethostbyname(socket.gethostname()), "
+             "socket.gethostbyname('tphost0'), socket.gethostbyname('tphost1'), os.getcwd(), sorted(os.listdir('/dev/shm')))")
+    marker = tmp_path / "disk"
+    marker.write_text("shared\n")
+    seen = []
+    for k, host in enumerate(h.names):
+        res = h.run(host, ["sh", "-c", f"touch /dev/shm/tp_rig_{host} && cat {marker} && {PY} -c \"{probe}\""], env)
+        assert res.returncode == 0, res.stderr
+        seen.append(res.stdout.split())
+        assert seen[k][0] == "shared"
+        assert seen[k][1:6] == [host, h.addrs[k], h.addrs[0], h.addrs[1], os.getcwd()]
+        assert seen[k][6] == f"['tp_rig_{host}']"  # the other host's file is not there
+    assert not os.path.exists("/dev/shm/tp_rig_tphost0")  # nor in this machine's
+    # ssh's options, as hydra and Open MPI pass them, are skipped: flags, clusters, values apart or attached
+    import subprocess
+
+    res = subprocess.run([RSH, "-x", "-q", "-o", "BatchMode=yes", "-p", "22", "-xT", "-oConnectTimeout=5", "-l",
+                          "root", "tphost1", "hostname"], env=env, capture_output=True, text=True, timeout=30)
+    assert (res.returncode, res.stdout.strip()) == (0, "tphost1"), res.stderr
+
+
+@slow
+@pytest.mark.parametrize("tp", [2, 4])
+def test_torchrun_two_hosts(two_hosts, engines, prompts, single_host, tmp_path, tp):
+    """torchrun --nnodes 2 --node_rank K --rdzv_endpoint tphost0:PORT in each host; tp=4 runs 2 ranks a host."""
+    h = two_hosts
+    out = str(tmp_path / "out.json")
+    port = 29500 + tp
+    procs = [h.popen(host, [tool("torchrun"), "--nnodes", "2", "--node_rank", str(k), "--nproc_per_node",
+                            str(tp // 2), "--rdzv_endpoint", f"{h.names[0]}:{port}",
+                            *tp_run_args(engines[tp], prompts, out)], h.env())
+             for k, host in enumerate(h.names)]
+    results = wait_all(procs, timeout=240)
+    for k, (rc, stdout, stderr) in enumerate(results):
+        assert rc == 0, f"{h.names[k]}:\n{stdout}\n{stderr}"
+    assert f"tp_size={tp} device=cpu comm=gloo" in results[0][2]  # the ranks span hosts: no shared memory
+    assert_same(read_outputs(out), single_host(tp))
+
+
+@slow
+def test_mpirun_hostfile_two_hosts(two_hosts, engines, prompts, single_host, tmp_path):
+    """mpirun -f HOSTFILE -n 2 from tphost0, hydra reaching tphost1 through netns-rsh as it would through ssh."""
+    h = two_hosts
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("".join(f"{host}:1\n" for host in h.names))
+    out = str(tmp_path / "out.json")
+    res = h.run(h.names[0], [tool("mpirun"), "-launcher", "ssh", "-launcher-exec", RSH, "-f", str(hostfile),
+                             "-n", "2", PY, *tp_run_args(engines[2], prompts, out)], h.env(), timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "tp_size=2 device=cpu comm=gloo" in res.stderr
+    assert_same(read_outputs(out), single_host(2))
+
+
+@pytest.fixture(scope="module")
+def ray_two_nodes(two_hosts):
+    """A Ray head in tphost0 and a worker node in tphost1, one CPU each, with token authentication; returns the
+    environment every Ray command needs (the mode and the token)."""
+    h = two_hosts
+    env = h.env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    small = ["--num-cpus", "1", "--object-store-memory", str(100 << 20), "--disable-usage-stats"]
+    head = h.run(h.names[0], ["ray", "start", "--head", "--port", "6379", "--dashboard-host", "0.0.0.0",
+                              "--dashboard-port", "8265", *small], env, timeout=120)
+    try:
+        assert head.returncode == 0, head.stdout + head.stderr
+        worker = h.run(h.names[1], ["ray", "start", "--address", f"{h.names[0]}:6379", *small], env, timeout=120)
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        yield env
+    finally:
+        for host in h.names:
+            h.run(host, ["ray", "stop", "--force"], env, timeout=60)
+
+
+def assert_one_rank_per_node(text: str, h) -> None:
+    placed = re.search(r"Ray placement STRICT_SPREAD: rank 0 on (\w+) \([\d.]+\), rank 1 on (\w+) \([\d.]+\)", text)
+    assert placed and set(placed.groups()) == set(h.names), text
+
+
+@slow
+def test_ray_tp_run_two_nodes(two_hosts, ray_two_nodes, engines, prompts, single_host, tmp_path):
+    """tp-run --launcher ray --placement spread --ray_address tphost0:6379: one rank on each node."""
+    h = two_hosts
+    out = str(tmp_path / "out.json")
+    res = h.run(h.names[0], [PY, *tp_run_args(engines[2], prompts, out), "--launcher", "ray", "--placement", "spread",
+                             "--ray_address", f"{h.names[0]}:6379"], ray_two_nodes, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert_one_rank_per_node(res.stderr, h)
+    assert "tp_size=2 device=cpu comm=gloo" in res.stderr
+    assert_same(read_outputs(out), single_host(2))
+
+
+@slow
+def test_ray_job_submit_two_nodes(two_hosts, ray_two_nodes, engines, prompts, single_host, tmp_path):
+    """launch/ray_job.sh: `ray job submit` to the head's job server; the driver runs on the cluster."""
+    h = two_hosts
+    out = str(tmp_path / "out.json")
+    env = dict(ray_two_nodes, RAY_ADDRESS=f"http://{h.names[0]}:8265")
+    args = tp_run_args(engines[2], prompts, out)[4:]  # the script gives -m tp_runtime.cli.run --engine E itself
+    res = h.run(h.names[0], ["bash", os.path.join(REPO, "launch", "ray_job.sh"), engines[2], "--placement", "spread",
+                             *args], env, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    logs = res.stdout + res.stderr
+    assert_one_rank_per_node(logs, h)
+    assert "succeeded" in logs
+    assert_same(read_outputs(out), single_host(2))
+
+
+def test_spread_is_strict_when_each_rank_has_a_node():
+    """--placement spread asks Ray for one rank per node (STRICT_SPREAD) when the cluster has a node for every
+    rank's bundle, and for SPREAD otherwise (it could never be granted strictly)."""
+    from tp_runtime.distributed.ray_cluster import strategy
+
+    class FakeRay:
+        def __init__(self, cpus):
+            self.cpus = cpus
+
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"CPU": c}} for c in self.cpus] + [{"Alive": False, "Resources": {"CPU": 8}}]
+
+    assert strategy(FakeRay([1, 1]), 2, {"CPU": 1}, "spread") == "STRICT_SPREAD"
+    assert strategy(FakeRay([2]), 2, {"CPU": 1}, "spread") == "SPREAD"
+    assert strategy(FakeRay([4, 1]), 2, {"CPU": 2}, "spread") == "SPREAD"  # only one node holds a 2-CPU bundle
+    assert strategy(FakeRay([1, 1]), 2, {"CPU": 1}, "pack") == "STRICT_PACK"
