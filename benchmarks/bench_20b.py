@@ -8,6 +8,7 @@ For each engine:
   * load under mpirun (tp > 1) or alone: seconds, each rank's anonymous and mapped memory after load and
     its peak anonymous memory while loading;
   * TTFT of a --prompt_len-token prompt, decode tok/s at batch 1 and at batch 4 (different prompts per row);
+  * tp-verify against the checkpoint (16 tokens, every layer): verdict and worst half;
   * the share of the memory roofline at batch 1: measured tok/s / (read bandwidth / bytes read per token),
     with the bandwidth of benchmarks/roofline.py (torch.sum over 2 GiB, all threads) and the bytes of every
     rank's weights a decode step reads (all but the embedding table, whose one row per token is free).
@@ -150,6 +151,27 @@ def decode_run(engine: str, tp: int, args, out: str, log: str) -> dict | None:
         return json.load(f)
 
 
+def verify(engine: str, hf: str, tp: int, log: str) -> dict:
+    """tp-verify of the engine against the checkpoint (16 tokens, every layer): exit code, verdict line, the
+    worst half by out_cos, and its peak anonymous memory (rank 0, which runs the reference)."""
+    cmd = [sys.executable, "-m", "tp_runtime.cli.verify", "--engine", engine, "--model_dir", hf,
+           "--input_ids", ",".join(str(100 + 37 * i) for i in range(16)), "--compile", "off"]
+    if tp > 1:
+        cmd = [os.path.join(BIN, "mpirun"), "-n", str(tp), *cmd]
+    rc, seconds, peak = run_sampled(cmd, log)
+    with open(log) as f:
+        lines = f.read().splitlines()
+    verdict = next((ln for ln in lines if "PASS:" in ln or "FAIL:" in ln), "")
+    rows = []
+    for ln in lines:
+        parts = ln.split()
+        if len(parts) == 8 and parts[1] in ("attention", "MLP"):
+            rows.append((float(parts[6]), float(parts[5]), parts[0], parts[1]))
+    worst = min(rows) if rows else None
+    return {"rc": rc, "seconds": seconds, "peak_anonymous_launcher": peak, "verdict": verdict,
+            "worst": {"layer": worst[2], "half": worst[3], "out_cos": worst[0], "out_rel": worst[1]} if worst else None}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="internlm2-20b", help="preset: internlm2-20b, gpt-neox-20b, exaone-3.5-32b, ...")
@@ -162,6 +184,7 @@ def main():
     p.add_argument("--max_seq_len", type=int, default=1024)
     p.add_argument("--calib_samples", type=int, default=8)
     p.add_argument("--calib_seq_len", type=int, default=256)
+    p.add_argument("--no_verify", dest="verify", action="store_false", help="skip tp-verify of each engine")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--engine", default=None, help=argparse.SUPPRESS)
@@ -212,6 +235,10 @@ def main():
                           f"{roof:.2f}), b4 {run['decode_tok_s_b4']:.2f} tok/s", flush=True)
                 else:
                     print(f"{spec}: the decode run failed, see {engine}.run.log", flush=True)
+                if args.verify:
+                    row["verify"] = verify(engine, hf, tp, engine + ".verify.log")
+                    print(f"{spec}: tp-verify {row['verify']['verdict']} worst {row['verify']['worst']} "
+                          f"({row['verify']['seconds']:.0f} s)", flush=True)
             rows.append(row)
             shutil.rmtree(engine, ignore_errors=True)
             if args.out:

@@ -4,8 +4,7 @@ reads a weight; tp-plan prints the same figures for a model not yet converted.
 
     weights   each tensor of the rank file as the model keeps it: quantized codes, scales and zeros as
               stored (the kernels re-lay them out at the same size); float tensors in the compute dtype
-              (a bf16 engine on a CPU without native bf16 computes, and so keeps, float32: twice its file);
-              an embedding table left in its file's dtype is mapped and read a row a token: not counted
+              (a bf16 engine on a CPU without native bf16 computes, and so keeps, float32: twice its file)
     KV cache  2 (keys, values) x layers x max_batch_size x kv_heads_per_rank x max_seq_len x head_size
               x the compute dtype's size
     runtime   Python, torch and the tokenizer, the decode step's activations and scratch (RUNTIME_BYTES)
@@ -54,16 +53,12 @@ def header_entries(header: dict) -> list[tuple[str, torch.dtype, tuple]]:
 
 def weight_bytes(entries, compute_dtype: torch.dtype) -> int:
     """Resident bytes of a rank's tensors, given as (name, torch dtype, shape): float tensors other than
-    quantization scales in the compute dtype, the rest as stored. An embedding table already in the compute
-    dtype and apart from the lm_head stays mapped from the rank file, where a lookup reads one row a token:
-    it costs (almost) nothing resident and is not counted."""
-    entries = list(entries)
+    quantization scales in the compute dtype, the rest as stored. An embedding table left mapped is read a row a
+    token, but where the page cache holds the file in huge pages each row maps 2 MB: a few hundred tokens bring
+    in most of it, so it is counted whole."""
     compute = torch.empty((), dtype=compute_dtype).element_size()
-    separate_head = any(name == ef.LM_HEAD for name, _, _ in entries)
     total = 0
     for name, dtype, shape in entries:
-        if name == ef.EMBEDDING and separate_head and dtype == compute_dtype:
-            continue
         is_weight = dtype.is_floating_point and not name.endswith(ef.QUANT_SUFFIXES)
         total += torch.Size(shape).numel() * (compute if is_weight else torch.empty((), dtype=dtype).element_size())
     return total
