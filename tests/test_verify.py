@@ -141,8 +141,10 @@ def run_alone(engine, hf, *extra) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", list(FAMILIES))
-def test_every_family_passes_at_tp2(kind, tmp_path):
+# every family passes at tp 1 above; at tp 2 the ones whose split differs: GQA heads, InternLM2's grouped wqkv
+# (the canonical reference), GPT-NeoX's interleaved qkv and parallel residual, EXAONE-4's post-norms and windows
+@pytest.mark.parametrize("kind", ["llama", "internlm2", "gpt_neox", "exaone4"])
+def test_families_pass_at_tp2(kind, tmp_path):
     hf = checkpoint(kind, tmp_path)
     convert(str(hf), str(tmp_path / "e"), 2, progress=False)
     res = run_alone(tmp_path / "e", hf)
