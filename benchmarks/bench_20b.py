@@ -70,7 +70,7 @@ def convert_args(spec: str, hf: str, engine: str, args) -> list[str]:
     return cmd
 
 
-def predicted(engine: str, tp: int, batch: int, seq: int) -> list[int]:
+def predicted(engine: str, tp: int, batch: int, seq: int, compute: str = "auto") -> list[int]:
     """tp-plan's figures for each rank of this engine: weights as kept + KV cache + runtime, in bytes."""
     import torch
 
@@ -79,12 +79,12 @@ def predicted(engine: str, tp: int, batch: int, seq: int) -> list[int]:
     from tp_runtime.runtime.llm import pick_compute_dtype
 
     cfg = ef.EngineConfig.load(engine)
-    dtype = pick_compute_dtype(cfg.dtype, torch.device("cpu"), "auto")
+    dtype = pick_compute_dtype(cfg.dtype, torch.device("cpu"), compute)
     return [footprint.rank_file_weight_bytes(os.path.join(engine, ef.rank_file(r)), dtype)
             + footprint.kv_cache_bytes(cfg, r, batch, seq, dtype) + footprint.RUNTIME_BYTES for r in range(tp)]
 
 
-def step_bytes(engine: str, tp: int) -> int:
+def step_bytes(engine: str, tp: int, compute: str = "auto") -> int:
     """Bytes every rank's decode step reads: its weights as kept, but the embedding table (one row a token)."""
     import torch
 
@@ -93,7 +93,7 @@ def step_bytes(engine: str, tp: int) -> int:
     from tp_runtime.runtime.llm import pick_compute_dtype
 
     cfg = ef.EngineConfig.load(engine)
-    dtype = pick_compute_dtype(cfg.dtype, torch.device("cpu"), "auto")
+    dtype = pick_compute_dtype(cfg.dtype, torch.device("cpu"), compute)
     total = 0
     for r in range(tp):
         entries = footprint.header_entries(footprint.read_header(os.path.join(engine, ef.rank_file(r))))
@@ -110,7 +110,7 @@ def worker(args) -> None:
 
     with memory.PeakSampler(0.05) as load_peak:
         t = time.perf_counter()
-        llm = LLM(args.engine, max_batch_size=4, max_seq_len=args.max_seq_len, compile="off")
+        llm = LLM(args.engine, max_batch_size=4, max_seq_len=args.max_seq_len, compile="off", dtype=args.compute_dtype)
         load_s = time.perf_counter() - t
     peaks = llm.comm.all_gather_object(load_peak.peak)
     vocab = llm.config.vocab_size
@@ -139,7 +139,7 @@ def decode_run(engine: str, tp: int, args, out: str, log: str) -> dict | None:
     threads = max(1, (os.cpu_count() or 2) // tp)
     me = [sys.executable, os.path.abspath(__file__), "--worker", "--engine", engine, "--out", out,
           "--prompt_len", str(args.prompt_len), "--new_tokens", str(args.new_tokens),
-          "--max_seq_len", str(args.max_seq_len)]
+          "--max_seq_len", str(args.max_seq_len), "--compute_dtype", args.compute_dtype]
     cmd = me if tp == 1 else [os.path.join(BIN, "mpirun"), "-n", str(tp), *me]
     env = child_env()
     env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -184,6 +184,9 @@ def main():
     p.add_argument("--max_seq_len", type=int, default=1024)
     p.add_argument("--calib_samples", type=int, default=8)
     p.add_argument("--calib_seq_len", type=int, default=256)
+    p.add_argument("--compute_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="the runtime's compute dtype (auto: the engine's, float32 on CPUs without native bf16)")
+    p.add_argument("--keep_engines", action="store_true", help="keep each engine, and reuse one already there")
     p.add_argument("--no_verify", dest="verify", action="store_false", help="skip tp-verify of each engine")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -214,14 +217,20 @@ def main():
             precision, tp = spec.split(":")
             tp = int(tp)
             engine = os.path.join(work, f"engine-{precision}-tp{tp}")
-            shutil.rmtree(engine, ignore_errors=True)
-            rc, conv_s, conv_peak = run_sampled(convert_args(spec, hf, engine, args), engine + ".convert.log")
-            row = {"engine": spec, "convert_rc": rc, "convert_s": conv_s, "convert_peak_anonymous": conv_peak}
-            print(f"{spec}: converted in {conv_s:.0f} s, peak anonymous {conv_peak / GiB:.2f} GiB (rc {rc})", flush=True)
+            row = {"engine": spec, "compute_dtype": args.compute_dtype}
+            if args.keep_engines and os.path.isfile(os.path.join(engine, "config.json")):
+                rc = 0
+                row.update(convert_rc=0, convert_s=float("nan"), convert_peak_anonymous=float("nan"), reused=True)
+            else:
+                shutil.rmtree(engine, ignore_errors=True)
+                rc, conv_s, conv_peak = run_sampled(convert_args(spec, hf, engine, args), engine + ".convert.log")
+                row.update(convert_rc=rc, convert_s=conv_s, convert_peak_anonymous=conv_peak)
+                print(f"{spec}: converted in {conv_s:.0f} s, peak anonymous {conv_peak / GiB:.2f} GiB (rc {rc})",
+                      flush=True)
             if rc == 0:
                 row["engine_bytes"] = sum(os.path.getsize(os.path.join(engine, n)) for n in os.listdir(engine))
-                row["predicted_rank_bytes"] = predicted(engine, tp, 4, args.max_seq_len)
-                row["step_bytes"] = step_bytes(engine, tp)
+                row["predicted_rank_bytes"] = predicted(engine, tp, 4, args.max_seq_len, args.compute_dtype)
+                row["step_bytes"] = step_bytes(engine, tp, args.compute_dtype)
                 run = decode_run(engine, tp, args, engine + ".run.json", engine + ".run.log")
                 row["run"] = run
                 if run:
@@ -240,7 +249,8 @@ def main():
                     print(f"{spec}: tp-verify {row['verify']['verdict']} worst {row['verify']['worst']} "
                           f"({row['verify']['seconds']:.0f} s)", flush=True)
             rows.append(row)
-            shutil.rmtree(engine, ignore_errors=True)
+            if not args.keep_engines:
+                shutil.rmtree(engine, ignore_errors=True)
             if args.out:
                 with open(args.out, "w") as f:
                     json.dump({"model": args.model, "num_layers": args.num_layers, "checkpoint_bytes": ckpt_bytes,
