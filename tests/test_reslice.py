@@ -51,11 +51,24 @@ CHECKPOINTS = {
     "qwen2": lambda p: build_checkpoint(p, "qwen2", seed=4, **QWEN2),
     "gpt-neox": gpt_neox,
 }
+def awq_prequant_scheme():
+    """int4 g32 whose AWQ scales could not be folded: a prequant factor (in,) on every linear of LLAMA's layers
+    (replicated with qkv / fc / gate, split with dense's and proj's inputs). No calibration: the factors are given."""
+    from tp_runtime.convert.awq import AwqResult
+
+    g = torch.Generator().manual_seed(5)
+    widths = {"attention.qkv": 128, "attention.dense": 128, "mlp.fc": 128, "mlp.gate": 128, "mlp.proj": 256}
+    pre = {f"{ef.layer_prefix(i)}.{m}.weight": torch.rand(w, generator=g) + 0.5
+           for i in range(2) for m, w in widths.items()}
+    return dataclasses.replace(qz.parse_scheme("int4", 32, algo="awq"), awq=AwqResult(prequant=pre))
+
+
 QUANT = {
     "fp32": {},
     "int8": dict(quant=qz.parse_scheme("int8", quantize_lm_head=True)),
     "int4-g32-zero": dict(quant=qz.parse_scheme("int4", 32, zero_point=True, quantize_lm_head="int4")),
     "int4-g32": dict(quant=qz.parse_scheme("int4", 32)),
+    "int4-awq-prequant": dict(quant=awq_prequant_scheme()),
     "parallel-embedding": dict(parallel_embedding=True),
 }
 
@@ -97,7 +110,8 @@ def assert_resliced_equal(source: str, target: str) -> None:
 
 
 @pytest.mark.parametrize("family,precision", [("llama", "fp32"), ("llama", "int8"), ("llama", "int4-g32-zero"),
-                                              ("llama", "int4-g32"), ("llama-tied-bf16", "fp32"),
+                                              ("llama", "int4-g32"), ("llama", "int4-awq-prequant"),
+                                              ("llama-tied-bf16", "fp32"),
                                               ("llama-tied-bf16", "parallel-embedding"), ("gpt-neox", "fp32"),
                                               ("gpt-neox", "int8")])
 def test_resliced_equals_converted(engines, family, precision):
@@ -116,19 +130,20 @@ def test_gpt_neox_int4_reslices_within_its_groups(engines):
     """int4 g32 on 64-wide attention inputs: tp 1 <-> 2 keeps whole groups, tp 4 would cut them."""
     assert_resliced_equal(engines("gpt-neox", "int4-g32", 1), engines("gpt-neox", "int4-g32", 2))
     assert_resliced_equal(engines("gpt-neox", "int4-g32", 2), engines("gpt-neox", "int4-g32", 1))
-    with pytest.raises(UserError, match=r"group_size 32.*allows --tp_size 1, 2$"):
+    with pytest.raises(UserError, match=r"of attention.dense cuts the int4 groups of group_size 32; .* allow --tp_size 1, 2$"):
         Reslicer(engines("gpt-neox", "int4-g32", 2), ef.EngineConfig.load(engines("gpt-neox", "int4-g32", 2)), 4)
 
 
 def test_impossible_tp_sizes_are_refused(engines):
     engine = engines("llama", "fp32", 2)
     cfg = ef.EngineConfig.load(engine)
-    with pytest.raises(UserError, match=r"--tp_size 3: re-slicing .* \(converted at tp_size=2\): LlamaForCausalLM: cannot split.*valid tp sizes: 1, 2, 4, 8"):
+    heads = r"--tp_size 3: re-slicing .* \(converted at tp_size=2\): LlamaForCausalLM: cannot split.*valid tp sizes: 1, 2, 4, 8"
+    with pytest.raises(UserError, match=heads):
         Reslicer(engine, cfg, 3)
     with pytest.raises(UserError, match="must be >= 1"):
         Reslicer(engine, cfg, 0)
     int4 = engines("llama", "int4-g32", 1)
-    with pytest.raises(UserError, match=r"cuts the int4 groups of group_size 32.*allows --tp_size 1, 2, 4$"):
+    with pytest.raises(UserError, match=r"rank 0's input slice \[0, 16\) of attention.dense cuts the int4 groups of group_size 32; .* allow --tp_size 1, 2, 4$"):
         Reslicer(int4, ef.EngineConfig.load(int4), 8)  # 16 attention inputs a rank
 
 

@@ -42,7 +42,7 @@ from tp_runtime.runtime.rank_file import STORED_DTYPES, LazyTensors, is_weight
 # The split linears of a layer (transformer.layers.{i}.<module>.<part>) and their rules.
 LINEAR_RULES = {"attention.qkv": pt.QKV, "attention.dense": pt.ROW_ATTN, "mlp.fc": pt.COLUMN,
                 "mlp.gate": pt.COLUMN, "mlp.proj": pt.ROW_MLP}
-ROW_RULES = (pt.ROW_ATTN, pt.ROW_MLP)
+ROW_RULES = {pt.ROW_ATTN: "attention.dense", pt.ROW_MLP: "mlp.proj"}
 
 
 @dataclass(frozen=True)
@@ -146,13 +146,14 @@ class Reslicer:
     def _group_problem(self, plans) -> str | None:
         g = self.source.quantization.get("group_size") or -1
         D = self.source.head_size
-        for rule in ROW_RULES:
+        for rule, linear in ROW_RULES.items():
             for p in plans:
                 a, b = pt.row_span(rule, p, D)
+                where = f"rank {p.rank}'s input slice [{a}, {b}) of {linear}"
                 if g == -1 and (a % 2 or b % 2):
-                    return f"{rule} input slice [{a}, {b}) is odd, but int4 packs two inputs a byte"
+                    return f"{where} has odd ends, but int4 packs two inputs a byte"
                 if g != -1 and (a % g or b % g):
-                    return f"{rule} input slice [{a}, {b}) cuts the int4 groups of group_size {g}"
+                    return f"{where} cuts the int4 groups of group_size {g}"
         return None
 
     def _check_groups(self, where: str) -> None:
@@ -168,8 +169,8 @@ class Reslicer:
                 plans = pt.plan_ranks(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, m)
                 if self._group_problem(plans) is None:
                     valid.append(m)
-        raise UserError(f"{where}: rank {problem}: the group size {cfg.quantization.get('group_size')} of this "
-                        f"int4 engine allows --tp_size {', '.join(map(str, valid))}")
+        raise UserError(f"{where}: {problem}; the int4 groups of this engine allow --tp_size "
+                        f"{', '.join(map(str, valid))}")
 
     # --- per tensor ---
 
