@@ -119,6 +119,18 @@ def test_resliced_equals_converted(engines, family, precision):
         assert_resliced_equal(engines(family, precision, n), engines(family, precision, m))
 
 
+def test_a_rank_reads_only_the_files_it_needs(engines):
+    def files(source, m):
+        rs = Reslicer(source, ef.EngineConfig.load(source), m)
+        return [[int(p.rsplit("rank", 1)[1].split(".")[0]) for p in rs.source_paths(r)] for r in range(m)]
+
+    # heads and MLP columns: ranks 0-1 of 4 are rank 0 of 2; the lm_head's vocabulary rows (26 a rank at tp 4,
+    # 51 at tp 2) cross: rank 1 of 2 starts at row 51, which rank 1 of 4 holds
+    assert files(engines("llama", "fp32", 4), 2) == [[0, 1], [1, 2, 3]]
+    assert files(engines("llama", "fp32", 2), 4) == [[0], [0, 1], [1], [1]]  # rank 1 of 4 ends at row 52
+    assert files(engines("llama", "fp32", 1), 2) == [[0], [0]]
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_uneven_splits_reslice(engines, precision):
     """Uneven KV groups (tp 2) and uneven MLP columns (tp 3) on both sides of a re-slicing."""

@@ -11,7 +11,7 @@ holds, once at M, to know which rows or columns the target rank needs; the overl
     attention.dense, mlp.proj       inputs (dim 1)         q-head / intermediate spans     its span
     lm_head (+ vocab-parallel emb.) rows                   padded vocab / N per rank       padded vocab / M,
                                                                                            zeros past vocab_size
-    everything else                 replicated             rank 0's copy                   the same
+    everything else                 replicated             any rank's copy                 the same
 
 Quantized linears slice their parts with the weight: codes, scales and zeros of row-split tensors by output
 rows; of input-split tensors by inputs, in stored units (int4 codes two inputs a byte, int4 scales and zeros
@@ -20,6 +20,9 @@ factor (in,) with the inputs. Since the converter quantized each canonical tenso
 slicing its slices again gives the codes a conversion at M writes. A split at M that would cut an int4
 group (or a packed byte) is refused.
 
+A replicated tensor is read from the source rank that holds the target rank's first query head, so a rank
+opens only the files whose slices it needs (at 4 -> 2, rank 1 reads files 2 and 3, and of file 1 only the one
+lm_head row where the two vocabulary splits cross; nothing of file 0).
 KV heads replicated at N (tp > KV heads) are read from the first rank that holds them; at M they are
 replicated again as head_splits says. A tied embedding stored once at tp 1 is sliced into a separate
 lm_head at M > 1, and a tied lm_head is dropped at M = 1, as the converter does.
@@ -209,6 +212,11 @@ class Reslicer:
             return [("vocab", rank * per_rank, (rank + 1) * per_rank)]
         raise ValueError(f"rule {rule} is not split")
 
+    def home(self, rank: int) -> int:
+        """The source rank that holds target `rank`'s first query head: where its replicated tensors are read."""
+        first = self.plans[rank].heads.q_heads[0] * self.source.head_size
+        return next(s.rank for s in self.segments["q"] if s.start <= first < s.end)
+
     def source_name(self, name: str) -> tuple[str, Slicing]:
         """The source tensor a target tensor is cut from, and how the source holds it."""
         if name == ef.LM_HEAD and self.head_from_embedding:
@@ -222,12 +230,12 @@ class Reslicer:
         slicing = self.slicing(name)
         shape = list(self.headers[0][src_name]["shape"])
         if slicing.axis is None:
-            return src_name, slicing, [(0, 0, 0)], shape  # rank 0's copy, whole
+            return src_name, slicing, [(self.home(rank), 0, 0)], shape  # one copy, whole
         axis, unit = slicing.axis, slicing.unit
         out = []
         for component, a, b in self.needs(slicing.rule, rank):
             segments = (self.segments[component] if src_slicing.axis is not None
-                        else [Segment(0, self.source.vocab_size, 0, 0)])  # a replicated source: rank 0 holds all
+                        else [Segment(0, self.source.vocab_size, self.home(rank), 0)])  # a replicated source
             pos = a
             for s in segments:
                 lo, hi = max(pos, s.start), min(b, s.end)
@@ -286,9 +294,10 @@ class ReslicedTensors(LazyTensors):
         src_name, slicing, pieces, shape = self.rs.pieces(name, self.rank)
         stored = STORED_DTYPES[self.rs.headers[0][src_name]["dtype"]]
         if slicing.axis is None:
+            source = self._source(pieces[0][0])
             if is_weight(name, stored) and stored == self.dtype and self.device.type == "cpu":
-                return self._source(0).get_tensor(src_name)  # mapped, as a rank file's
-            return self._source(0).get_tensor(src_name).clone()
+                return source.get_tensor(src_name)  # mapped, as a rank file's
+            return source.get_tensor(src_name).clone()
         out = torch.empty(shape, dtype=stored)  # (..., the split axis holds the pieces side by side, ...)
         pos = 0
         for r, start, n in pieces:
