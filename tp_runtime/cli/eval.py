@@ -120,7 +120,7 @@ def run_perplexity(args) -> int:
     llm.close()
     if not lead:
         return 0
-    result = {"format_version": JSON_FORMAT_VERSION, "engine": args.engine, "tp_size": cfg.tp_size,
+    result = {"format_version": JSON_FORMAT_VERSION, "engine": args.engine, "tp_size": llm.config.tp_size,
               "dtype": str(llm.dtype).removeprefix("torch."), "text": source, "tokens": len(ids),
               "window": window, "stride": stride, "windows": len(windows), "tokens_scored": count,
               "nll_mean": nll / count, "perplexity": math.exp(nll / count), "seconds": seconds,

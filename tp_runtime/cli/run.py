@@ -77,6 +77,9 @@ def add_ray_args(p) -> None:
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     """The run-time flags every engine-driving command shares (tp-run, tp-eval, tp-serve)."""
     r = p.add_argument_group("runtime")
+    r.add_argument("--tp_size", type=int, default=None,
+                   help="ranks to run on; an engine converted at another tp_size is re-sliced at load, each rank "
+                        "reading only its slices of the engine's files (default: the engine's tp_size)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when torch sees a GPU, else CPU (default %(default)s)")
     r.add_argument("--threads", type=int, default=None,
@@ -109,10 +112,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def options_from_args(args, **overrides) -> RuntimeOptions:
     """The RuntimeOptions that add_runtime_args' flags describe; overrides replace single settings."""
-    return RuntimeOptions(device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
-                          max_seq_len=args.max_seq_len, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-                          comm_timeout_s=args.comm_timeout, comm=args.comm, bind=args.bind,
-                          reserve_cores=args.reserve_cores, compile=args.compile,
+    return RuntimeOptions(device=args.device, tp_size=args.tp_size, threads=args.threads,
+                          max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, dtype=args.dtype,
+                          tokenizer_dir=args.tokenizer_dir, comm_timeout_s=args.comm_timeout, comm=args.comm,
+                          bind=args.bind, reserve_cores=args.reserve_cores, compile=args.compile,
                           woq_kernel=args.woq_kernel).replace(**overrides)
 
 
@@ -191,11 +194,12 @@ def main(argv=None):
         from tp_runtime.runtime.ray_engine import launch_console_script
 
         return launch_console_script(main, sys.argv[1:] if argv is None else list(argv), args.engine, args.device,
-                                     args.threads, args.placement, args.ray_address)
+                                     args.threads, args.placement, args.ray_address, args.tp_size)
     llm = llm_from_args(args, decode_steps=args.max_output_len)  # one shot: compile only if it pays back
     lead = llm.rank == 0
     if lead:
-        print(f"[tp-run] {llm.config.source_architecture} tp_size={llm.config.tp_size} device={llm.device} "
+        resliced = f" (re-sliced from {llm.reslicer.source.tp_size})" if llm.reslicer else ""
+        print(f"[tp-run] {llm.config.source_architecture} tp_size={llm.config.tp_size}{resliced} device={llm.device} "
               f"comm={llm.comm.backend} "
               f"dtype={str(llm.dtype).removeprefix('torch.')} threads/rank={llm.threads} "
               f"loaded in {llm.load_s:.2f}s"

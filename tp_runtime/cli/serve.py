@@ -68,13 +68,13 @@ def main(argv=None):
         raise UserError(f"--max_body_bytes must be >= 1024, got {args.max_body_bytes}")
     info = detect_launch()
     if info.launcher == "none":
-        tp_size = ef.EngineConfig.load(args.engine).tp_size
+        tp_size = args.tp_size or ef.EngineConfig.load(args.engine).tp_size  # --tp_size: re-sliced at load
         if args.launcher == "ray":  # this process drives; the ranks run this main in Ray actors
             from tp_runtime.runtime.ray_engine import launch_console_script
 
             print(f"[tp-serve] starting {tp_size} ranks as Ray actors", file=sys.stderr, flush=True)
             return launch_console_script(main, argv, args.engine, args.device, args.threads, args.placement,
-                                         args.ray_address)
+                                         args.ray_address, args.tp_size)
         if args.launcher in ("mpirun", "torchrun") and tp_size > 1:
             raise UserError(f"--launcher {args.launcher}: start tp-serve under it, e.g. "
                             + (f"mpirun -n {tp_size} tp-serve ..." if args.launcher == "mpirun"

@@ -176,15 +176,16 @@ def main(argv=None):
     from tp_runtime.distributed.launch import detect_launch
 
     cfg = ef.EngineConfig.load(args.engine)
-    if detect_launch().launcher == "none" and cfg.tp_size > 1:
+    ranks = args.tp_size or cfg.tp_size  # --tp_size: the engine re-sliced at load
+    if detect_launch().launcher == "none" and ranks > 1:
         if args.launcher in ("mpirun", "torchrun"):
             raise UserError(f"--launcher {args.launcher}: start tp-verify under it, e.g. "
-                            + (f"mpirun -n {cfg.tp_size} tp-verify ..." if args.launcher == "mpirun"
-                               else f"torchrun --nproc_per_node {cfg.tp_size} $(which tp-verify) ..."))
+                            + (f"mpirun -n {ranks} tp-verify ..." if args.launcher == "mpirun"
+                               else f"torchrun --nproc_per_node {ranks} $(which tp-verify) ..."))
         from tp_runtime.distributed.local_launch import launch_local
 
-        print(f"[tp-verify] starting {cfg.tp_size} local ranks", file=sys.stderr, flush=True)
-        return launch_local(cfg.tp_size, [sys.executable, "-m", "tp_runtime.cli.verify", *argv])
+        print(f"[tp-verify] starting {ranks} local ranks", file=sys.stderr, flush=True)
+        return launch_local(ranks, [sys.executable, "-m", "tp_runtime.cli.verify", *argv])
     return verify_rank(args, cfg)
 
 
@@ -210,7 +211,8 @@ def verify_rank(args, cfg: ef.EngineConfig) -> int:
         limits = ", ".join(s for s in (f"out_rel <= {rtol:g}" if rtol is not None else "",
                                        f"out_cos >= {min_cos:g}" if min_cos is not None else "",
                                        f"max_abs <= {args.atol:g}" if args.atol is not None else "") if s)
-        print(f"[tp-verify] {cfg.source_architecture} engine {args.engine} ({kind}, tp_size {cfg.tp_size}, compute "
+        print(f"[tp-verify] {cfg.source_architecture} engine {args.engine} ({kind}, tp_size {llm.config.tp_size}, "
+              f"compute "
               f"{str(llm.dtype).removeprefix('torch.')}) against {args.model_dir} ({ref.source})", flush=True)
         print(f"[tp-verify] {B} x {T} tokens; limits: {limits or 'none'}", flush=True)
         print(f"{'layer':>6} {'half':<9} {'max_abs':>10} {'rel':>10} {'cos':>10} {'out_rel':>10} {'out_cos':>10}",

@@ -5,9 +5,10 @@ the LLM and calls generate with the same arguments; rank 0's prompts and paramet
 used (they are broadcast), and every rank gets rank 0's results back.
 
 Start-up order, so that a user mistake fails alike on every rank before any collective:
-read config.json -> check world size == tp_size -> check every rank file -> set threads ->
-communicator -> check that every host's ranks fit its memory (weights + KV cache, runtime/footprint.py) ->
-load this rank's file -> build the model and the KV cache.
+read config.json -> check every rank file -> (tp_size M given: plan the re-slicing, runtime/reslice.py) ->
+check world size == M or the engine's tp_size -> set threads -> communicator -> check that every host's ranks
+fit its memory (weights + KV cache, runtime/footprint.py) -> load this rank's file (or its slices of the N
+files) -> build the model and the KV cache.
 """
 
 import os
@@ -36,6 +37,7 @@ from tp_runtime.runtime.compile import COMPILE_SPAN, compile_decode
 from tp_runtime.runtime.model import KVCache, TPDecoder
 from tp_runtime.runtime.options import RuntimeOptions
 from tp_runtime.runtime.rank_file import RankTensors
+from tp_runtime.runtime.reslice import Reslicer
 from tp_runtime.runtime.sampling import SamplingParams
 
 DTYPES = ef.DTYPES
@@ -120,14 +122,20 @@ class LLM:
         self.info = detect_launch()
         self.rank = self.info.rank
         cfg = ef.EngineConfig.load(engine_dir)
+        ef.check_rank_files(engine_dir, cfg.tp_size)
+        self.reslicer = None  # the engine's files re-sliced for opts.tp_size ranks at load
+        if opts.tp_size is not None and opts.tp_size != cfg.tp_size:
+            self.reslicer = Reslicer(engine_dir, cfg, opts.tp_size)  # an impossible tp_size fails here, on every rank
+            cfg = self.reslicer.config
         self.config = cfg
         if self.info.world_size != cfg.tp_size:
+            built = self.reslicer.source.tp_size if self.reslicer else cfg.tp_size
+            asked = f"--tp_size {cfg.tp_size} asks for" if self.reslicer else "was converted for"
             raise UserError(
-                f"the engine {engine_dir} was converted for tp_size={cfg.tp_size}, but {self.info.world_size} "
-                f"rank(s) were started; start {cfg.tp_size} (e.g. mpirun -n {cfg.tp_size}) or re-run tp-convert "
-                f"with --tp_size {self.info.world_size}"
+                f"the engine {engine_dir} (converted at tp_size={built}) {asked} {cfg.tp_size} rank(s), but "
+                f"{self.info.world_size} were started; start {cfg.tp_size} (e.g. mpirun -n {cfg.tp_size}) or pass "
+                f"--tp_size {self.info.world_size} to re-slice it at load"
             )
-        ef.check_rank_files(engine_dir, cfg.tp_size)
         if dtype not in ("auto", *DTYPES):
             raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
         self.max_batch_size = max_batch_size or cfg.max_batch_size
@@ -159,15 +167,24 @@ class LLM:
         t0 = time.perf_counter()
         self.comm = make_communicator(self.info, self.device, opts.comm_timeout_s, opts.comm)
         show = self.rank == 0 and sys.stderr.isatty()  # rank 0 alone draws the bar
-        rank_path = os.path.join(engine_dir, ef.rank_file(self.rank))
-        self._check_memory(rank_path)
+        if self.reslicer is None:
+            sources = [os.path.join(engine_dir, ef.rank_file(self.rank))]
+            weight_bytes = footprint.rank_file_weight_bytes(sources[0], self.dtype)
+        else:
+            sources = self.reslicer.source_paths(self.rank)
+            weight_bytes = footprint.weight_bytes(self.reslicer.entries(self.rank), self.dtype)
+        self._check_memory(weight_bytes)
         before = memory.process()["rss"]
-        weights = RankTensors(rank_path, self.dtype, self.device)  # each tensor read as the model takes it
+        if self.reslicer is None:  # each tensor read as the model takes it
+            weights = RankTensors(sources[0], self.dtype, self.device)
+        else:
+            weights = self.reslicer.rank_tensors(self.rank, self.dtype, self.device)
         self.model = TPDecoder(cfg, self.rank, weights, self.comm, self.max_seq_len, opts.woq_kernel,
                                opts.native_attention, progress=show).eval()
         weights.close()
         del weights
-        memory.release_file_pages(rank_path)  # what the build read through the mapping (the fused fc + gate's parts)
+        for path in sources:  # what the build read through the mapping (the fused fc + gate's parts)
+            memory.release_file_pages(path)
         memory.trim_heap()  # and the transient buffers it freed
         self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
         # every rank's memory after load, [(anonymous, mapped, resident before load) bytes] in rank order
@@ -216,10 +233,10 @@ class LLM:
 
     # --- set-up helpers ---
 
-    def _check_memory(self, rank_path: str) -> None:
+    def _check_memory(self, weight_bytes: int) -> None:
         """Before any weight is read: refuse, on every rank alike, when the ranks that share a host (or a GPU)
         would not fit its memory with this KV cache (runtime/footprint.py)."""
-        need = (footprint.rank_file_weight_bytes(rank_path, self.dtype),
+        need = (weight_bytes,
                 footprint.kv_cache_bytes(self.config, self.rank, self.max_batch_size, self.max_seq_len, self.dtype),
                 footprint.RUNTIME_BYTES if self.device.type == "cpu" else 0)
         if self.device.type == "cuda":

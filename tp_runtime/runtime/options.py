@@ -15,6 +15,7 @@ from tp_runtime.distributed.comm import DEFAULT_TIMEOUT_S as DEFAULT_COMM_TIMEOU
 @dataclass
 class RuntimeOptions:
     device: str = "auto"  # auto | cpu | cuda
+    tp_size: int | None = None  # ranks to run on; another tp than the engine's re-slices it at load (reslice.py)
     threads: int | None = None  # torch threads per rank (None: the rank's cores less reserve_cores)
     max_batch_size: int | None = None  # None: the engine's
     max_seq_len: int | None = None  # KV cache length; None: the engine's

@@ -37,7 +37,11 @@ class RayEngine:
         self.config = ef.EngineConfig.load(engine_dir)
         ef.check_rank_files(engine_dir, self.config.tp_size)
         self.engine_dir = engine_dir
-        self.group = RankGroup(self.config.tp_size, placement, address, _use_gpu(device), threads,
+        options = llm_kwargs.get("options")
+        # tp_size (a keyword or options'): that many ranks, the engine re-sliced at load (runtime/reslice.py)
+        self.ranks = (llm_kwargs.get("tp_size") or (options.tp_size if options is not None else None)
+                      or self.config.tp_size)
+        self.group = RankGroup(self.ranks, placement, address, _use_gpu(device), threads,
                                placement_timeout_s)
         try:
             self.group.start(_build_llm, engine_dir, device=device, threads=threads, **llm_kwargs)
@@ -49,7 +53,7 @@ class RayEngine:
 
     @property
     def tp_size(self) -> int:
-        return self.config.tp_size
+        return self.ranks
 
     def generate(self, prompts, sampling_params=None, chat_template: bool | None = False,
                  max_input_length: int | None = None):
@@ -78,14 +82,15 @@ def _build_llm(engine_dir, **kwargs):
 
 
 def launch_console_script(main, argv: list[str], engine_dir: str, device: str = "auto", threads: int | None = None,
-                          placement: str = "pack", address: str | None = None) -> int:
-    """Run a console script's main(argv) on tp_size Ray actors (argv with `--launcher auto` appended, so the ranks
-    run it as under torchrun); rank 0's output is printed here. Returns rank 0's exit status."""
+                          placement: str = "pack", address: str | None = None, tp_size: int | None = None) -> int:
+    """Run a console script's main(argv) on tp_size Ray actors (None: the engine's; argv with `--launcher auto`
+    appended, so the ranks run it as under torchrun); rank 0's output is printed here. Returns rank 0's exit
+    status."""
     if detect_launch().world_size > 1:
         raise UserError("--launcher ray starts the ranks itself: run the command once, not under mpirun or torchrun")
     cfg = ef.EngineConfig.load(engine_dir)
     ef.check_rank_files(engine_dir, cfg.tp_size)
-    results = launch_ranks(cfg.tp_size, main, [*argv, "--launcher", "auto"], placement=placement, address=address,
-                           use_gpu=_use_gpu(device), cpus_per_rank=threads)
+    results = launch_ranks(tp_size or cfg.tp_size, main, [*argv, "--launcher", "auto"], placement=placement,
+                           address=address, use_gpu=_use_gpu(device), cpus_per_rank=threads)
     sys.stdout.flush()
     return results[0] or 0
