@@ -66,15 +66,16 @@ class GlooLink:
         self.group = comm._subgroup(leaders)
         self.me = leaders.index(comm.rank) if comm.rank in leaders else None
         self.count = len(leaders)
-        self.bufs: list[torch.Tensor] = []
+        self.store = torch.empty(0)
 
-    def exchange(self, mine: torch.Tensor) -> list[torch.Tensor]:
-        n = mine.numel()
-        if not self.bufs or self.bufs[0].dtype != mine.dtype or self.bufs[0].numel() < n:
-            self.bufs = [torch.empty(n, dtype=mine.dtype) for _ in range(self.count)]
-        parts = [b[:n] for b in self.bufs]
-        self.comm._all_gather_into(parts, mine, self.group)
-        return parts
+    def buffers(self, n: int) -> list[torch.Tensor]:
+        if self.store.shape[-1] < n:
+            self.store = torch.empty(self.count, n, dtype=torch.float32)
+        return [self.store[j, :n] for j in range(self.count)]
+
+    def exchange(self, n: int) -> None:
+        parts = self.buffers(n)
+        self.comm._all_gather_into(parts, parts[self.me], self.group)
 
     def close(self) -> None:
         pass
@@ -102,7 +103,6 @@ class HierarchicalCommunicator(ShmCommunicator):
         self.leaders = sorted(first.values())
         self.leader = self.members[0] == self.rank
         self.link = (TcpLink if leader_link == "tcp" else GlooLink)(self, self.leaders)
-        self.partial: torch.Tensor | None = None  # the leader's host sum, fp32
 
     def _wants_segment(self, required: bool) -> bool:
         return required or layout(self.hosts) != "gloo"
@@ -128,23 +128,22 @@ class HierarchicalCommunicator(ShmCommunicator):
         if not self.leader:
             rows[self.me].copy_(part)
             self._post(s)
-            self._wait([0], s)
+            self._wait([0], s, spins_per_check=1)  # the leader is on the network: leave it the core
             part.copy_(rows[0])
             return
         if len(rows) > 1:
-            self._wait(self.everyone[1:], s)
-        if self.partial is None or self.partial.numel() < n:
-            self.partial = torch.empty(n, dtype=torch.float32)
-        partial = self.partial[:n]
+            self._wait(self.everyone[1:], s, spins_per_check=1)  # yielding: a rank of the other host may need the core
+        parts = self.link.buffers(n)  # one fp32 vector per host, in host order
+        partial = parts[self.link.me]
         if len(rows) == 1:  # alone on this host: no slot to write, nobody to hand the sum to
             partial.copy_(part)
         elif len(rows) == 2 and part.dtype == torch.float32:
             torch.add(part, rows[1], out=partial)
         else:
             torch.sum(torch.stack([part, *rows[1:]]), dim=0, dtype=torch.float32, out=partial)
-        parts = self.link.exchange(partial)
+        self.link.exchange(n)
         if len(parts) == 2:
-            torch.add(parts[0], parts[1], out=partial)  # (partial is parts[0] or parts[1]: the sum is elementwise)
+            torch.add(parts[0], parts[1], out=partial)  # (partial is one of them: the sum is elementwise)
         else:
             acc = parts[0].clone()
             for p in parts[1:]:

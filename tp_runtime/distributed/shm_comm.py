@@ -139,8 +139,9 @@ class ShmCommunicator(TorchDistCommunicator):
             rows = self.typed[dtype] = [[typed[b, r] for r in self.everyone] for b in range(2)]
         return rows
 
-    def _wait(self, ranks, s: int) -> None:
-        """Spin until the flags of `ranks` (positions in self.members) reach s, with a sched_yield every SPINS_PER_CHECK spins. A wait
+    def _wait(self, ranks, s: int, spins_per_check: int = SPINS_PER_CHECK) -> None:
+        """Spin until the flags of `ranks` (positions in self.members) reach s, with a sched_yield every
+        spins_per_check spins (a wait that spans a network trip yields at every look). A wait
         longer than BACKOFF_AFTER_S is no collective in flight but an idle peer (a server between
         requests): then sleep between looks, 1% of the time waited so far and at most MAX_SLEEP_S, so
         an idle rank costs no core. Dead peers and the timeout are checked every LOOK_EVERY_S."""
@@ -153,7 +154,7 @@ class ShmCommunicator(TorchDistCommunicator):
             else:
                 return
             spins += 1
-            if not sleeping and spins % SPINS_PER_CHECK:
+            if not sleeping and spins % spins_per_check:
                 continue
             now = time.monotonic()
             start = start or now

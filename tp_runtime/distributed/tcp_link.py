@@ -77,28 +77,36 @@ class TcpLink:
             s.setblocking(False)
         self.fd_peer = {s.fileno(): j for j, s in self.peers.items()}
         self.poller = select.poll()
-        self.bufs: list[torch.Tensor | None] = [None] * len(leaders)
+        self.store = torch.empty(0)  # (leaders, capacity) fp32: row j holds leader j's partial
+        self.views: dict[int, tuple] = {}  # n -> (parts, my bytes, {peer: its bytes}): made once per size
 
-    def exchange(self, mine: torch.Tensor) -> list[torch.Tensor]:
-        """Every leader's `mine` (same size and dtype everywhere, contiguous), in leader order; mine is
-        returned as it is, the others in buffers of this link that the next call overwrites."""
-        n = mine.numel()
-        parts = []
-        for j in range(len(self.leaders)):
-            if j == self.me:
-                parts.append(mine)
-                continue
-            buf = self.bufs[j]
-            if buf is None or buf.dtype != mine.dtype or buf.numel() < n:
-                buf = self.bufs[j] = torch.empty(n, dtype=mine.dtype)
-            parts.append(buf[:n])
-        out = memoryview(mine.view(torch.uint8).numpy())
+    def buffers(self, n: int) -> list[torch.Tensor]:
+        """One fp32 vector of n per leader, in leader order: the caller writes its partial into its own
+        (index self.me), exchange(n) fills the others. The same tensors come back for the same n."""
+        hit = self.views.get(n)
+        if hit is None:
+            if self.store.shape[-1] < n:
+                self.store = torch.empty(len(self.leaders), n, dtype=torch.float32)
+                self.views.clear()
+            if len(self.views) > 16:  # prefill lengths vary: keep a few sizes, not all of them
+                self.views.clear()
+            parts = [self.store[j, :n] for j in range(len(self.leaders))]
+            raw = [memoryview(p.view(torch.uint8).numpy()) for p in parts]
+            hit = self.views[n] = (parts, raw[self.me], {j: raw[j] for j in self.peers})
+        return hit[0]
+
+    def exchange(self, n: int) -> None:
+        """Send my buffer of n to every other leader and receive theirs, all at once."""
+        _, out, into = self.views[n]
         nbytes = len(out)
-        sent, got = {}, dict.fromkeys(self.peers, 0)
-        into = {j: memoryview(parts[j].view(torch.uint8).numpy()) for j in self.peers}
-        for j, s in self.peers.items():  # most messages leave whole here
+        sent, got = {}, {}
+        for j, s in self.peers.items():  # most messages leave whole here, and the peers' have often arrived
             sent[j] = self._send(s, j, out, 0)
-        waiting = set(self.peers)
+        for j, s in self.peers.items():
+            got[j] = self._recv(s, j, into[j], 0)
+        waiting = {j for j in self.peers if sent[j] < nbytes or got[j] < nbytes}
+        if not waiting:
+            return
         for j in waiting:
             self.poller.register(self.peers[j], self._events(sent[j], got[j], nbytes))
         deadline = time.monotonic() + self.timeout_s
@@ -116,15 +124,7 @@ class TcpLink:
                     if ev & select.POLLOUT and sent[j] < nbytes:
                         sent[j] = self._send(s, j, out, sent[j])
                     if ev & (select.POLLIN | select.POLLHUP | select.POLLERR) and got[j] < nbytes:
-                        try:
-                            k = s.recv_into(into[j][got[j]:])
-                        except BlockingIOError:
-                            k = None
-                        except OSError as e:
-                            raise self._gone(j, e) from None
-                        if k == 0:
-                            raise self._gone(j, "connection closed")
-                        got[j] += k or 0
+                        got[j] = self._recv(s, j, into[j], got[j])
                     events_j = self._events(sent[j], got[j], nbytes)
                     if events_j:
                         self.poller.modify(s, events_j)
@@ -134,7 +134,6 @@ class TcpLink:
         finally:
             for j in waiting:
                 self.poller.unregister(self.peers[j])
-        return parts
 
     @staticmethod
     def _events(sent: int, got: int, nbytes: int) -> int:
@@ -148,6 +147,18 @@ class TcpLink:
             return start
         except OSError as e:
             raise self._gone(j, e) from None
+
+    def _recv(self, s: socket.socket, j: int, into: memoryview, start: int) -> int:
+        """Read what has arrived from peer j into into[start:] (a non-blocking read of nothing: the peer is gone)."""
+        try:
+            k = s.recv_into(into[start:])
+        except BlockingIOError:
+            return start
+        except OSError as e:
+            raise self._gone(j, e) from None
+        if k == 0 and len(into) > start:
+            raise self._gone(j, "connection closed")
+        return start + k
 
     def _gone(self, j: int, why) -> CommError:
         return CommError(f"rank {self.rank}: leader rank {self.leaders[j]} died during an all-reduce ({why})")
