@@ -107,7 +107,8 @@ def test_hosts_are_apart(two_hosts, tmp_path):
 @slow
 @pytest.mark.parametrize("tp", [2, 4])
 def test_torchrun_two_hosts(two_hosts, engines, prompts, single_host, tmp_path, tp):
-    """torchrun --nnodes 2 --node_rank K --rdzv_endpoint tphost0:PORT in each host; tp=4 runs 2 ranks a host."""
+    """torchrun --nnodes 2 --node_rank K --rdzv_endpoint tphost0:PORT in each host; tp=4 runs 2 ranks a host, and
+    --comm auto picks the hierarchical all-reduce for them."""
     h = two_hosts
     out = str(tmp_path / "out.json")
     port = 29500 + tp
@@ -118,7 +119,8 @@ def test_torchrun_two_hosts(two_hosts, engines, prompts, single_host, tmp_path, 
     results = wait_all(procs, timeout=240)
     for k, (rc, stdout, stderr) in enumerate(results):
         assert rc == 0, f"{h.names[k]}:\n{stdout}\n{stderr}"
-    assert f"tp_size={tp} device=cpu comm=gloo" in results[0][2]  # the ranks span hosts: no shared memory
+    # the ranks span hosts: at tp=4 two ranks share each host's memory (hierarchical), at tp=2 only gloo is left
+    assert f"tp_size={tp} device=cpu comm={'hier' if tp == 4 else 'gloo'}" in results[0][2]
     assert_same(read_outputs(out), single_host(tp))
 
 

@@ -94,9 +94,10 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto: the engine's, or float32 on CPUs without native bf16/fp16 "
                         "(default %(default)s)")
-    r.add_argument("--comm", default="auto", choices=["auto", "shm", "gloo"],
-                   help="CPU communicator: auto = shared memory when all ranks share this host, else gloo; "
-                        "NCCL on CUDA whatever this says (default %(default)s)")
+    r.add_argument("--comm", default="auto", choices=["auto", "shm", "hier", "gloo"],
+                   help="CPU communicator: auto = shared memory when all ranks share this host; across hosts "
+                        "hier (shared memory within a host, one leader per host over TCP) when a host has 2+ "
+                        "ranks, else gloo; NCCL on CUDA whatever this says (default %(default)s)")
     r.add_argument("--woq_kernel", default="auto",
                    help="weight-only quantized engines: the matmul kernel; auto: probed against the dequantized "
                         "weight, timed per layer shape at load and cached; or one of "

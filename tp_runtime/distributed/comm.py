@@ -5,7 +5,8 @@ Chosen once at start-up:
     CUDA           -> NCCL (with a gloo group beside it for Python objects)
     CPU, one host  -> shared memory (shm_comm.py), gloo underneath for set-up and Python objects
 (communicator.py's make_communicator chooses)
-    CPU, hosts     -> gloo
+    CPU, hosts     -> shared memory within each host, one leader per host over TCP (hier_comm.py) when a
+                      host has 2+ ranks; gloo when each has one
 Every collective has a timeout (the process group's), so a dead rank ends the job instead of
 hanging it.
 
@@ -188,6 +189,14 @@ class TorchDistCommunicator(Communicator):
             self.dist.barrier(group=self.object_group)
         else:
             self.dist.barrier()
+
+    def _subgroup(self, ranks: list[int]):
+        """A gloo group of `ranks`; every rank of the world must call this, in the same order."""
+        return self.dist.new_group(ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=self.timeout_s))
+
+    def _all_gather_into(self, parts: list[torch.Tensor], tensor: torch.Tensor, group) -> None:
+        """`group`'s tensors into `parts`, in the group's rank order (called by the group's members only)."""
+        self.dist.all_gather(parts, tensor, group=group)
 
     def _store_barrier(self, timeout_s: float) -> None:
         store = self.dist.distributed_c10d._get_default_store()

@@ -3,17 +3,19 @@
 import torch
 
 from tp_runtime.distributed.comm import DEFAULT_TIMEOUT_S, Communicator, TorchDistCommunicator
+from tp_runtime.distributed.hier_comm import HierarchicalCommunicator
 from tp_runtime.distributed.launch import LaunchInfo
 from tp_runtime.distributed.shm_comm import ShmCommunicator
 from tp_runtime.errors import UserError
 
-COMM_KINDS = ("auto", "shm", "gloo")
+COMM_KINDS = ("auto", "shm", "hier", "gloo")
 
 
 def make_communicator(info: LaunchInfo, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S,
                       kind: str = "auto") -> Communicator:
-    """kind: auto (shared memory when every rank is on this host's CPUs, else gloo; NCCL on CUDA),
-    shm (shared memory, an error if the ranks span hosts), gloo."""
+    """kind: auto (NCCL on CUDA; on CPUs shared memory when every rank is on one host, hierarchical when the
+    ranks span hosts and one host has 2+ of them, else gloo), shm (shared memory, an error if the ranks span
+    hosts), hier (hierarchical whatever the layout: shared memory on one host), gloo."""
     if kind not in COMM_KINDS:
         raise UserError(f"--comm must be one of {', '.join(COMM_KINDS)}, got {kind!r}")
     if info.world_size == 1:
@@ -22,4 +24,6 @@ def make_communicator(info: LaunchInfo, device: torch.device, timeout_s: float =
         return TorchDistCommunicator(info, "nccl", timeout_s)
     if kind == "gloo":
         return TorchDistCommunicator(info, "gloo", timeout_s)
-    return ShmCommunicator(info, timeout_s, required=kind == "shm")
+    if kind == "shm":
+        return ShmCommunicator(info, timeout_s, required=True)
+    return HierarchicalCommunicator(info, timeout_s, required=kind == "hier")

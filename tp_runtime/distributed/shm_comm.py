@@ -6,6 +6,9 @@ slots directly, with sequence flags instead of barriers:
 
     segment = [flags: one 64-byte line per rank][data: 2 buffers x world slots x SLOT_BYTES]
 
+(hier_comm.py maps one such segment per host, for that host's ranks: flags and slots are indexed by a rank's
+position among the segment's members, self.me, which is the rank itself here.)
+
     collective number s (every rank counts the same collectives in the same order), buffer s % 2:
       1. wait until every rank's flag >= s - 1     (all have left collective s - 2, which used this buffer)
       2. copy my input into my slot, then set my flag = s
@@ -63,14 +66,16 @@ def _alive(pid: int) -> bool:
 class ShmCommunicator(TorchDistCommunicator):
     """Local ranks over shared memory; gloo underneath for set-up, Python objects and oversize tensors."""
 
-    def __init__(self, info: LaunchInfo, timeout_s: float, required: bool = False):
+    kind = "shm"  # the --comm name that insists on this class
+
+    def __init__(self, info: LaunchInfo, timeout_s: float, required: bool = False, host: str | None = None):
+        """host: this rank's host name (default: the hostname); ranks with the same name share a segment."""
         super().__init__(info, "gloo", timeout_s)
-        hosts = self._all_gather_object(socket.gethostname())
+        self.hosts = self._all_gather_object(host or socket.gethostname())
         self.pids = self._all_gather_object(os.getpid())
-        self.enabled = len(set(hosts)) == 1
+        self.one_host = len(set(self.hosts)) == 1
+        self.enabled = self._wants_segment(required)
         if not self.enabled:
-            if required:
-                raise UserError(f"--comm shm needs every rank on one host; ranks run on {sorted(set(hosts))}")
             return
         machine = platform.machine().lower()
         if machine not in TSO_MACHINES:
@@ -78,34 +83,46 @@ class ShmCommunicator(TorchDistCommunicator):
             why = (f"the shared-memory communicator relies on x86's store order, which {machine} CPUs do not "
                    "guarantee")
             if required:
-                raise UserError(f"--comm shm: {why}; use --comm gloo")
+                raise UserError(f"--comm {self.kind}: {why}; use --comm gloo")
             if self.rank == 0:
                 warnings.warn(f"{why}: the ranks talk over gloo instead", RuntimeWarning, stacklevel=2)
             return
         self.backend = "shm"
-        W = self.world_size
-        flag_bytes = 64 * W
-        size = flag_bytes + 2 * W * SLOT_BYTES
+        self._map_segment([q for q in range(self.world_size) if self.hosts[q] == self.hosts[self.rank]])
+
+    def _wants_segment(self, required: bool) -> bool:
+        """Whether to map a segment for this layout of ranks on hosts: only when every rank is on this host."""
+        if not self.one_host and required:
+            raise UserError(f"--comm shm needs every rank on one host; ranks run on {sorted(set(self.hosts))}")
+        return self.one_host
+
+    def _map_segment(self, members: list[int]) -> None:
+        """Map one segment shared by `members` (global ranks, ascending, this rank among them), created by the
+        first of them. Flags and slots are indexed by the position in `members` (self.me), not the rank."""
+        self.members, self.me = members, members.index(self.rank)
+        L = len(members)
+        flag_bytes = 64 * L
+        size = flag_bytes + 2 * L * SLOT_BYTES
         path = None
-        if self.rank == 0:
+        if self.me == 0:
             path = f"/dev/shm/tp_runtime_{uuid.uuid4().hex}"
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             os.ftruncate(fd, size)
             os.close(fd)
-        path = self.path = super().broadcast_object(path)
+        path = self.path = self._all_gather_object(path)[members[0]]
         try:
             fd = os.open(path, os.O_RDWR)
             self.mm = mmap.mmap(fd, size)
             os.close(fd)
         finally:
-            super().barrier()  # every rank has mapped it (or failed to)
-            if self.rank == 0:
+            TorchDistCommunicator.barrier(self)  # every rank has mapped its segment (or failed to)
+            if self.me == 0:
                 os.unlink(path)  # the mapping lives on; the name is gone
         self.flags = memoryview(self.mm)[:flag_bytes].cast("q")
-        self.data = torch.frombuffer(self.mm, dtype=torch.uint8, offset=flag_bytes).view(2, W, SLOT_BYTES)
+        self.data = torch.frombuffer(self.mm, dtype=torch.uint8, offset=flag_bytes).view(2, L, SLOT_BYTES)
         self.typed = {}
         self.seq = 0
-        self.everyone = list(range(W))
+        self.everyone = list(range(L))
 
     def _all_gather_object(self, obj) -> list:
         out = [None] * self.world_size
@@ -115,15 +132,16 @@ class ShmCommunicator(TorchDistCommunicator):
     # --- the protocol ---
 
     def _slots(self, dtype: torch.dtype) -> list:
-        """[buffer][rank] -> 1-D view of that slot in `dtype` (views made once: indexing costs microseconds)."""
+        """[buffer][member] -> 1-D view of that slot in `dtype` (views made once: indexing costs microseconds)."""
         rows = self.typed.get(dtype)
         if rows is None:
-            typed = self.data.view(dtype)  # (2, world, slot elements)
+            typed = self.data.view(dtype)  # (2, members, slot elements)
             rows = self.typed[dtype] = [[typed[b, r] for r in self.everyone] for b in range(2)]
         return rows
 
-    def _wait(self, ranks, s: int) -> None:
-        """Spin until the flags of `ranks` reach s, with a sched_yield every SPINS_PER_CHECK spins. A wait
+    def _wait(self, ranks, s: int, spins_per_check: int = SPINS_PER_CHECK) -> None:
+        """Spin until the flags of `ranks` (positions in self.members) reach s, with a sched_yield every
+        spins_per_check spins (a wait that spans a network trip yields at every look). A wait
         longer than BACKOFF_AFTER_S is no collective in flight but an idle peer (a server between
         requests): then sleep between looks, 1% of the time waited so far and at most MAX_SLEEP_S, so
         an idle rank costs no core. Dead peers and the timeout are checked every LOOK_EVERY_S."""
@@ -136,7 +154,7 @@ class ShmCommunicator(TorchDistCommunicator):
             else:
                 return
             spins += 1
-            if not sleeping and spins % SPINS_PER_CHECK:
+            if not sleeping and spins % spins_per_check:
                 continue
             now = time.monotonic()
             start = start or now
@@ -144,10 +162,11 @@ class ShmCommunicator(TorchDistCommunicator):
             if now >= next_look:
                 next_look = now + LOOK_EVERY_S
                 late = [r for r in ranks if flags[r * FLAG_STRIDE] < s]
-                gone = [r for r in late if not _alive(self.pids[r])]
+                gone = [self.members[r] for r in late if not _alive(self.pids[self.members[r]])]
                 if gone and any(flags[r * FLAG_STRIDE] < s for r in ranks):  # (it may have posted, then left)
                     raise CommError(f"rank {self.rank}: rank(s) {gone} died during a shared-memory collective")
                 if late and now > start + self.timeout_s:
+                    late = [self.members[r] for r in late]
                     raise CommError(f"rank {self.rank}: rank(s) {late} did not reach shared-memory collective {s} "
                                     f"within {self.timeout_s:.0f}s")
             if sleeping:
@@ -162,7 +181,7 @@ class ShmCommunicator(TorchDistCommunicator):
         return s, s & 1
 
     def _post(self, s: int) -> None:
-        self.flags[self.rank * FLAG_STRIDE] = s
+        self.flags[self.me * FLAG_STRIDE] = s
 
     # --- collectives ---
 
@@ -177,7 +196,7 @@ class ShmCommunicator(TorchDistCommunicator):
             n = part.numel()
             s, b = self._begin()
             rows = [row[:n] for row in slots[b]]  # every rank's slot, this chunk's length
-            rows[self.rank].copy_(part)
+            rows[self.me].copy_(part)
             self._post(s)
             self._wait(self.everyone, s)
             if tensor.dtype == torch.float32:
@@ -190,7 +209,7 @@ class ShmCommunicator(TorchDistCommunicator):
         return tensor
 
     def _all_gather(self, tensor, dim=-1):
-        if not self.enabled or tensor.numel() * tensor.element_size() > SLOT_BYTES:
+        if not self.enabled or not self.one_host or tensor.numel() * tensor.element_size() > SLOT_BYTES:
             return super()._all_gather(tensor, dim)
         n = tensor.numel()
         s, b = self._begin()
@@ -201,7 +220,7 @@ class ShmCommunicator(TorchDistCommunicator):
         return torch.cat([row[:n].view(tensor.shape) for row in rows], dim=dim)
 
     def broadcast(self, tensor, src=0):
-        if not self.enabled or tensor.numel() * tensor.element_size() > SLOT_BYTES:
+        if not self.enabled or not self.one_host or tensor.numel() * tensor.element_size() > SLOT_BYTES:
             return super().broadcast(tensor, src)
         n = tensor.numel()
         s, b = self._begin()
