@@ -7,7 +7,8 @@ For each engine:
   * tp-plan's prediction of each rank's resident memory after load (weights as kept + KV cache + runtime);
   * load under mpirun (tp > 1) or alone: seconds, each rank's anonymous and mapped memory after load and
     its peak anonymous memory while loading;
-  * TTFT of a --prompt_len-token prompt, decode tok/s at batch 1 and at batch 4 (different prompts per row);
+  * TTFT of a --prompt_len-token prompt and decode tok/s after it (batch 1), decode tok/s at batch 4 (four
+    prompts of 32-56 tokens);
   * tp-verify against the checkpoint (16 tokens, every layer): verdict and worst half;
   * the share of the memory roofline at batch 1: measured tok/s / (read bandwidth / bytes read per token),
     with the bandwidth of benchmarks/roofline.py (torch.sum over 2 GiB, all threads) and the bytes of every
@@ -115,13 +116,13 @@ def worker(args) -> None:
     peaks = llm.comm.all_gather_object(load_peak.peak)
     vocab = llm.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, vocab - 100, (args.prompt_len if i == 0 else 32,), generator=gen).tolist()
-               for i in range(4)]
+    # batch 1: one prompt of --prompt_len tokens (its TTFT); batch 4: four short prompts of different lengths
+    prompts = [torch.randint(100, vocab - 100, (n,), generator=gen).tolist() for n in (args.prompt_len, 32, 40, 48, 56)]
     greedy = SamplingParams(max_tokens=args.new_tokens, greedy=True, ignore_eos=True)
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=2, greedy=True, ignore_eos=True))  # warm-up
     out1 = llm.generate([prompts[0]], greedy)
     t1 = llm.last_timings
-    out4 = llm.generate(prompts, greedy)
+    out4 = llm.generate(prompts[1:], greedy)
     t4 = llm.last_timings
     after = llm.comm.all_gather_object(memory.process())
     if llm.rank == 0:
