@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from tp_runtime import memory
 from tp_runtime.engine import format as ef
 from tp_runtime.engine import functions
 from tp_runtime.engine.functions import ACTIVATIONS, apply_rope
@@ -228,6 +229,7 @@ class TPDecoder(nn.Module):
             # until the layer's kernels hold their own layout, so one layer's are alive at once, not the model's.
             woq.collect(weights, emb.dtype, woq_kernel, prefix=ef.layer_prefix(i) + ".")
             self.layers.append(DecoderLayer(cfg, rank, weights, i, comm))
+            memory.trim_heap()  # the layer's freed buffers back to the system, not kept for the next layers' holes
         woq.collect(weights, emb.dtype, woq_kernel)  # a quantized lm_head
         self.ln_f = make_norm(cfg, weights, ef.FINAL_NORM)
         head = weights.pop(ef.LM_HEAD, None)
