@@ -162,7 +162,7 @@ def test_impossible_tp_sizes_are_refused(engines):
 def test_world_size_must_match_the_asked_tp_size(engines):
     from tp_runtime import LLM
 
-    with pytest.raises(UserError, match=r"converted at tp_size=1\) --tp_size 2 asks for 2 rank\(s\), but 1 were"):
+    with pytest.raises(UserError, match=r"converted at tp_size=1\) is asked for --tp_size 2, but 1 rank\(s\) were"):
         LLM(engines("llama", "fp32", 1), tp_size=2, compile="off", bind="none")
 
 

@@ -129,12 +129,12 @@ class LLM:
             cfg = self.reslicer.config
         self.config = cfg
         if self.info.world_size != cfg.tp_size:
-            built = self.reslicer.source.tp_size if self.reslicer else cfg.tp_size
-            asked = f"--tp_size {cfg.tp_size} asks for" if self.reslicer else "was converted for"
+            what = (f"the engine {engine_dir} (converted at tp_size={self.reslicer.source.tp_size}) is asked for "
+                    f"--tp_size {cfg.tp_size}" if self.reslicer else
+                    f"the engine {engine_dir} was converted for tp_size={cfg.tp_size}")
             raise UserError(
-                f"the engine {engine_dir} (converted at tp_size={built}) {asked} {cfg.tp_size} rank(s), but "
-                f"{self.info.world_size} were started; start {cfg.tp_size} (e.g. mpirun -n {cfg.tp_size}) or pass "
-                f"--tp_size {self.info.world_size} to re-slice it at load"
+                f"{what}, but {self.info.world_size} rank(s) were started; start {cfg.tp_size} (e.g. mpirun -n "
+                f"{cfg.tp_size}) or pass --tp_size {self.info.world_size} to re-slice it at load"
             )
         if dtype not in ("auto", *DTYPES):
             raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
