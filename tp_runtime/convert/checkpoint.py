@@ -15,20 +15,10 @@ import struct
 
 import torch
 
+from tp_runtime.engine import format as ef
 from tp_runtime.errors import UserError, read_json_object
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = ef.SAFETENSORS_DTYPES  # (the writer imports it from here)
 
 
 class SafetensorsReader:

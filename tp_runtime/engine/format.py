@@ -204,6 +204,12 @@ class EngineConfig:
 # ---------------------------------------------------------------------------
 # safetensors header checks (cheap: header and file size only, no tensor data read)
 
+# safetensors' dtype codes, as the engine's files and Hugging Face checkpoints use them
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
 def read_safetensors_header(path: str) -> tuple[dict, int]:
     """Return (header, data_start). Raises UserError on a missing, truncated or corrupt file."""
     try:

@@ -14,9 +14,6 @@ per 32 inputs for native_int4): the figure is the file's, which the measured RSS
 against (after a generation has touched every weight) in benchmarks/bench_20b.py.
 """
 
-import json
-import struct
-
 import torch
 
 from tp_runtime.engine import format as ef
@@ -28,27 +25,16 @@ MiB = 1 << 20
 # resident memory (anonymous + mapped libraries) beside its weights and cache, 2 ranks on one host (tests/test_plan.py).
 RUNTIME_BYTES = 360 * MiB
 
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def read_header(path: str) -> dict:
-    """A safetensors file's header: {name: {"dtype": "BF16", "shape": [...], ...}} (no tensor data read)."""
-    try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the safetensors header of {path}: {e}; the file is missing or corrupt "
-                        f"(re-run tp-convert)") from None
+    """A rank file's header: {name: {"dtype": "BF16", "shape": [...], ...}} (no tensor data read)."""
+    header, _ = ef.read_safetensors_header(path)
     header.pop("__metadata__", None)
     return header
 
 
 def header_entries(header: dict) -> list[tuple[str, torch.dtype, tuple]]:
     """(name, torch dtype, shape) of each tensor of a read_header() dict."""
-    return [(n, _SAFETENSORS_DTYPES.get(e["dtype"], torch.uint8), tuple(e["shape"])) for n, e in header.items()]
+    return [(n, ef.SAFETENSORS_DTYPES.get(e["dtype"], torch.uint8), tuple(e["shape"])) for n, e in header.items()]
 
 
 def weight_bytes(entries, compute_dtype: torch.dtype) -> int:
