@@ -27,6 +27,24 @@ if len(sys.argv) > 3:  # "hosts=H": pretend the ranks run on H hosts, in blocks 
 else:
     comm = make_communicator(info, torch.device("cpu"), timeout_s=20, kind=kind)
 r, W = comm.rank, comm.world_size
+
+
+def back_to_back(steps: int, objects: bool = False) -> None:
+    """Many back-to-back calls, alternating kinds, each with a value known in advance."""
+    for step in range(steps):
+        x = torch.full((576,), float(step * (r + 1)))
+        assert comm.all_reduce(x)[0].item() == step * W * (W + 1) / 2
+        if step % 3 == 0:
+            g = comm.all_gather(torch.full((2, 5), float(r * 1000 + step)), dim=-1)
+            assert g.shape == (2, 5 * W) and all(g[0, 5 * q].item() == q * 1000 + step for q in range(W))
+        if step % 5 == 0:
+            p = torch.full((9,), float(step)) if r == 0 else torch.zeros(9)
+            assert comm.broadcast(p, src=0)[8].item() == step
+        if objects and step % 50 == 0:
+            assert comm.broadcast_object({"step": step} if r == 0 else None)["step"] == step
+            assert comm.all_gather_object(r * step) == [q * step for q in range(W)]
+            comm.barrier()
+
 path = getattr(comm, "path", None)  # this job's segment: checked by name, other jobs' segments untouched
 report = {"backend": comm.backend, "shm_path": path, "shm_left": bool(path) and os.path.exists(path)}
 if mode.startswith("die") and r == 0:
@@ -46,16 +64,7 @@ if mode == "sums":
             tol = 0 if dtype == torch.float32 else 0.02 * expected.abs().max().item()
             assert (got - expected).abs().max().item() <= tol, (n, dtype)
             checked += 1
-    # many back-to-back calls, alternating kinds, each with a value known in advance
-    for step in range(3000):
-        x = torch.full((576,), float(step * (r + 1)))
-        assert comm.all_reduce(x)[0].item() == step * W * (W + 1) / 2
-        if step % 3 == 0:
-            g = comm.all_gather(torch.full((2, 5), float(r * 1000 + step)), dim=-1)
-            assert g.shape == (2, 5 * W) and all(g[0, 5 * q].item() == q * 1000 + step for q in range(W))
-        if step % 5 == 0:
-            p = torch.full((9,), float(step)) if r == 0 else torch.zeros(9)
-            assert comm.broadcast(p, src=0)[8].item() == step
+    back_to_back(3000)
     checked += 3000
     report["checked"] = checked
 elif mode == "hier_sums":
@@ -83,19 +92,7 @@ elif mode == "hier_sums":
             digests = comm.all_gather_object(hashlib.sha1(got.view(torch.uint8).numpy().tobytes()).hexdigest())
             assert len(set(digests)) == 1, (n, dtype)
             checked += 1
-    for step in range(500):
-        x = torch.full((576,), float(step * (r + 1)))
-        assert comm.all_reduce(x)[0].item() == step * W * (W + 1) / 2
-        if step % 3 == 0:
-            g = comm.all_gather(torch.full((2, 5), float(r * 1000 + step)), dim=-1)
-            assert g.shape == (2, 5 * W) and all(g[0, 5 * q].item() == q * 1000 + step for q in range(W))
-        if step % 5 == 0:
-            p = torch.full((9,), float(step)) if r == 0 else torch.zeros(9)
-            assert comm.broadcast(p, src=0)[8].item() == step
-        if step % 50 == 0:
-            assert comm.broadcast_object({"step": step} if r == 0 else None)["step"] == step
-            assert comm.all_gather_object(r * step) == [q * step for q in range(W)]
-            comm.barrier()
+    back_to_back(500, objects=True)
     report["checked"] = checked + 500
 elif mode.startswith("die"):
     victim = W - 1 if mode == "die" else int(mode.removeprefix("die_rank"))

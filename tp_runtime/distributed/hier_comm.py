@@ -111,17 +111,11 @@ class HierarchicalCommunicator(ShmCommunicator):
 
     @_guard
     def _all_reduce(self, tensor):
-        if self.link is None:
-            return super()._all_reduce(tensor)
-        flat = tensor.view(-1)
-        slots = self._slots(tensor.dtype)
-        total, cap = flat.numel(), slots[0][0].numel()
-        for off in range(0, total, cap):
-            part = flat if total <= cap else flat[off : off + cap]
-            self._reduce_chunk(part, slots)
-        return tensor
+        return super()._all_reduce(tensor)  # ShmCommunicator's chunks, each through _reduce_chunk below
 
     def _reduce_chunk(self, part: torch.Tensor, slots) -> None:
+        if self.link is None:  # one host: the shared-memory sum alone
+            return super()._reduce_chunk(part, slots)
         n = part.numel()
         s, b = self._begin()
         rows = [row[:n] for row in slots[b]]  # every local rank's slot, this chunk's length

@@ -192,21 +192,24 @@ class ShmCommunicator(TorchDistCommunicator):
         slots = self._slots(tensor.dtype)
         total, cap = flat.numel(), slots[0][0].numel()
         for off in range(0, total, cap):
-            part = flat if total <= cap else flat[off : off + cap]
-            n = part.numel()
-            s, b = self._begin()
-            rows = [row[:n] for row in slots[b]]  # every rank's slot, this chunk's length
-            rows[self.me].copy_(part)
-            self._post(s)
-            self._wait(self.everyone, s)
-            if tensor.dtype == torch.float32:
-                if len(rows) == 2:
-                    torch.add(rows[0], rows[1], out=part)
-                else:
-                    torch.sum(torch.stack(rows), dim=0, out=part)
-            else:
-                part.copy_(torch.stack(rows).sum(dim=0, dtype=torch.float32))
+            self._reduce_chunk(flat if total <= cap else flat[off : off + cap], slots)
         return tensor
+
+    def _reduce_chunk(self, part: torch.Tensor, slots) -> None:
+        """All-reduce one slot-sized chunk in place (the hierarchical communicator adds the hosts' exchange)."""
+        n = part.numel()
+        s, b = self._begin()
+        rows = [row[:n] for row in slots[b]]  # every rank's slot, this chunk's length
+        rows[self.me].copy_(part)
+        self._post(s)
+        self._wait(self.everyone, s)
+        if part.dtype == torch.float32:
+            if len(rows) == 2:
+                torch.add(rows[0], rows[1], out=part)
+            else:
+                torch.sum(torch.stack(rows), dim=0, out=part)
+        else:
+            part.copy_(torch.stack(rows).sum(dim=0, dtype=torch.float32))
 
     def _all_gather(self, tensor, dim=-1):
         if not self.enabled or not self.one_host or tensor.numel() * tensor.element_size() > SLOT_BYTES:
