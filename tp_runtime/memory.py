@@ -14,7 +14,6 @@ import os
 import threading
 import time
 
-GiB = 1 << 30
 
 
 def _status() -> dict:
@@ -82,12 +81,6 @@ def available() -> int:
     if limit is not None:
         avail = min(avail, max(0, limit - _cgroup_usage()))
     return avail
-
-
-def describe(mem: dict | None = None) -> str:
-    """'anonymous 1.23 GiB, mapped 0.45 GiB' of process() (or the dict given)."""
-    mem = mem or process()
-    return f"anonymous {mem['anonymous'] / GiB:.2f} GiB, mapped {mem['mapped'] / GiB:.2f} GiB"
 
 
 class PeakSampler:
