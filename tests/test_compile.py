@@ -10,6 +10,7 @@ inside it at tp=2, and every row must still give transformers' greedy ids and lo
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -213,3 +214,39 @@ def test_a_one_shot_run_compiles_only_when_it_pays_back(mistral, tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "eager decode (4 decode steps would not pay back compiling the step (never compiled here)" in res.stderr
+
+
+_WRITE_ROWS = """
+import sys, torch
+from tp_runtime.runtime.compile import key_cache_by_isa
+print(key_cache_by_isa())
+def write(cache, rows, at, new):  # a decode step's KV-cache write: rows of 16 floats at position `at`
+    cache[rows, :, at] = new
+    return cache.sum()
+cache = torch.randn(3, 2, 8, 16)
+want = cache.clone()
+new = torch.randn(2, 1, 2, 16)
+rows, at = torch.tensor([[0], [2]]), torch.tensor([[3], [5]])
+torch.compile(write, dynamic=False)(cache, rows, at, new)
+want[rows, :, at] = new
+sys.exit(0 if torch.equal(cache, want) else 3)
+"""
+
+
+def test_compiled_code_of_one_isa_is_never_reused_under_another(tmp_path):
+    """Inductor's cache keys leave out the vector ISA: tp_runtime keeps one directory per ISA, so a run capped to
+    AVX2 and one that is not, sharing a cache, each write exactly their KV-cache rows."""
+    from tp_runtime import cpu
+
+    if not {"avx2", "avx512"} <= set(cpu.levels_available()):
+        pytest.skip(f"needs a CPU with AVX-512 to run two vector widths; this one: {cpu.describe()}")
+    # torch's own caps, which TP_RUNTIME_ISA sets on import, come from the cap of each run alone
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path)
+    dirs = []
+    for cap in ("avx2", "", "avx2"):  # the second and third each find the other width's code in the cache
+        res = subprocess.run([sys.executable, "-c", _WRITE_ROWS], env={**env, "TP_RUNTIME_ISA": cap},
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, (cap, res.stdout, res.stderr[-2000:])
+        dirs.append(res.stdout.strip())
+    assert dirs[0] == dirs[2] != dirs[1] and all(d.startswith(str(tmp_path)) for d in dirs)

@@ -102,6 +102,26 @@ def _direct_graph(compiled, body, want: torch.Tensor, model, args: tuple):
         return None
 
 
+def key_cache_by_isa() -> str | None:
+    """Give Inductor one on-disk cache directory per vector ISA it generates C++ for; returns that directory.
+
+    Inductor's FX-graph cache key (torch 2.13) leaves out that ISA, which ATEN_CPU_CAPABILITY (TP_RUNTIME_ISA's
+    cap) or another CPU sharing the directory changes: a graph generated for AVX2 (8 floats a vector) was then
+    rebuilt with AVX-512's flags (16), and its stores ran 8 floats past each KV-cache row, corrupting the cache.
+    A directory the user named (TORCHINDUCTOR_CACHE_DIR) is kept as the parent."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # an older torch: its cache stays as it is
+        return None
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    if os.path.basename(base).startswith("isa-"):  # set by this function in a parent process
+        base = os.path.dirname(base)
+    isa = str(pick_vec_isa()).replace(" ", "+") or "none"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path = os.path.join(base, f"isa-{isa}")
+    return path
+
+
 def compile_decode(model, cache, max_batch: int = 1, path: str = "auto", freeze: bool = True) -> CompiledDecode:
     """Compile `model`'s decode body (TPDecoder._decode_body) for batch 1 and, with max_batch > 1, for larger
     batches, run each once on dummy tokens (at position COMPILE_SPAN - 1 of slots 0.., which a prefill
@@ -120,6 +140,8 @@ def compile_decode(model, cache, max_batch: int = 1, path: str = "auto", freeze:
         raise UserError(f"--compile on needs --max_seq_len >= {COMPILE_SPAN}, got {cache.max_seq_len}")
     t0 = time.perf_counter()
     dev = model.embedding.weight.device
+    if dev.type == "cpu":
+        key_cache_by_isa()
     # Symbols only for the batch and the attention span: the caches' sizes are fixed (a symbol per cache size
     # made tracing minutes long), and so are the quantized kernels' tensors (a width equal to the traced span
     # would be duck-shaped to it and recompile at the next span).
