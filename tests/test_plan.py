@@ -53,7 +53,8 @@ def test_synthetic_checkpoint_converts_runs_and_matches_the_plan(family, tmp_pat
         report = plan(cfg, tp, "float32", max_batch_size=3, max_seq_len=64)
         for r in report["ranks"]:
             assert r["weight_bytes"] == data_bytes(os.path.join(engine, f"rank{r['rank']}.safetensors"))
-            expected_kv = 2 * ec.num_hidden_layers * 3 * ec.kv_heads_per_rank[r["rank"]] * 64 * ec.head_size * 4
+            blocks = 3 * 2 + 1  # 3 sequences of 64 positions in blocks of 32, and block 0
+            expected_kv = 2 * ec.num_hidden_layers * blocks * ec.kv_heads_per_rank[r["rank"]] * 32 * ec.head_size * 4
             assert r["kv_cache_bytes"] == expected_kv
         out = tp_run_json(engine, tp, ["--input_ids", "5,6,7", "9,3", "--max_output_len", "4", "--ignore_eos"])
         assert [len(o["output_ids"]) for o in out["outputs"]] == [4, 4]

@@ -48,16 +48,16 @@ def _params(n: int, sampled: bool = False) -> SamplingParams:
     return SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0)
 
 
-def test_scheduler_join_leave_and_slot_reuse(tiny_llm):
+def test_scheduler_join_leave_and_block_reuse(tiny_llm):
     llm = tiny_llm
     prompts = [[5, 9, 14], [7] * 11, [3, 30, 60, 90, 11, 12, 13], [40, 41], list(range(10, 26)), [99, 98, 97, 96]]
     lengths = [9, 8, 12, 6, 7, 10]
     sampled = [False, False, True, False, False, True]
     alone = [llm.generate([p], _params(n, s))[0].output_ids for p, n, s in zip(prompts, lengths, sampled, strict=True)]
 
-    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.eos_ids)
+    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.eos_ids, blocks=llm.blocks)
     got = {i: Event() for i in range(len(prompts))}
-    holders = {}  # slot -> the requests that held it
+    holders = {}  # KV-cache block -> the requests that held it
 
     def submit(i):
         def on_event(ev, i=i):
@@ -69,39 +69,40 @@ def test_scheduler_join_leave_and_slot_reuse(tiny_llm):
         sched.step()
         assert sched.batch_size <= 3
         for r in sched.running:
-            holders.setdefault(r.slot, set()).add(prompts.index(r.req.request.prompt_ids))
+            for block in r.blocks.table:
+                holders.setdefault(block, set()).add(prompts.index(r.req.request.prompt_ids))
 
     submit(0), submit(1)
     for _ in range(2):
         step()
     assert sched.batch_size == 2 and all(r.sent > 0 for r in sched.running)  # mid-decode
-    for i in (2, 3, 4):  # join a running batch; two have to wait for a slot
+    for i in (2, 3, 4):  # join a running batch; two have to wait for a row (max_batch_size 3)
         submit(i)
     step()
     assert sched.batch_size == 3 and sched.queue_length == 2
     submit(5)
     while sched.running or sched.queue_length:
         step()
-    assert sorted(sched.free_slots) == [0, 1, 2]
-    assert any(len(h) > 1 for h in holders.values()), "no slot was reused"
+    assert sched.blocks.available == sched.blocks.usable
+    assert any(len(h) > 1 for h in holders.values()), "no block was reused"
     for i in range(len(prompts)):
         assert got[i].finish_reason == "length"
         assert got[i].token_ids == alone[i], f"request {i} differs from its run alone"
 
 
-def test_scheduler_cancel_frees_the_slot(tiny_llm):
+def test_scheduler_cancel_frees_the_blocks(tiny_llm):
     llm = tiny_llm
-    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.eos_ids)
+    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.eos_ids, blocks=llm.blocks)
     events = []
     req = ServeRequest(Request([5, 6, 7], _params(40).resolved({})), events.append)
     sched.submit(req)
     sched.step(), sched.step()
-    assert sched.batch_size == 1 and 0 not in sched.free_slots
+    assert sched.batch_size == 1 and sched.blocks.in_use == 1
     sched.cancel(req)
     n = len(events)
     sched.step()
-    assert sched.batch_size == 0 and sorted(sched.free_slots) == [0, 1, 2] and len(events) == n
-    other = []  # the freed slot serves the next request, which matches its run alone
+    assert sched.batch_size == 0 and sched.blocks.in_use == 0 and len(events) == n
+    other = []  # the freed block serves the next request, which matches its run alone
     sched.submit(ServeRequest(Request([8, 9], _params(5).resolved({})), lambda ev: other.extend(ev.token_ids)))
     while sched.step():
         pass
@@ -110,7 +111,7 @@ def test_scheduler_cancel_frees_the_slot(tiny_llm):
 
 def test_scheduler_a_failing_request_fails_alone(tiny_llm):
     llm = tiny_llm
-    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.eos_ids)
+    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.eos_ids, blocks=llm.blocks)
     bad, good = [], []
     bad_params = SamplingParams(max_tokens=4, temperature=0.5, seed=2**70).resolved({})  # torch refuses the seed
     sched.submit(ServeRequest(Request([4, 5], _params(6).resolved({})), lambda ev: good.extend(ev.token_ids)))
@@ -118,7 +119,41 @@ def test_scheduler_a_failing_request_fails_alone(tiny_llm):
     while sched.step():
         pass
     assert len(bad) == 1 and bad[0].finish_reason == "abort" and "Overflow" in bad[0].error
-    assert good == llm.generate([[4, 5]], _params(6))[0].output_ids and sorted(sched.free_slots) == [0, 1, 2]
+    assert good == llm.generate([[4, 5]], _params(6))[0].output_ids and sched.blocks.in_use == 0
+
+
+def test_past_the_queue_cap_a_request_gets_429_with_retry_after(tiny_llm):
+    import uvicorn
+
+    from tp_runtime.serve.server import ServerState, create_app
+
+    llm = tiny_llm
+    sched = Scheduler(llm.model, llm.cache, llm.comm, llm.device, llm.eos_ids, blocks=llm.blocks)
+    state = ServerState(sched, None, "tiny", 64, None, 1 << 20, threading.Lock(), max_queue=2)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="error",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2}
+        for i in range(2):  # nothing runs the engine loop here: each request waits in the queue
+            sched.submit(ServeRequest(Request([5, 6], _params(2).resolved({})), lambda ev: None))
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 429 and e.value.headers["Retry-After"] == "1"
+        error = json.loads(e.value.read())["error"]
+        assert error["type"] == "rate_limit_error" and "--max_queue 2" in error["message"]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sched.shutdown("test over")
 
 
 def test_presence_and_frequency_penalties():

@@ -11,8 +11,11 @@ No torch import here.
 
 import ctypes
 import os
+import re
 import threading
 import time
+
+from tp_runtime.errors import UserError
 
 
 
@@ -176,3 +179,12 @@ def pid_anonymous(pid: int) -> int:
             total += int(line.split()[1]) * 1024
     return total
 
+
+def parse_size(text: str, flag: str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912; a plain number is bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*", str(text).lower())
+    if not m:
+        raise UserError(f"{flag} {text!r} is not a size such as 24GiB, 80GB or 1073741824")
+    units = {None: 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+    return int(float(m.group(1)) * units[m.group(2)])

@@ -26,7 +26,9 @@ from tp_runtime.convert.plan import DTYPES, plan_engine
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.runtime import footprint
 from tp_runtime.runtime.llm import pick_compute_dtype
-from tp_runtime.convert.synthetic import load_preset, parse_size, source_shapes
+from tp_runtime.convert.synthetic import load_preset, source_shapes
+from tp_runtime.memory import parse_size
+from tp_runtime.runtime.kv_cache import DEFAULT_BLOCK_SIZE
 
 GiB = 1 << 30
 
@@ -43,21 +45,23 @@ def meta_checkpoint(cfg: dict) -> Checkpoint:
 
 def plan(cfg: dict, tp_size: int, dtype: str = "auto", precision: str | None = None, group_size: int | None = None,
          max_batch_size: int = 1, max_seq_len: int | None = None, memory_per_rank: int | None = None,
-         parallel_embedding: bool = False, compute_dtype: str = "auto") -> dict:
+         parallel_embedding: bool = False, compute_dtype: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE,
+         kv_cache_memory: int | None = None) -> dict:
     quant = None
     if precision is not None:
         quant = qz.parse_scheme(precision, group_size if precision == "int4" else None)
-    if max_batch_size < 1 or (max_seq_len is not None and max_seq_len < 1):
-        raise UserError("--max_batch_size and --max_seq_len must be >= 1")
+    if max_batch_size < 1 or block_size < 1 or (max_seq_len is not None and max_seq_len < 1):
+        raise UserError("--max_batch_size, --block_size and --max_seq_len must be >= 1")
     ep = plan_engine(meta_checkpoint(cfg), tp_size, dtype, cfg.get("_name", "model"), max_seq_len, max_batch_size,
                      parallel_embedding, quant)
     ec = ep.config
     seq = ec.max_seq_len
     compute = DTYPES[compute_dtype] if compute_dtype != "auto" else pick_compute_dtype(ec.dtype, torch.device("cpu"))
     ranks = []
+    blocks = footprint.kv_cache_blocks(ec, max_batch_size, seq, compute, block_size, kv_cache_memory)
     for r in range(tp_size):
         kept = footprint.weight_bytes(ep.specs[r], compute)
-        kv = footprint.kv_cache_bytes(ec, r, max_batch_size, seq, compute)
+        kv = footprint.kv_cache_bytes(ec, r, max_batch_size, seq, compute, block_size, kv_cache_memory)
         total = kept + kv + footprint.RUNTIME_BYTES
         ranks.append({"rank": r, "heads": ec.heads_per_rank[r], "kv_heads": ec.kv_heads_per_rank[r],
                       "weight_bytes": ep.rank_bytes(r), "resident_weight_bytes": kept, "kv_cache_bytes": kv,
@@ -66,6 +70,7 @@ def plan(cfg: dict, tp_size: int, dtype: str = "auto", precision: str | None = N
     return {"architecture": ec.source_architecture, "tp_size": tp_size, "dtype": ec.dtype,
             "compute_dtype": str(compute).removeprefix("torch."),
             "weight_only_precision": precision, "max_batch_size": max_batch_size, "max_seq_len": seq,
+            "block_size": block_size, "kv_cache_blocks": blocks, "kv_cache_tokens": (blocks - 1) * block_size,
             "num_attention_heads": ec.num_attention_heads, "num_key_value_heads": ec.num_key_value_heads,
             "valid_tp_sizes": pt.valid_tp_sizes(ec.num_attention_heads, ec.num_key_value_heads),
             "memory_per_rank": memory_per_rank, "ranks": ranks}
@@ -76,7 +81,9 @@ def render(report: dict) -> str:
              f"heads, tp_size {report['tp_size']}, {report['dtype']}"
              + (f" weights {report['weight_only_precision']}" if report["weight_only_precision"] else "")
              + f", computed in {report['compute_dtype']}"
-             + f", KV cache for {report['max_batch_size']} x {report['max_seq_len']} tokens", ""]
+             + f", KV cache of {report['kv_cache_tokens']} tokens ({report['kv_cache_blocks'] - 1} blocks of "
+               f"{report['block_size']}: {report['kv_cache_tokens'] // report['max_seq_len']} sequences of "
+               f"{report['max_seq_len']})", ""]
     mem = report["memory_per_rank"]
     head = "| rank | heads | KV heads | rank file GiB | weights kept GiB | KV cache GiB | runtime GiB | total GiB |"
     lines += [head + (f" fits {mem / GiB:.1f} GiB |" if mem else ""), "|---" * (9 if mem else 8) + "|"]
@@ -102,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group_size", type=int, default=None,
                    help="int4 quantization group along the input dim (default 128; -1: per channel)")
     p.add_argument("--max_batch_size", type=int, default=1,
-                   help="batch the KV cache is sized for (default %(default)s)")
+                   help="sequences of --max_seq_len the KV cache is sized for, without --kv_cache_memory "
+                        "(default %(default)s)")
+    p.add_argument("--kv_cache_memory", default=None, help="KV cache per rank, e.g. 4GiB, as tp-run's")
+    p.add_argument("--block_size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help="tokens per KV-cache block (default %(default)s)")
     p.add_argument("--max_seq_len", type=int, default=None,
                    help="tokens the KV cache is sized for (default min(max_position_embeddings, 4096))")
     p.add_argument("--memory_per_rank", default=None,
@@ -122,8 +133,10 @@ def main(argv=None):
     cfg = load_preset(args.config)
     cfg.setdefault("_name", args.config)
     mem = parse_bytes(args.memory_per_rank) if args.memory_per_rank else None
+    kv_mem = parse_size(args.kv_cache_memory, "--kv_cache_memory") if args.kv_cache_memory else None
     report = plan(cfg, args.tp_size, args.dtype, args.weight_only_precision, args.group_size,
-                  args.max_batch_size, args.max_seq_len, mem, args.use_parallel_embedding, args.compute_dtype)
+                  args.max_batch_size, args.max_seq_len, mem, args.use_parallel_embedding, args.compute_dtype,
+                  args.block_size, kv_mem)
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0 if mem is None or all(r["fits"] for r in report["ranks"]) else 1
 

@@ -12,9 +12,11 @@ import sys
 import time
 
 from tp_runtime import memory
+from tp_runtime.memory import parse_size
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.runtime import woq
 from tp_runtime.runtime.llm import LLM
+from tp_runtime.runtime.kv_cache import DEFAULT_BLOCK_SIZE
 from tp_runtime.runtime.options import DEFAULT_COMM_TIMEOUT_S, RuntimeOptions
 from tp_runtime.runtime.sampling import SamplingParams
 
@@ -89,8 +91,20 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     r.add_argument("--reserve_cores", type=int, default=0,
                    help="cores per rank left free of torch threads (default %(default)s)")
-    r.add_argument("--max_batch_size", type=int, default=None, help="KV-cache batch slots (default: the engine's)")
-    r.add_argument("--max_seq_len", type=int, default=None, help="KV cache length (default: the engine's)")
+    r.add_argument("--max_batch_size", type=int, default=None,
+                   help="sequences decoded at once (default: the engine's)")
+    r.add_argument("--max_seq_len", type=int, default=None,
+                   help="the longest sequence, prompt + output (default: the engine's)")
+    r.add_argument("--kv_cache_memory", default=None,
+                   help="KV cache per rank, e.g. 4GiB: a pool of blocks that sequences take as they grow "
+                        "(default: room for --max_batch_size sequences of --max_seq_len)")
+    r.add_argument("--block_size", type=int, default=DEFAULT_BLOCK_SIZE,
+                   help="tokens per KV-cache block (default %(default)s)")
+    r.add_argument("--no_prefix_cache", action="store_true",
+                   help="do not reuse the cached blocks of a prompt prefix seen before")
+    r.add_argument("--max_num_tokens", type=int, default=None,
+                   help="prompt tokens one prefill step computes: longer prompts go in chunks between the decode "
+                        "steps of running requests (default: no limit)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto: the engine's, or float32 on CPUs without native bf16/fp16 "
                         "(default %(default)s)")
@@ -117,7 +131,11 @@ def options_from_args(args, **overrides) -> RuntimeOptions:
                           max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, dtype=args.dtype,
                           tokenizer_dir=args.tokenizer_dir, comm_timeout_s=args.comm_timeout, comm=args.comm,
                           bind=args.bind, reserve_cores=args.reserve_cores, compile=args.compile,
-                          woq_kernel=args.woq_kernel).replace(**overrides)
+                          woq_kernel=args.woq_kernel, block_size=args.block_size,
+                          kv_cache_memory=parse_size(args.kv_cache_memory, "--kv_cache_memory")
+                          if args.kv_cache_memory else None,
+                          prefix_cache=not args.no_prefix_cache,
+                          max_num_tokens=args.max_num_tokens).replace(**overrides)
 
 
 def llm_from_args(args, **overrides) -> LLM:

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--log_level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (default %(default)s)")
     h.add_argument("--access_log", action="store_true", help="log every HTTP request")
+    h.add_argument("--max_queue", type=int, default=None,
+                   help="requests waiting to run past which new ones get 429 with Retry-After (default: no limit)")
     p.add_argument("--launcher", default="auto", choices=LAUNCHERS,
                    help="who starts the ranks: auto = the launcher that started this process, else local when "
                         "the engine's tp_size > 1; local: tp_size rank processes started here; mpirun / torchrun: "
@@ -101,7 +103,8 @@ def serve_rank(args) -> int:
             return tokenizer.decode(ids, skip_special_tokens=True)
 
     eos = llm.eos_ids
-    scheduler = Scheduler(llm.model, llm.cache, llm.comm, llm.device, eos, decode)
+    scheduler = Scheduler(llm.model, llm.cache, llm.comm, llm.device, eos, decode, blocks=llm.blocks,
+                          max_num_tokens=llm.options.max_num_tokens)
     try:
         sock = _listen(args.host, args.port)
     except UserError:
@@ -137,7 +140,8 @@ def _serve(llm, scheduler, tokenizer, lock, sock, args, api_key, name) -> int:
     stop = threading.Event()
     failure = []
     state = ServerState(scheduler, tokenizer, name, llm.max_seq_len, api_key, args.max_body_bytes, lock,
-                        llm.generation_config, engine_alive=lambda: not stop.is_set() and not failure)
+                        llm.generation_config, engine_alive=lambda: not stop.is_set() and not failure,
+                        max_queue=args.max_queue)
     config = uvicorn.Config(create_app(state), log_level=args.log_level, access_log=args.access_log,
                             timeout_graceful_shutdown=5, lifespan="off")
     server = _Server(config)

@@ -219,7 +219,7 @@ def verify_rank(args, cfg: ef.EngineConfig) -> int:
               flush=True)
     dev = llm.device
     positions = torch.arange(T).expand(B, T).to(dev)
-    batch_idx, masks, cos, sin = model.layer_inputs(ids.to(dev), positions)
+    blocks, offsets, tables, masks, cos, sin = model.layer_inputs(ids.to(dev), positions, llm.cache)
     wanted, failures = set(layers), []
     x = ref.embed(ids) if lead else None
     with torch.no_grad():
@@ -232,8 +232,8 @@ def verify_rank(args, cfg: ef.EngineConfig) -> int:
                     x, h = comm.broadcast_object((x, h) if lead else None)
                 layer = model.layers[i]
                 xe, he = x.to(dev, llm.dtype), h.to(dev, llm.dtype)
-                h_engine = layer.attention_half(xe, cos, sin, llm.cache.k[i], llm.cache.v[i], batch_idx, None,
-                                                positions, masks)
+                h_engine = layer.attention_half(xe, cos, sin, llm.cache.k[i], llm.cache.v[i], blocks, offsets,
+                                                tables, masks)
                 out_engine = layer.mlp_half(xe, he)
                 if lead:
                     for half, got, want, base in (("attention", h_engine, h, x), ("MLP", out_engine, out, h)):

@@ -39,13 +39,13 @@ import copy
 import json
 import math
 import os
-import re
 import sys
 
 import torch
 
 from tp_runtime.engine import format as ef
 from tp_runtime.errors import UserError, exit_on_user_error, read_json_object
+from tp_runtime.memory import parse_size
 from tp_runtime.convert.writer import StreamingSafetensorsWriter
 
 CONFIG_DIRS = (os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs"), "configs")
@@ -197,16 +197,6 @@ def random_blocks(shape: tuple, mean: float, std: float, random_sign: bool, dtyp
         if random_sign:
             block.mul_(torch.randint(0, 2, rows, generator=gen).mul_(2).sub_(1))
         yield block.to(dtype)
-
-
-def parse_size(text: str, flag: str) -> int:
-    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912; a plain number is bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?\s*", str(text).lower())
-    if not m:
-        raise UserError(f"{flag} {text!r} is not a size such as 24GiB, 80GB or 1073741824")
-    units = {None: 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
-             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-    return int(float(m.group(1)) * units[m.group(2)])
 
 
 def shard_files(specs: list[tuple[str, torch.dtype, tuple]], shard_size: int) -> list[tuple[str, list]]:

@@ -18,7 +18,7 @@
 //       zero per group (not repeated per 32, no float minimum: fewer bytes to read); parts = 2 adds the
 //       rounding error as a second int8 part
 //   tp_woq::f32_mm(x, w) -> y                                 w (out, in) float32
-//   tp_woq::decode_attn(q, cache_k, cache_v, slots, visible)  one new token's attention per batch row (see there)
+//   tp_woq::decode_attn(q, cache_k, cache_v, tables, visible)  one new token's attention per batch row, paged
 //
 // x is (rows, in) float32, contiguous. A few activation rows (int4: 2, int8 and fp32: 4) share each decoded
 // weight vector (the weight is read once per that many rows: these are decode kernels), and output rows are
@@ -496,8 +496,9 @@ inline __m256 hsum8x8(const __m256* a) {
 
 // One query head's attention: scores of 8 positions at a time (8 accumulators, summed across lanes
 // together), the softmax over the visible positions (an all-masked row gives zeros), then the weighted sum
-// of the value rows in chunks of up to 64 of the head's D outputs.
-void attend_one(const float* qg, const float* kb, int64_t ks, const float* vb, int64_t vs, const bool* mb,
+// of the value rows in chunks of up to 64 of the head's D outputs. Position t's key row is kb + rows[t], its
+// value row vb + rows[t] (the rows' offsets, through the block table).
+void attend_one(const float* qg, const float* kb, const float* vb, const int64_t* rows, const bool* mb,
                 int64_t S, int64_t D, float scale, float* sg, float* og) {
   float best = -INFINITY;
   int64_t s = 0;
@@ -506,14 +507,14 @@ void attend_one(const float* qg, const float* kb, int64_t ks, const float* vb, i
     for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
       const __m256 qv = _mm256_loadu_ps(qg + d);
-      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + (s + j) * ks + d), acc[j]);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + rows[s + j] + d), acc[j]);
     }
     _mm256_storeu_ps(sg + s, _mm256_mul_ps(hsum8x8(acc), _mm256_set1_ps(scale)));
   }
   for (; s < S; ++s) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8)
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kb + s * ks + d), acc);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kb + rows[s] + d), acc);
     sg[s] = hsum(acc) * scale;
   }
   for (s = 0; s < S; ++s) {
@@ -540,38 +541,47 @@ void attend_one(const float* qg, const float* kb, int64_t ks, const float* vb, i
     for (int64_t t = 0; t < S; ++t) {
       if (sg[t] == 0.0f) continue;
       const __m256 p = _mm256_set1_ps(sg[t]);
-      const float* vr = vb + t * vs + d0;
+      const float* vr = vb + rows[t] + d0;
       for (int j = 0; j < nv; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * j), acc[j]);
     }
     for (int j = 0; j < nv; ++j) _mm256_storeu_ps(og + d0 + 8 * j, _mm256_mul_ps(acc[j], inv));
   }
 }
 
-// Attention of one new token per batch row over its slot of the KV cache (decode steps), fp32:
-//   q (B, kv_heads, G, D); cache_k / cache_v (slots, kv_heads, max_seq_len, D), D contiguous; slots (B,)
-//   int64: batch row b reads slot slots[b]; visible (B, S) bool over the first S cached positions
+// Attention of one new token per batch row over its blocks of the paged KV cache (decode steps), fp32:
+//   q (B, kv_heads, G, D); cache_k / cache_v (blocks, kv_heads, block_size, D), D contiguous, the same strides;
+//   tables (B, NB) int64: position t of row b is row t % block_size of block tables[b, t / block_size];
+//   visible (B, S) bool over positions 0..S-1, S <= NB * block_size
 //   -> out (B, kv_heads, G, D) = softmax(q k^T / sqrt(D), masked) v
 // One query head per task across torch's threads (the G heads of a KV head read the same rows, from cache
 // after the first), when the tasks hold enough work to pay for waking a thread.
 at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& cache_k, const at::Tensor& cache_v,
-                       const at::Tensor& slots, const at::Tensor& visible) {
-  TORCH_CHECK(q.dim() == 4 && cache_k.dim() == 4 && cache_v.dim() == 4 && slots.dim() == 1 && visible.dim() == 2,
-              "decode_attn: q, cache_k, cache_v are 4-D, slots 1-D and visible 2-D");
+                       const at::Tensor& tables, const at::Tensor& visible) {
+  TORCH_CHECK(q.dim() == 4 && cache_k.dim() == 4 && cache_v.dim() == 4 && tables.dim() == 2 && visible.dim() == 2,
+              "decode_attn: q, cache_k, cache_v are 4-D, tables and visible 2-D");
   const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), S = visible.size(1);
+  const int64_t bs = cache_k.size(2), NB = tables.size(1);
   TORCH_CHECK(q.scalar_type() == at::kFloat && cache_k.scalar_type() == at::kFloat &&
-                  cache_v.scalar_type() == at::kFloat && slots.scalar_type() == at::kLong &&
+                  cache_v.scalar_type() == at::kFloat && tables.scalar_type() == at::kLong &&
                   visible.scalar_type() == at::kBool,
-              "decode_attn: float32 q / caches, int64 slots and a bool mask");
+              "decode_attn: float32 q / caches, int64 block tables and a bool mask");
   TORCH_CHECK(D % 8 == 0 && cache_k.size(1) == H && cache_k.size(3) == D && cache_v.sizes() == cache_k.sizes() &&
-                  slots.size(0) == B && visible.size(0) == B && S <= cache_k.size(2),
+                  tables.size(0) == B && visible.size(0) == B && S <= NB * bs,
               "decode_attn: shapes do not match");
-  TORCH_CHECK(cache_k.stride(3) == 1 && cache_v.stride(3) == 1, "decode_attn: the caches need D contiguous");
-  const at::Tensor qc = q.contiguous(), vis = visible.contiguous(), sl = slots.contiguous();
+  TORCH_CHECK(cache_k.stride(3) == 1 && cache_k.strides() == cache_v.strides(),
+              "decode_attn: the caches need D contiguous and equal strides");
+  const at::Tensor qc = q.contiguous(), vis = visible.contiguous(), tc = tables.contiguous();
   at::Tensor out = at::empty({B, H, G, D}, q.options());
   if (B * H * G == 0) return out;
-  const int64_t* sp = sl.data_ptr<int64_t>();
+  // each row's key/value row offsets, position by position, through its block table
+  std::vector<int64_t> rows(B * S);
+  const int64_t* tp = tc.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(sp[b] >= 0 && sp[b] < cache_k.size(0), "decode_attn: slot ", sp[b], " is not in the cache");
+    for (int64_t t = 0; t < S; ++t) {
+      const int64_t block = tp[b * NB + t / bs];
+      TORCH_CHECK(block >= 0 && block < cache_k.size(0), "decode_attn: block ", block, " is not in the cache");
+      rows[b * S + t] = block * cache_k.stride(0) + (t % bs) * cache_k.stride(2);
+    }
   const float* qp = qc.data_ptr<float>();
   const float* kp = cache_k.data_ptr<float>();
   const float* vp = cache_v.data_ptr<float>();
@@ -582,10 +592,9 @@ at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& cache_k, const at:
   at::parallel_for(0, B * H * G, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(S + 8);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (H * G), h = task / G % H, slot = sp[b];
-      attend_one(qp + task * D, kp + slot * cache_k.stride(0) + h * cache_k.stride(1), cache_k.stride(2),
-                 vp + slot * cache_v.stride(0) + h * cache_v.stride(1), cache_v.stride(2), mp + b * S, S, D,
-                 scale, scores.data(), op + task * D);
+      const int64_t b = task / (H * G), h = task / G % H;
+      attend_one(qp + task * D, kp + h * cache_k.stride(1), vp + h * cache_v.stride(1), rows.data() + b * S,
+                 mp + b * S, S, D, scale, scores.data(), op + task * D);
     }
   });
   return out;
@@ -599,7 +608,7 @@ TORCH_LIBRARY(tp_woq, m) {
   m.def("int4_mm_q8(Tensor x, Tensor tiles, Tensor scale, Tensor zero, int parts) -> Tensor");
   m.def("f32_mm(Tensor x, Tensor w) -> Tensor");
   m.def("q8_isa(int force) -> int");
-  m.def("decode_attn(Tensor q, Tensor cache_k, Tensor cache_v, Tensor slots, Tensor visible) -> Tensor");
+  m.def("decode_attn(Tensor q, Tensor cache_k, Tensor cache_v, Tensor tables, Tensor visible) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tp_woq, CPU, m) {

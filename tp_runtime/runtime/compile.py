@@ -40,6 +40,7 @@ PATHS = ("auto", "direct", "stance", "guarded")
 # The attention span the dummy steps trace with: Dynamo gives equal sizes one symbol (duck shaping), and a
 # later call where they differ recompiles, so it is none of the batch sizes traced (1, 2).
 COMPILE_SPAN = 3
+COMPILE_TABLE_WIDTH = 5  # the block tables' width when tracing: not 0/1 (specialized), nor a batch size or the span
 _bodies = itertools.count()
 # What a compiled decode step saves per step against the eager one is of the order of the Python overhead of
 # an eager step's layers (benchmarks/bench_cpu_tp.py compares them); this conservative figure decides only
@@ -124,8 +125,8 @@ def key_cache_by_isa() -> str | None:
 
 def compile_decode(model, cache, max_batch: int = 1, path: str = "auto", freeze: bool = True) -> CompiledDecode:
     """Compile `model`'s decode body (TPDecoder._decode_body) for batch 1 and, with max_batch > 1, for larger
-    batches, run each once on dummy tokens (at position COMPILE_SPAN - 1 of slots 0.., which a prefill
-    overwrites), and pick the call path. Inductor caches its generated code on disk (TORCHINDUCTOR_CACHE_DIR),
+    batches, run each once on dummy tokens (at position COMPILE_SPAN - 1, their keys and values written into
+    block 0, which no sequence reads), and pick the call path. Inductor caches its generated code on disk (TORCHINDUCTOR_CACHE_DIR),
     so a later run of the same engine skips most of the compile."""
     import torch._inductor.config as inductor_config
 
@@ -165,7 +166,8 @@ def compile_decode(model, cache, max_batch: int = 1, path: str = "auto", freeze:
             ids = torch.ones(B, 1, dtype=torch.long, device=dev)
             positions = torch.full((B, 1), COMPILE_SPAN - 1, dtype=torch.long, device=dev)  # not `ids`: no aliasing
             last = torch.zeros(B, dtype=torch.long, device=dev)
-            args = model._decode_args(ids, positions, cache, last)
+            tables = cache.trash_tables(B, COMPILE_TABLE_WIDTH, dev)  # every write into block 0
+            args = model._decode_args(ids, positions, cache, last, tables)
             want[min(B, 2)] = out = compiled(*args)
             if path in ("auto", "direct"):
                 graphs[min(B, 2)] = _direct_graph(compiled, body, out, model, args)

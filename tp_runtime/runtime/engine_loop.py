@@ -3,15 +3,20 @@
 tp-serve runs it for as long as the server lives (continuous batching); LLM.generate (tp-run, the Python
 API, tp-eval) runs it over one list of requests with `generate`, until the last one is done.
 
-Rank 0 owns a `Scheduler`; every other rank runs `follow()`. Each request holds one KV-cache slot
-(a row of KVCache) from its prefill to its last token; a freed slot is taken by the next request at
-once. One iteration of the loop on rank 0:
+Rank 0 owns a `Scheduler`; every other rank runs `follow()`. Each request holds blocks of the paged KV cache
+(kv_cache.py), handed out by rank 0's BlockManager as its tokens arrive: at admission the blocks of its
+longest cached prefix plus fresh ones for the rest of its prompt, then one more whenever a decode step
+starts a new block. One iteration of the loop on rank 0:
 
-    1. drop the requests whose client went away (their slots are free again)
-    2. PREFILL the waiting requests that find a free slot: their prompts, right-padded, at
-       positions 0..len-1 of their slots (the causal mask keeps the padding out of every real
-       token's view); rank 0 samples each one's first token
-    3. DECODE every running request together: one token per row at its own position in its slot
+    1. drop the requests whose client went away (their blocks go back)
+    2. PREFILL the admitted requests (at most max_batch_size rows run at once, and a request waits while the
+       pool cannot hold its prompt): the next chunk of each row's uncached tokens, within max_num_tokens for
+       the step, right-padded, at positions computed..computed+chunk-1 (the causal mask keeps the padding out
+       of every real token's view, and the padding's writes fall past the row's table, in block 0); a row
+       whose prompt is all computed joins the batch, and rank 0 samples its first token
+    3. DECODE every running request together: one token per row at its own position. A row that needs a block
+       the pool has not got takes it from the newest running request, which is preempted: its blocks go
+       back, and it is admitted again (first) to recompute its tokens, then goes on where it was
     4. nothing to do: wait for a request; after a few seconds of quiet (HEARTBEAT_S, or a quarter of the
        communicator's timeout), broadcast an IDLE step so the followers' waits never reach their timeout
 
@@ -19,13 +24,16 @@ Every step is broadcast by rank 0 as a fixed-size header, then (unless it is IDL
 all ranks run the same forward in lockstep; the logits reach every rank and rank 0 alone samples,
 with one RowState per sequence (sequence.py):
 
-    header  int64 (HEADER_LEN,)   [kind, rows B, tokens per row T, step number]
-    payload int64 (B * (T + 2),)  [slots (B) | ids (B * T) | prompt lengths (PREFILL) or positions (DECODE) (B)]
+    header  int64 (HEADER_LEN,)          [kind, rows B, tokens per row T, table width NB, step number]
+    payload int64 (B * (NB + T + 2),)   [block tables (B * NB) | ids (B * T) | starts (B) | lengths (B)]
 
-A row's result does not depend on its neighbours: each row attends only to its own slot, and every
-row samples with its own seeded RowSampler. So a request's greedy output is the one it gets alone.
+Row b's tokens go to positions starts[b] .. starts[b] + T - 1; its logits are those of token lengths[b] - 1.
+A row's result does not depend on its neighbours: each row attends only to its own blocks (shared prefix
+blocks hold what the row would have computed), and every row samples with its own seeded RowSampler. So a
+request's greedy output is the one it gets alone.
 """
 
+import itertools
 import queue
 import sys
 import threading
@@ -36,10 +44,12 @@ from dataclasses import dataclass, field
 import torch
 
 from tp_runtime.distributed.comm import Communicator
+from tp_runtime.errors import UserError
 from tp_runtime.runtime.sequence import Completion, Request, RowState, Timings
-from tp_runtime.runtime.model import KVCache, TPDecoder
+from tp_runtime.runtime.kv_cache import BlockManager, KVCache, SequenceBlocks
+from tp_runtime.runtime.model import TPDecoder
 
-HEADER_LEN = 4
+HEADER_LEN = 5
 IDLE, PREFILL, DECODE, STOP = 0, 1, 2, 3
 HEARTBEAT_S = 5.0  # at most; a quarter of the communicator's timeout when that is shorter
 
@@ -49,27 +59,29 @@ HEARTBEAT_S = 5.0  # at most; a quarter of the communicator's timeout when that 
 @dataclass
 class Step:
     kind: int
-    slots: torch.Tensor | None = None  # (B,) cache slot of each row
+    tables: torch.Tensor | None = None  # (B, NB) each row's block table (0: no block)
     ids: torch.Tensor | None = None  # (B, T)
-    lengths: torch.Tensor | None = None  # (B,) PREFILL: prompt lengths; DECODE: the position of each row's token
+    starts: torch.Tensor | None = None  # (B,) the position of each row's first token
+    lengths: torch.Tensor | None = None  # (B,) each row's real tokens (the rest of T is padding)
 
 
 def broadcast_step(comm: Communicator, device: torch.device, step: Step | None = None, number: int = 0) -> Step:
     """Rank 0 passes `step` and sends it; the other ranks pass None and get rank 0's."""
     header = torch.zeros(HEADER_LEN, dtype=torch.long, device=device)
     if comm.rank == 0:
-        B, T = (0, 0) if step.ids is None else step.ids.shape
-        header.copy_(torch.tensor([step.kind, B, T, number]))
+        (B, T), NB = (0, 0) if step.ids is None else step.ids.shape, 0 if step.tables is None else step.tables.shape[1]
+        header.copy_(torch.tensor([step.kind, B, T, NB, number]))
     comm.broadcast(header, src=0)
-    kind, B, T, _ = header.tolist()
+    kind, B, T, NB, _ = header.tolist()
     if kind in (IDLE, STOP):
         return Step(kind)
     if comm.rank == 0:
-        payload = torch.cat([step.slots, step.ids.reshape(-1), step.lengths]).to(device)
+        payload = torch.cat([step.tables.reshape(-1), step.ids.reshape(-1), step.starts, step.lengths]).to(device)
     else:
-        payload = torch.empty(B * (T + 2), dtype=torch.long, device=device)
+        payload = torch.empty(B * (NB + T + 2), dtype=torch.long, device=device)
     comm.broadcast(payload, src=0)
-    return Step(kind, payload[:B], payload[B : B + B * T].view(B, T), payload[B + B * T :])
+    parts = payload.split([B * NB, B * T, B, B])
+    return Step(kind, parts[0].view(B, NB), parts[1].view(B, T), parts[2], parts[3])
 
 
 def run_step(model: TPDecoder, cache: KVCache, step: Step) -> torch.Tensor | None:
@@ -77,16 +89,8 @@ def run_step(model: TPDecoder, cache: KVCache, step: Step) -> torch.Tensor | Non
     if step.kind not in (PREFILL, DECODE):
         return None
     B, T = step.ids.shape
-    dev = step.ids.device
-    # Rows that are slots 0..B-1 in order read the cache as a view; others gather their slots.
-    slots = None if torch.equal(step.slots, torch.arange(B, device=dev)) else step.slots
-    if step.kind == PREFILL:
-        positions = torch.arange(T, device=dev).unsqueeze(0).expand(B, T)  # (B, T)
-        last = step.lengths - 1
-    else:
-        positions = step.lengths.view(B, 1)  # (B, 1)
-        last = torch.zeros(B, dtype=torch.long, device=dev)
-    return model(step.ids, positions, cache, last, slots)
+    positions = step.starts.view(B, 1) + torch.arange(T, device=step.ids.device)  # (B, T)
+    return model(step.ids, positions, cache, step.lengths - 1, step.tables)
 
 
 @torch.inference_mode()
@@ -124,12 +128,24 @@ class ServeRequest:
     cancelled: bool = False
 
 
+_admissions = itertools.count()
+
+
 class _Running:
-    def __init__(self, req: ServeRequest, slot: int, row: RowState):
-        self.req, self.slot, self.row = req, slot, row
-        self.pos = len(req.request.prompt_ids)  # where the next fed token goes
-        self.next_token = 0
+    def __init__(self, req: ServeRequest, row: RowState):
+        self.req, self.row = req, row
+        self.blocks = SequenceBlocks()
+        self.fed = list(req.request.prompt_ids)  # the tokens whose keys and values the cache holds, in order
+        self.next_token = 0  # sampled, fed at the next decode step
         self.sent = 0  # output ids already handed out
+        self.computed = 0  # tokens of `fed` whose keys and values are in the cache (a prefill in chunks)
+        self.needs_sample = True  # its first token is still to be sampled (False once preempted after it)
+        self.order = next(_admissions)  # the newest running request is preempted first
+
+    @property
+    def pos(self) -> int:
+        """Where the next fed token goes."""
+        return len(self.fed)
 
 
 class Scheduler:
@@ -137,17 +153,26 @@ class Scheduler:
     step() / run() / stop() run on the engine thread."""
 
     def __init__(self, model: TPDecoder, cache: KVCache, comm: Communicator, device: torch.device,
-                 eos_ids: list[int] | set[int], decode=None, on_step=None):
+                 eos_ids: list[int] | set[int], decode=None, on_step=None, prefix_cache: bool = True,
+                 blocks: BlockManager | None = None, max_num_tokens: int | None = None):
         """decode(ids) -> str: the tokenizer (for text and stop words). on_step(kind, rows, seconds): called
-        after every PREFILL / DECODE step (metrics)."""
+        after every PREFILL / DECODE step (metrics). prefix_cache: reuse cached blocks of a prompt's prefix.
+        blocks: the cache's manager when it outlives this scheduler (LLM keeps one across generate calls).
+        max_num_tokens: the most prompt tokens a PREFILL step computes (longer prompts go in chunks, one per loop
+        iteration, between the decode steps of the running requests); None: no limit."""
+        if max_num_tokens is not None and max_num_tokens < 1:
+            raise UserError(f"--max_num_tokens must be >= 1, got {max_num_tokens}")
+        self.max_num_tokens = max_num_tokens
         self.model, self.cache, self.comm, self.device = model, cache, comm, device
         self.on_step = on_step
         self.eos_ids, self.decode = set(eos_ids or []), decode
         self.vocab_size = model.cfg.vocab_size
         self.inbox: queue.Queue = queue.Queue()
         self.waiting: deque = deque()
-        self.running: list[_Running] = []
-        self.free_slots = list(range(cache.max_batch_size))  # lowest first: rows then tend to be slots 0..B-1
+        self.running: list[_Running] = []  # decoding
+        self.prefilling: list[_Running] = []  # admitted, their prompts not yet all computed
+        self.preempted: list[_Running] = []  # oldest first; admitted before new requests
+        self.blocks = blocks or BlockManager(cache.num_blocks, cache.block_size, prefix_cache)
         self.steps = 0
         self.last_broadcast = time.monotonic()
         self.heartbeat_s = min(HEARTBEAT_S, getattr(comm, "timeout_s", HEARTBEAT_S * 4) / 4)
@@ -159,16 +184,20 @@ class Scheduler:
         self.inbox.put(req)
 
     def cancel(self, req: ServeRequest) -> None:
-        """The client went away: the request leaves at the next step boundary and frees its slot."""
+        """The client went away: the request leaves at the next step boundary and frees its blocks."""
         req.cancelled = True
 
     @property
     def queue_length(self) -> int:
-        return self.inbox.qsize() + len(self.waiting)
+        return self.inbox.qsize() + len(self.waiting) + len(self.preempted)
+
+    @property
+    def preemptions(self) -> int:
+        return self.blocks.preemptions
 
     @property
     def batch_size(self) -> int:
-        return len(self.running)
+        return len(self.running) + len(self.prefilling)
 
     # --- the engine thread ---
 
@@ -187,9 +216,16 @@ class Scheduler:
             pass
 
     def _release(self, run: _Running) -> None:
-        self.running.remove(run)
-        self.free_slots.append(run.slot)
-        self.free_slots.sort()
+        (self.running if run in self.running else self.prefilling).remove(run)
+        self.blocks.release(run.blocks)
+
+    def _preempt(self, run: _Running) -> None:
+        """Give run's blocks back; it is admitted again, first, and recomputes its tokens."""
+        self._release(run)
+        run.computed = 0
+        self.preempted.append(run)
+        self.preempted.sort(key=lambda r: r.order)
+        self.blocks.preemptions += 1
 
     def _emit(self, req: ServeRequest, event: Event) -> None:
         event.time = time.monotonic()
@@ -202,23 +238,15 @@ class Scheduler:
     def step(self, block_s: float = 0.0) -> bool:
         """One iteration (see the module docstring). Returns whether anything ran."""
         self._drain_inbox()
-        for run in [r for r in self.running if r.req.cancelled]:
+        for run in [r for r in self.running + self.prefilling if r.req.cancelled]:
             self._release(run)
+        self.preempted = [r for r in self.preempted if not r.req.cancelled]
         self.waiting = deque(r for r in self.waiting if not r.cancelled)
         did = False
-        if self.waiting and self.free_slots:
-            new = []
-            while self.waiting and self.free_slots:
-                req = self.waiting.popleft()
-                try:
-                    row = RowState(req.request, self.vocab_size, self.decode, self.eos_ids)
-                except Exception as e:  # e.g. a seed torch refuses: this request fails alone
-                    self._emit(req, Event(finish_reason="abort", error=f"{type(e).__name__}: {e}"))
-                    continue
-                new.append(_Running(req, self.free_slots.pop(0), row))
-            if new:
-                self._prefill(new)
-                did = True
+        self.prefilling += self._admit()
+        if self.prefilling:
+            self._prefill()
+            did = True
         if self.running:
             self._decode()
             did = True
@@ -228,33 +256,107 @@ class Scheduler:
                 self._broadcast(Step(IDLE))
         return did
 
-    def _prefill(self, new: list[_Running]) -> None:
-        lens = [len(r.req.request.prompt_ids) for r in new]
-        B, T = len(new), max(lens)
+    def _admit(self) -> list[_Running]:
+        """Preempted requests first (oldest first), then waiting ones in arrival order, while a step has rows
+        left and the pool holds their tokens (keeping a block spare for the running requests to grow)."""
+        new: list[_Running] = []
+        while (self.preempted or self.waiting) and self.batch_size + len(new) < self.cache.max_batch_size:
+            resumed = bool(self.preempted)
+            run = self.preempted[0] if resumed else None
+            tokens = run.fed if resumed else self.waiting[0].request.prompt_ids
+            busy = bool(self.batch_size or new)
+            blocks = self.blocks.admit(tokens, reserve=1 if busy else 0)
+            if blocks is None:
+                if not busy:  # an empty pool cannot hold it: it never will
+                    req = (self.preempted.pop(0) if resumed else self.waiting.popleft())
+                    req = req.req if resumed else req
+                    self._emit(req, Event(finish_reason="abort", error=f"{len(tokens)} tokens do not fit the KV "
+                                          f"cache's {self.blocks.usable} blocks of {self.cache.block_size}"))
+                    continue
+                break
+            if resumed:
+                self.preempted.pop(0)
+            else:
+                req = self.waiting.popleft()
+                try:
+                    run = _Running(req, RowState(req.request, self.vocab_size, self.decode, self.eos_ids))
+                except Exception as e:  # e.g. a seed torch refuses: this request fails alone
+                    self.blocks.release(blocks)
+                    self._emit(req, Event(finish_reason="abort", error=f"{type(e).__name__}: {e}"))
+                    continue
+            run.blocks, run.computed = blocks, blocks.cached_tokens
+            new.append(run)
+        return new
+
+    def _tables(self, rows: list[_Running], positions: int) -> torch.Tensor:
+        """(B, NB) block tables covering `positions` positions, padded with block 0. At least 2 wide: the compiled
+        step was traced with a symbolic width, which Dynamo never lets be 1 (a width of 1 would recompile)."""
+        nb = max(2, self.blocks.blocks_needed(positions))
+        out = torch.zeros(len(rows), nb, dtype=torch.long)
+        for b, r in enumerate(rows):
+            table = r.blocks.table[:nb]
+            out[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+        return out
+
+    def _prefill(self) -> None:
+        """One PREFILL step: the next chunk of each admitted prompt, oldest first, within max_num_tokens. A row
+        whose prompt is then all computed joins the running batch (sampling its first token if it has none)."""
+        budget = self.max_num_tokens or sum(len(r.fed) for r in self.prefilling)
+        rows, lens = [], []
+        for r in self.prefilling:
+            n = min(len(r.fed) - r.computed, budget - sum(lens))
+            if n <= 0:
+                break
+            rows.append(r)
+            lens.append(n)
+        starts = [r.computed for r in rows]
+        B, T = len(rows), max(lens)
         ids = torch.zeros(B, T, dtype=torch.long)
-        for b, r in enumerate(new):
-            ids[b, : lens[b]] = torch.tensor(r.req.request.prompt_ids, dtype=torch.long)
-        slots = torch.tensor([r.slot for r in new], dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : lens[b]] = torch.tensor(r.fed[starts[b] : starts[b] + lens[b]], dtype=torch.long)
+        tables = self._tables(rows, max(s + T for s in starts))
         t0 = time.perf_counter()
-        step = self._broadcast(Step(PREFILL, slots, ids, torch.tensor(lens, dtype=torch.long)))
+        step = self._broadcast(Step(PREFILL, tables, ids, torch.tensor(starts), torch.tensor(lens)))
         logits = run_step(self.model, self.cache, step)
-        self.running += new
-        self.running.sort(key=lambda r: r.slot)
-        self._sample(new, logits)
+        done, first = [], []
+        for b, r in enumerate(rows):
+            r.computed += lens[b]
+            self.blocks.register(r.blocks, r.fed[: r.computed])
+            if r.computed == len(r.fed):
+                done.append(r)
+                if r.needs_sample:  # a preempted request has its next token already
+                    r.needs_sample = False
+                    first.append(b)
+        for r in done:
+            self.prefilling.remove(r)
+        self.running = sorted(self.running + done, key=lambda r: r.order)
+        if first:
+            self._sample([rows[b] for b in first], logits[first])
         self._count("prefill", B, t0)
 
+    def _grow(self) -> None:
+        """Every running request gets the block its next position needs, oldest first; where the pool has none
+        left, the newest running request is preempted (perhaps the one asking)."""
+        for run in list(self.running):
+            while run in self.running and not self.blocks.grow(run.blocks, run.pos + 1):
+                self._preempt(max(self.running + self.prefilling, key=lambda r: r.order))
+
     def _decode(self) -> None:
-        rows = self.running
-        slots = torch.tensor([r.slot for r in rows], dtype=torch.long)
+        self._grow()
+        rows = list(self.running)
+        if not rows:
+            return
         ids = torch.tensor([[r.next_token] for r in rows], dtype=torch.long)
         positions = torch.tensor([r.pos for r in rows], dtype=torch.long)
+        tables = self._tables(rows, int(positions.max()) + 1)
         t0 = time.perf_counter()
-        step = self._broadcast(Step(DECODE, slots, ids, positions))
+        step = self._broadcast(Step(DECODE, tables, ids, positions, torch.ones(len(rows), dtype=torch.long)))
         logits = run_step(self.model, self.cache, step)
         for r in rows:
-            r.pos += 1
-        self._sample(list(rows), logits)
-        self._count("decode", len(slots), t0)
+            r.fed.append(r.next_token)
+            self.blocks.register(r.blocks, r.fed)
+        self._sample(rows, logits)
+        self._count("decode", len(rows), t0)
 
     def _count(self, kind: str, rows: int, t0: float) -> None:
         if self.on_step is not None:
@@ -300,9 +402,11 @@ class Scheduler:
             return
         self.stopped = True
         self._drain_inbox()
-        for req in [r.req for r in self.running] + list(self.waiting):
+        for req in [r.req for r in self.running + self.prefilling + self.preempted] + list(self.waiting):
             self._emit(req, Event(finish_reason="abort", error=reason))
-        self.running, self.waiting = [], deque()
+        for run in self.running + self.prefilling:
+            self.blocks.release(run.blocks)
+        self.running, self.prefilling, self.preempted, self.waiting = [], [], [], deque()
         try:
             broadcast_step(self.comm, self.device, Step(STOP), self.steps + 1)
         except Exception as e:  # the followers are gone already
@@ -313,7 +417,8 @@ class Scheduler:
 
 @torch.inference_mode()
 def generate(model: TPDecoder, cache: KVCache, comm: Communicator, device: torch.device, eos_ids,
-             requests: list[Request], decode=None, on_text=None) -> tuple[list[Completion], Timings]:
+             requests: list[Request], decode=None, on_text=None, blocks: BlockManager | None = None,
+             max_num_tokens: int | None = None) -> tuple[list[Completion], Timings]:
     """Run `requests` through the Scheduler until every one is done, then release the followers. Every rank
     calls it; rank 0's completions are the results (the others return empty ones). decode(ids) -> str and
     on_text(index, delta) are used on rank 0 only.
@@ -346,7 +451,8 @@ def generate(model: TPDecoder, cache: KVCache, comm: Communicator, device: torch
                 done[i] = event.completion
         return on_event
 
-    sched = Scheduler(model, cache, comm, device, eos_ids, decode, on_step)
+    sched = Scheduler(model, cache, comm, device, eos_ids, decode, on_step, blocks=blocks,
+                      max_num_tokens=max_num_tokens)
     try:
         for i, req in enumerate(requests):
             sched.submit(ServeRequest(req, collector(i)))

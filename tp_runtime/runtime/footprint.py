@@ -5,8 +5,9 @@ reads a weight; tp-plan prints the same figures for a model not yet converted.
     weights   each tensor of the rank file as the model keeps it: quantized codes, scales and zeros as
               stored (the kernels re-lay them out at the same size); float tensors in the compute dtype
               (a bf16 engine on a CPU without native bf16 computes, and so keeps, float32: twice its file)
-    KV cache  2 (keys, values) x layers x max_batch_size x kv_heads_per_rank x max_seq_len x head_size
-              x the compute dtype's size
+    KV cache  the pool's blocks (runtime/kv_cache.py: --kv_cache_memory, else max_batch_size sequences of
+              max_seq_len, plus block 0) x 2 (keys, values) x layers x kv_heads_per_rank x block_size
+              x head_size x the compute dtype's size
     runtime   Python, torch and the tokenizer, the decode step's activations and scratch (RUNTIME_BYTES)
 
 The weights' kernel layouts may differ from the file by a few percent (a padded tile, scales repeated
@@ -18,6 +19,7 @@ import torch
 
 from tp_runtime.engine import format as ef
 from tp_runtime.errors import UserError
+from tp_runtime.runtime import kv_cache
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -54,18 +56,27 @@ def rank_file_weight_bytes(path: str, compute_dtype: torch.dtype) -> int:
     return weight_bytes(header_entries(read_header(path)), compute_dtype)
 
 
-def kv_cache_bytes(cfg: ef.EngineConfig, rank: int, max_batch_size: int, max_seq_len: int,
-                   dtype: torch.dtype) -> int:
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * max_batch_size * cfg.kv_heads_per_rank[rank] * max_seq_len * cfg.head_size * elem
+def kv_cache_blocks(cfg: ef.EngineConfig, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
+                    block_size: int = kv_cache.DEFAULT_BLOCK_SIZE, memory: int | None = None) -> int:
+    """The block count tp-run's ranks agree on: the smallest any rank's budget holds."""
+    return min(kv_cache.blocks_for(cfg, r, block_size, dtype, max_batch_size, max_seq_len, memory)
+               for r in range(cfg.tp_size))
+
+
+def kv_cache_bytes(cfg: ef.EngineConfig, rank: int, max_batch_size: int, max_seq_len: int, dtype: torch.dtype,
+                   block_size: int = kv_cache.DEFAULT_BLOCK_SIZE, memory: int | None = None) -> int:
+    """The KV pool of `rank` (runtime/kv_cache.py): its blocks, every layer's keys and values."""
+    blocks = kv_cache_blocks(cfg, max_batch_size, max_seq_len, dtype, block_size, memory)
+    return blocks * kv_cache.block_bytes(cfg, rank, block_size, dtype)
 
 
 def check_fits(need: list[tuple[int, int, int]], available: int, max_batch_size: int, max_seq_len: int,
-               dtype: torch.dtype, where: str = "this host") -> None:
+               dtype: torch.dtype, where: str = "this host", budget: bool = False) -> None:
     """Refuse, naming the flags that size the cache, when this host's ranks would not fit its memory.
 
     need: (weights, kv_cache, runtime) bytes of each rank on this host; available: the host's available
-    memory before any of them loaded (memory.available(); 0: unknown, nothing is checked)."""
+    memory before any of them loaded (memory.available(); 0: unknown, nothing is checked). budget: the cache
+    was sized by --kv_cache_memory (then that is the flag to lower)."""
     if available <= 0:
         return
     total = sum(sum(n) for n in need)
@@ -77,12 +88,15 @@ def check_fits(need: list[tuple[int, int, int]], available: int, max_batch_size:
     fit_seq = int(room / max(1.0, kv_per_token * max_batch_size))
     fit_batch = int(room / max(1.0, kv_per_token * max_seq_len))
     dt = str(dtype).removeprefix("torch.")
+    sized = "--kv_cache_memory" if budget else f"--max_batch_size {max_batch_size} x --max_seq_len {max_seq_len}"
     what = (f"{len(need)} rank(s) on {where} need {total / GiB:.1f} GiB: weights {weights / GiB:.1f} GiB + KV "
-            f"cache {kv / GiB:.1f} GiB ({dt}, --max_batch_size {max_batch_size} x --max_seq_len {max_seq_len}) "
+            f"cache {kv / GiB:.1f} GiB ({dt}, {sized}) "
             f"+ runtime {runtime / GiB:.1f} GiB, but {available / GiB:.1f} GiB is available")
-    if room <= kv_per_token * 2:
+    if room <= kv_per_token * 2 or (budget and room <= 0):
         raise UserError(f"{what}: the weights alone do not fit; quantize them (tp-convert --use_weight_only "
                         f"--weight_only_precision int4) or spread the ranks over more hosts")
+    if budget:
+        raise UserError(f"{what}; lower --kv_cache_memory (about {room / len(need) / GiB:.2f} GiB per rank fits)")
     hints = []
     if fit_seq >= 2:
         hints.append(f"--max_seq_len {fit_seq} fits at --max_batch_size {max_batch_size}")

@@ -34,7 +34,9 @@ from tp_runtime.distributed.launch import detect_launch
 from tp_runtime.runtime import compile as compile_step
 from tp_runtime.runtime import footprint
 from tp_runtime.runtime.compile import COMPILE_SPAN, compile_decode
-from tp_runtime.runtime.model import KVCache, TPDecoder
+from tp_runtime.runtime import kv_cache
+from tp_runtime.runtime.kv_cache import BlockManager, KVCache
+from tp_runtime.runtime.model import TPDecoder
 from tp_runtime.runtime.options import RuntimeOptions
 from tp_runtime.runtime.rank_file import RankTensors
 from tp_runtime.runtime.reslice import Reslicer
@@ -140,9 +142,10 @@ class LLM:
             raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
         self.max_batch_size = max_batch_size or cfg.max_batch_size
         self.max_seq_len = max_seq_len or cfg.max_seq_len
-        if self.max_batch_size < 1 or self.max_seq_len < 2:
-            raise UserError(f"--max_batch_size must be >= 1 and --max_seq_len >= 2, got "
-                            f"{self.max_batch_size} and {self.max_seq_len}")
+        if self.max_batch_size < 1 or self.max_seq_len < 2 or opts.block_size < 1:
+            raise UserError(f"--max_batch_size and --block_size must be >= 1 and --max_seq_len >= 2, got "
+                            f"{self.max_batch_size}, {opts.block_size} and {self.max_seq_len}")
+        self.block_size, self.prefix_cache = opts.block_size, opts.prefix_cache
         self.device = pick_device(device, self.info.local_rank)
         if threads is not None and threads < 1:
             raise UserError(f"--threads must be >= 1, got {threads}")
@@ -166,6 +169,7 @@ class LLM:
 
         t0 = time.perf_counter()
         self.comm = make_communicator(self.info, self.device, opts.comm_timeout_s, opts.comm)
+        self.num_blocks = self._agree_on_blocks(opts.kv_cache_memory)
         show = self.rank == 0 and sys.stderr.isatty()  # rank 0 alone draws the bar
         if self.reslicer is None:
             sources = [os.path.join(engine_dir, ef.rank_file(self.rank))]
@@ -186,7 +190,10 @@ class LLM:
         for path in sources:  # what the build read through the mapping (the fused fc + gate's parts)
             memory.release_file_pages(path)
         memory.trim_heap()  # and the transient buffers it freed
-        self.cache = KVCache(cfg, self.rank, self.max_batch_size, self.max_seq_len, self.dtype, self.device)
+        self.cache = KVCache(cfg, self.rank, self.num_blocks, self.block_size, self.max_batch_size, self.max_seq_len,
+                             self.dtype, self.device)
+        # rank 0's bookkeeping of the pool, kept across generate calls (a later prompt reuses an earlier prefix)
+        self.blocks = BlockManager(self.num_blocks, self.block_size, self.prefix_cache) if self.rank == 0 else None
         # every rank's memory after load, [(anonymous, mapped, resident before load) bytes] in rank order
         mine = memory.process()
         self.load_memory = self.comm.all_gather_object((mine["anonymous"], mine["mapped"], before))
@@ -233,11 +240,25 @@ class LLM:
 
     # --- set-up helpers ---
 
+    def _agree_on_blocks(self, budget: int | None) -> int:
+        """The KV pool's block count, the same on every rank (the smallest: block tables index every rank's pool
+        alike); a budget too small for one sequence is an error on every rank."""
+        try:
+            mine = kv_cache.blocks_for(self.config, self.rank, self.block_size, self.dtype, self.max_batch_size,
+                                       self.max_seq_len, budget)
+        except UserError as e:
+            mine = str(e)
+        everyone = self.comm.all_gather_object(mine)
+        errors = [e for e in everyone if isinstance(e, str)]
+        if errors:
+            raise UserError(errors[0])
+        return min(everyone)
+
     def _check_memory(self, weight_bytes: int) -> None:
         """Before any weight is read: refuse, on every rank alike, when the ranks that share a host (or a GPU)
         would not fit its memory with this KV cache (runtime/footprint.py)."""
         need = (weight_bytes,
-                footprint.kv_cache_bytes(self.config, self.rank, self.max_batch_size, self.max_seq_len, self.dtype),
+                self.num_blocks * kv_cache.block_bytes(self.config, self.rank, self.block_size, self.dtype),
                 footprint.RUNTIME_BYTES if self.device.type == "cpu" else 0)
         if self.device.type == "cuda":
             where, avail = f"{socket.gethostname()}:{self.device.index}", torch.cuda.mem_get_info(self.device)[0]
@@ -248,7 +269,8 @@ class LLM:
             here = [(r, n, a) for r, (w, n, a) in enumerate(everyone) if w == host]
             ranks = ", ".join(str(r) for r, _, _ in here)
             footprint.check_fits([n for _, n, _ in here], min(a for _, _, a in here), self.max_batch_size,
-                                 self.max_seq_len, self.dtype, f"{host} (rank{'s' if len(here) > 1 else ''} {ranks})")
+                                 self.max_seq_len, self.dtype, f"{host} (rank{'s' if len(here) > 1 else ''} {ranks})",
+                                 budget=self.options.kv_cache_memory is not None)
 
     def _read_generation_config(self) -> dict:
         path = os.path.join(self.engine_dir, "generation_config.json")
@@ -312,7 +334,8 @@ class LLM:
         requests, texts = job
         decode = self.decode if self.rank == 0 and self.has_tokenizer else None
         completions, self.last_timings = engine_loop.generate(self.model, self.cache, self.comm, self.device,
-                                                              self.eos_ids, requests, decode, on_text)
+                                                              self.eos_ids, requests, decode, on_text,
+                                                              self.blocks, self.options.max_num_tokens)
         results = None
         if self.rank == 0:
             results = [RequestOutput(texts[i], r.prompt_ids, c.output_ids, c.output_logprobs, c.text, c.finish_reason)
@@ -335,7 +358,10 @@ class LLM:
         if isinstance(job, str):
             raise UserError(job)
         seqs, starts = job
-        out, B_max = [], self.cache.max_batch_size
+        if self.rank == 0:  # scoring writes blocks 1.. as its own: no cached prefix survives it
+            self.blocks = BlockManager(self.num_blocks, self.block_size, self.prefix_cache)
+        longest = max(len(s) for s in seqs)
+        out, B_max = [], max(1, min(self.cache.max_batch_size, self.cache.rows_that_fit(longest)))
         for i in range(0, len(seqs), B_max):
             out += score_batch(self.model, self.cache, self.comm, self.device, seqs[i : i + B_max],
                                starts[i : i + B_max])

@@ -8,8 +8,8 @@
 Switches from the engine config (norm kind and placement, parallel residual, biases, QK-norm,
 activation, gated or plain MLP, rotary fraction and scaling, per-layer sliding window and RoPE)
 select the math; the model never asks which family it runs.
-The KV cache is static: (max_batch, kv_heads_per_rank, max_seq, head_dim) per layer; batch row b
-lives in cache slot b (or slots[b]), and its tokens at positions 0..len_b-1.
+The KV cache is paged (runtime/kv_cache.py): per layer a pool (blocks, kv_heads_per_rank, block_size,
+head_dim); batch row b's position p lives in row p % block_size of block tables[b, p // block_size].
 """
 
 
@@ -25,6 +25,7 @@ from tp_runtime.engine.functions import ACTIVATIONS, apply_rope
 from tp_runtime.runtime import native, woq
 from tp_runtime.distributed.comm import Communicator
 from tp_runtime.engine.format import EngineConfig
+from tp_runtime.runtime.kv_cache import KVCache
 from tp_runtime.runtime.layers import (ColumnParallelLinear, Embedding, LayerNorm, ParallelLMHead, RMSNorm, RowParallelLinear,
                                VocabParallelEmbedding)
 
@@ -60,29 +61,24 @@ def decode_attention(q, keys, values, mask):
     return out.reshape(B, H, 1, D)  # (B, heads, 1, D)
 
 
-def native_decode_attention(q, cache_k, cache_v, slots, mask):
+def native_decode_attention(q, cache_k, cache_v, tables, mask):
     """decode_attention through tp_woq::decode_attn (fp32 on CPU): one call per layer that reads each cached
-    row once for the query heads of its KV head, straight from the cache (row b of the batch is slot slots[b];
-    the span is the mask's: no gathered copy of the keys and values, which a compiled step made before).
+    row once for the query heads of its KV head, straight from the pool through the block tables (the span
+    is the mask's: no gathered copy of the keys and values).
 
-    q: (B, heads, 1, D); cache_k, cache_v: (slots, kv_heads, max_seq_len, D); slots: (B,); mask: (B, 1, 1, S)."""
+    q: (B, heads, 1, D); cache_k, cache_v: (blocks, kv_heads, block_size, D); tables: (B, NB); mask: (B, 1, 1, S)."""
     B, H, _, D = q.shape
     Hkv, S = cache_k.shape[1], mask.shape[-1]
-    out = torch.ops.tp_woq.decode_attn(q.reshape(B, Hkv, H // Hkv, D), cache_k, cache_v, slots, mask.reshape(B, S))
+    out = torch.ops.tp_woq.decode_attn(q.reshape(B, Hkv, H // Hkv, D), cache_k, cache_v, tables, mask.reshape(B, S))
     return out.reshape(B, H, 1, D)
 
 
-
-
-class KVCache:
-    """Static per-layer key/value buffers for this rank's KV heads."""
-
-    def __init__(self, cfg: EngineConfig, rank: int, max_batch_size: int, max_seq_len: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (max_batch_size, cfg.kv_heads_per_rank[rank], max_seq_len, cfg.head_size)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+def gather_blocks(pool: torch.Tensor, tables: torch.Tensor, S: int) -> torch.Tensor:
+    """Positions 0..S-1 of each row, copied out of the pool: (blocks, kv_heads, bs, D) -> (B, kv_heads, S, D)."""
+    B, nb = tables.shape
+    _, Hkv, bs, D = pool.shape
+    rows = pool[tables]  # (B, NB, kv_heads, bs, D)
+    return rows.transpose(1, 2).reshape(B, Hkv, nb * bs, D)[:, :, :S]  # (B, kv_heads, S, D)
 
 
 class Attention(nn.Module):
@@ -102,8 +98,9 @@ class Attention(nn.Module):
             self.qk_norm_weight = nn.Parameter(both.contiguous(), requires_grad=False)
             self.eps = cfg.norm_epsilon
 
-    def forward(self, x, cos, sin, cache_k, cache_v, batch_idx, slots, positions, mask):
-        """cos/sin None: this layer has no RoPE."""
+    def forward(self, x, cos, sin, cache_k, cache_v, blocks, offsets, tables, mask):
+        """cos/sin None: this layer has no RoPE. Token t of row b is written to row offsets[b, t] of block
+        blocks[b, t]; the row attends to positions 0..S-1 (the mask's width) through tables[b]."""
         B, T, _ = x.shape
         hq, hkv, D = self.num_heads_per_rank, self.num_kv_heads_per_rank, self.head_dim
         qk, v = self.qkv(x).split([(hq + hkv) * D, hkv * D], dim=-1)
@@ -113,16 +110,13 @@ class Attention(nn.Module):
         if cos is not None:
             qk = apply_rope(qk, cos, sin)
         q = qk[:, :, :hq].transpose(1, 2)  # (B, heads_per_rank, T, D)
-        cache_k[batch_idx, :, positions] = qk[:, :, hq:]  # slots (B, T) <- (B, T, kv_heads_per_rank, D)
-        cache_v[batch_idx, :, positions] = v.view(B, T, hkv, D)
-        if T == 1 and self.native_decode:  # read straight from the cache, row b from slot batch_idx[b, 0]
-            o = native_decode_attention(q, cache_k, cache_v, batch_idx[:, 0], mask)
+        cache_k[blocks, :, offsets] = qk[:, :, hq:]  # (B, T) rows of blocks <- (B, T, kv_heads_per_rank, D)
+        cache_v[blocks, :, offsets] = v.view(B, T, hkv, D)
+        if T == 1 and self.native_decode:  # read straight from the pool through the tables
+            o = native_decode_attention(q, cache_k, cache_v, tables, mask)
         else:
             S = mask.shape[-1]
-            if slots is None:  # rows are slots 0..B-1: a view, no copy
-                keys, values = cache_k[:B, :, :S], cache_v[:B, :, :S]  # (B, kv_heads_per_rank, S, D)
-            else:
-                keys, values = cache_k[slots, :, :S], cache_v[slots, :, :S]
+            keys, values = gather_blocks(cache_k, tables, S), gather_blocks(cache_v, tables, S)  # (B, kv_heads, S, D)
             if T == 1:
                 o = decode_attention(q, keys, values, mask)
             else:
@@ -184,9 +178,9 @@ class DecoderLayer(nn.Module):
         self.window = windows[i] if windows else None
         self.rope = cfg.rope_per_layer[i] if cfg.rope_per_layer else True
 
-    def forward(self, x, cos, sin, cache_k, cache_v, batch_idx, slots, positions, masks):
+    def forward(self, x, cos, sin, cache_k, cache_v, blocks, offsets, tables, masks):
         rope = (cos, sin) if self.rope else (None, None)
-        args = (*rope, cache_k, cache_v, batch_idx, slots, positions, masks[self.window])
+        args = (*rope, cache_k, cache_v, blocks, offsets, tables, masks[self.window])
         if self.placement == "post":
             h = x + self.norm1(self.attention(x, *args))
             return h + self.norm2(self.mlp(h))
@@ -198,10 +192,10 @@ class DecoderLayer(nn.Module):
     # The two halves of forward, apart, so a checker can feed each its own input (tp-verify): forward's
     # output is mlp_half(x, attention_half(x, ...)). A parallel residual's h is x + attention alone.
 
-    def attention_half(self, x, cos, sin, cache_k, cache_v, batch_idx, slots, positions, masks):
+    def attention_half(self, x, cos, sin, cache_k, cache_v, blocks, offsets, tables, masks):
         """x (B, T, hidden) -> h, the hidden state after the attention half of the block."""
         rope = (cos, sin) if self.rope else (None, None)
-        args = (*rope, cache_k, cache_v, batch_idx, slots, positions, masks[self.window])
+        args = (*rope, cache_k, cache_v, blocks, offsets, tables, masks[self.window])
         if self.placement == "post":
             return x + self.norm1(self.attention(x, *args))
         return x + self.attention(self.norm1(x), *args)
@@ -250,50 +244,57 @@ class TPDecoder(nn.Module):
         self.windows = sorted({layer.window for layer in self.layers}, key=lambda w: (w is not None, w or 0))
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, last: torch.Tensor | None = None,
-                slots: torch.Tensor | None = None) -> torch.Tensor:
+                tables: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions: (B, T). last: (B,) index in T of the token whose next-token logits are
-        wanted (None: every position's). slots: (B,) the cache slot of each row (None: rows are slots
-        0..B-1, as in a batch that starts together; a continuous batch passes the slots its requests hold).
+        wanted (None: every position's). tables: (B, NB) each row's block table, covering its positions
+        (None: rows 0..B-1 get blocks of their own, for a caller that owns the whole cache).
         Returns logits (B, vocab), or (B, T, vocab) when last is None, on every rank.
 
         A step is split in two: what depends on Python values (the attention span, the masks, RoPE
         rows) runs eagerly in `_prepare`; the rest is a pure function of tensors, run eagerly or, for
         decode steps (T == 1) once runtime/compile.py's compile_decode has set `compiled_step`, compiled."""
         B, T = ids.shape
+        if tables is None:
+            tables = cache.dense_tables(B, int(positions.max()) + 1, ids.device)
         if T == 1 and last is not None and self.compiled_step is not None:
-            return self.compiled_step(*self._decode_args(ids, positions, cache, last, slots))
-        x = self.hidden_states(ids, positions, cache, slots)  # (B, T, hidden)
+            return self.compiled_step(*self._decode_args(ids, positions, cache, last, tables))
+        x = self.hidden_states(ids, positions, cache, tables)  # (B, T, hidden)
         if last is not None:
             x = x[torch.arange(B, device=ids.device), last]  # (B, hidden)
         return self.logits(x)
 
-    def _decode_args(self, ids, positions, cache, last, slots=None) -> tuple:
+    def _decode_args(self, ids, positions, cache, last, tables) -> tuple:
         """The compiled decode body's arguments for a step."""
-        rows = torch.arange(ids.shape[0], device=ids.device) if slots is None else slots  # one graph: slots given
-        return (ids, *self._prepare(ids, positions, rows), positions, cache.k, cache.v, rows, last)
+        return (ids, *self._prepare(ids, positions, tables, cache.block_size), tables, cache.k, cache.v, last)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head of hidden states (..., hidden) -> (..., vocab), gathered to every rank."""
         return self.lm_head(self.ln_f(x))
 
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                      slots: torch.Tensor | None = None) -> torch.Tensor:
+                      tables: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder body, before the final norm: (B, T, hidden). Writes the rows' keys and values
         into the cache like forward; a scorer calls it, then `logits` on chunks of positions."""
         B, T = ids.shape
-        rows = torch.arange(B, device=ids.device) if slots is None else slots
-        return self._layers(ids, *self._prepare(ids, positions, rows), positions, cache.k, cache.v, slots)
+        if tables is None:
+            tables = cache.dense_tables(B, int(positions.max()) + 1, ids.device)
+        return self._layers(ids, *self._prepare(ids, positions, tables, cache.block_size), tables, cache.k, cache.v)
 
-    def layer_inputs(self, ids: torch.Tensor, positions: torch.Tensor) -> tuple:
-        """(batch_idx, masks, cos, sin) of a step whose rows are cache slots 0..B-1, for calling layers one at a
-        time (tp-verify): layer(x, cos, sin, cache.k[i], cache.v[i], batch_idx, None, positions, masks)."""
-        return self._prepare(ids, positions, torch.arange(ids.shape[0], device=ids.device))
+    def layer_inputs(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> tuple:
+        """(blocks, offsets, tables, masks, cos, sin) of a step whose rows own the cache, for calling layers one
+        at a time (tp-verify): layer(x, cos, sin, cache.k[i], cache.v[i], blocks, offsets, tables, masks)."""
+        tables = cache.dense_tables(ids.shape[0], int(positions.max()) + 1, ids.device)
+        blocks, offsets, masks, cos, sin = self._prepare(ids, positions, tables, cache.block_size)
+        return blocks, offsets, tables, masks, cos, sin
 
-    def _prepare(self, ids, positions, rows):
-        """(batch_idx, masks, cos, sin) of a step: the cache slot of every token, the attention masks
-        per sliding window, and the RoPE rows of the positions."""
+    def _prepare(self, ids, positions, tables, bs):
+        """(blocks, offsets, masks, cos, sin) of a step: where every token's keys and values go (the block and
+        its row), the attention masks per sliding window, and the RoPE rows of the positions."""
         B, T = ids.shape
-        batch_idx = rows.unsqueeze(1).expand(B, T)  # (B, T) cache slot per token
+        nb = tables.shape[1]
+        index = torch.clamp(positions // bs, max=nb - 1)  # (B, T); a padding token past the table -> its end
+        blocks = torch.where(positions // bs < nb, tables.gather(1, index), 0)  # (B, T) block 0 takes the rest
+        offsets = positions % bs  # (B, T)
         S = int(positions.max()) + 1
         kpos = torch.arange(S, device=ids.device).view(1, 1, 1, S)
         qpos = positions.view(B, 1, T, 1)
@@ -304,16 +305,16 @@ class TPDecoder(nn.Module):
             cos_table, sin_table = (t.to(self.cos.dtype) for t in rope_tables(self.cfg, self.cos.shape[0], S))
         cos = cos_table[positions].unsqueeze(2)  # (B, T, 1, rot_dim)
         sin = sin_table[positions].unsqueeze(2)
-        return batch_idx, masks, cos, sin
+        return blocks, offsets, masks, cos, sin
 
-    def _layers(self, ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots):
+    def _layers(self, ids, blocks, offsets, masks, cos, sin, tables, cache_k, cache_v):
         x = self.embedding(ids)  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache_k[i], cache_v[i], batch_idx, slots, positions, masks)
+            x = layer(x, cos, sin, cache_k[i], cache_v[i], blocks, offsets, tables, masks)
         return x
 
-    def _decode_body(self, ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots, last):
-        x = self._layers(ids, batch_idx, masks, cos, sin, positions, cache_k, cache_v, slots)
+    def _decode_body(self, ids, blocks, offsets, masks, cos, sin, tables, cache_k, cache_v, last):
+        x = self._layers(ids, blocks, offsets, masks, cos, sin, tables, cache_k, cache_v)
         x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, hidden)
         return self.logits(x)
 

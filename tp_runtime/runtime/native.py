@@ -49,7 +49,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("tp_woq::decode_attn")
-    def _(q, cache_k, cache_v, slots, visible):
+    def _(q, cache_k, cache_v, tables, visible):
         return q.new_empty(q.shape)
 
     @torch.library.register_fake("tp_woq::int8_mm")

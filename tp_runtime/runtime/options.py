@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from tp_runtime import env
 from tp_runtime.distributed.comm import DEFAULT_TIMEOUT_S as DEFAULT_COMM_TIMEOUT_S
+from tp_runtime.runtime.kv_cache import DEFAULT_BLOCK_SIZE
 
 
 @dataclass
@@ -18,7 +19,11 @@ class RuntimeOptions:
     tp_size: int | None = None  # ranks to run on; another tp than the engine's re-slices it at load (reslice.py)
     threads: int | None = None  # torch threads per rank (None: the rank's cores less reserve_cores)
     max_batch_size: int | None = None  # None: the engine's
-    max_seq_len: int | None = None  # KV cache length; None: the engine's
+    max_seq_len: int | None = None  # the longest sequence (prompt + output); None: the engine's
+    block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV-cache block
+    kv_cache_memory: int | None = None  # bytes of KV cache per rank; None: max_batch_size x max_seq_len tokens
+    prefix_cache: bool = True  # requests reuse the cached blocks of a shared prompt prefix
+    max_num_tokens: int | None = None  # prompt tokens per prefill step (longer prompts in chunks); None: no limit
     dtype: str = "auto"  # compute dtype; auto: the engine's, float32 on CPUs without native bf16 / fp16
     tokenizer_dir: str | None = None  # None: the engine directory
     comm_timeout_s: float = DEFAULT_COMM_TIMEOUT_S  # seconds before a collective gives up

@@ -36,10 +36,19 @@ class Metrics:
                                 ["kind", "finish_reason"], registry=r)
         self.prompt_tokens = Counter("tp_serve_prompt_tokens", "prompt tokens of the generation requests", registry=r)
         self.generated_tokens = Counter("tp_serve_generation_tokens", "tokens generated", registry=r)
-        Gauge("tp_serve_queue_length", "requests waiting for a cache slot", registry=r).set_function(
+        Gauge("tp_serve_queue_length", "requests waiting to run (new or preempted)", registry=r).set_function(
             lambda: scheduler.queue_length)
         Gauge("tp_serve_running_batch_size", "requests in the running batch", registry=r).set_function(
             lambda: scheduler.batch_size)
+        blocks = scheduler.blocks
+        Gauge("tp_serve_kv_blocks_in_use", "KV-cache blocks held by running requests", registry=r).set_function(
+            lambda: blocks.in_use)
+        Gauge("tp_serve_kv_blocks_free", "KV-cache blocks free or holding an unused cached prefix",
+              registry=r).set_function(lambda: blocks.available)
+        Gauge("tp_serve_prefix_cache_hit_rate", "prompt tokens taken from the prefix cache / prompt tokens admitted",
+              registry=r).set_function(lambda: blocks.hit_rate)
+        Gauge("tp_serve_preemptions", "requests preempted when the KV cache ran out (recomputed later)",
+              registry=r).set_function(lambda: scheduler.preemptions)
         self.ttft = Histogram("tp_serve_time_to_first_token_seconds", "arrival to first token", registry=r,
                               buckets=LATENCY_BUCKETS)
         self.itl = Histogram("tp_serve_inter_token_latency_seconds", "time between two tokens of a request",
@@ -66,12 +75,13 @@ class ServerState:
 
     def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: int, api_key: str | None,
                  max_body_bytes: int, tokenizer_lock: threading.Lock, generation_config: dict | None = None,
-                 engine_alive=lambda: True):
+                 engine_alive=lambda: True, max_queue: int | None = None):
         self.scheduler, self.tokenizer, self.lock = scheduler, tokenizer, tokenizer_lock
         self.generation_config = generation_config or {}
         self.limits = api.Limits(model_name, max_seq_len)
         self.api_key, self.max_body_bytes = api_key, max_body_bytes
         self.engine_alive = engine_alive
+        self.max_queue = max_queue  # requests waiting to run past which new ones get 429
         self.metrics = Metrics(scheduler)
         scheduler.on_step = self.metrics.on_step
 
@@ -99,7 +109,7 @@ DRAIN_FACTOR = 16  # an oversized body up to 16x the limit is read and dropped b
 
 
 def error_response(e: api.ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 async def _discard_rest(request: Request, budget: int) -> None:
@@ -196,6 +206,11 @@ def create_app(state: ServerState) -> FastAPI:
     async def generate(request: Request, job: api.Job):
         if not state.engine_alive():
             raise api.ApiError(503, "the engine has stopped", type="server_error")
+        waiting = state.scheduler.queue_length
+        if state.max_queue is not None and waiting >= state.max_queue:
+            raise api.ApiError(429, f"the server is busy: {waiting} requests are waiting (--max_queue "
+                               f"{state.max_queue}); retry later", type="rate_limit_error",
+                               headers={"Retry-After": "1"})
         if any(not 0 <= t < state.scheduler.vocab_size for t in job.prompt_ids):
             raise api.ApiError(400, f"the prompt has token ids outside the vocabulary [0, {state.scheduler.vocab_size})",
                                param="prompt")
