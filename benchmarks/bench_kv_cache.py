@@ -6,12 +6,16 @@
     capacity   one KV-cache budget, the size a slot-per-request cache needs for --slots sequences of
                --max_seq_len: how many sequences the paged cache runs at once on requests whose prompt + output
                spread over 256..1,024 tokens (goal: >= 4x the slots), every output equal to its solo run (greedy)
+    streaming  perplexity of a text --streaming_tokens long (4x+ the window), scored token by token through
+               StreamingLLM's cache, per window-long stretch: 4 sink tokens + a --window window, the window alone
+               (no sinks), and the whole text in the cache (the dense reference)
 
     .venv/bin/python benchmarks/bench_kv_cache.py [--slots 4 --max_seq_len 4096 --requests 32]
 """
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -111,10 +115,42 @@ def bench_capacity(engine: str, args) -> dict:
             "wall_s": wall, "output_tokens": sum(n for _, n in jobs)}
 
 
+def bench_streaming(engine: str, args) -> dict:
+    from tp_runtime import LLM
+    from tp_runtime.cli.perplexity import default_text, tokenize
+
+    runs = {"sinks 4 + window": (4, args.window), "window alone": (0, args.window),
+            "dense (whole text cached)": (0, args.streaming_tokens + 64)}
+    out = {}
+    for name, (sinks, window) in runs.items():
+        llm = LLM(engine, compile="off", max_batch_size=1, max_seq_len=window + 64, streaming_window=window,
+                  sink_tokens=sinks)
+        ids = tokenize(llm.tokenizer, default_text()[0], args.streaming_tokens)
+        t0 = time.perf_counter()
+        lps = llm.score_streaming(ids)
+        seconds = time.perf_counter() - t0
+        llm.close()
+        step = args.window
+        curve = [math.exp(-sum(lps[i : i + step]) / len(lps[i : i + step])) for i in range(0, len(lps), step)]
+        out[name] = {"sinks": sinks, "window": window, "curve": curve,
+                     "perplexity": math.exp(-sum(lps) / len(lps)), "tokens_per_s": len(lps) / seconds}
+    return out
+
+
 def llm_config(engine: str):
     from tp_runtime.engine.format import EngineConfig
 
     return EngineConfig.load(engine)
+
+
+def print_streaming(streaming: dict, args) -> None:
+    n = max(len(r["curve"]) for r in streaming.values())
+    print(f"| perplexity per {args.window} tokens | " + " | ".join(f"..{(i + 1) * args.window}" for i in range(n))
+          + " | all | tok/s |")
+    print("|---" * (n + 3) + "|")
+    for name, r in streaming.items():
+        print(f"| {name} | " + " | ".join(f"{p:.2f}" for p in r["curve"]) + f" | {r['perplexity']:.2f} | "
+              f"{r['tokens_per_s']:.1f} |")
 
 
 def main(argv=None) -> int:
@@ -124,6 +160,9 @@ def main(argv=None) -> int:
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--max_seq_len", type=int, default=4096)
     p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--window", type=int, default=256, help="StreamingLLM's window")
+    p.add_argument("--streaming_tokens", type=int, default=1280)
+    p.add_argument("--only", choices=["prefix", "capacity", "streaming"], default=None)
     p.add_argument("--engine_root", default=None)
     p.add_argument("--out", default=os.path.join(HERE, "results", "kv_cache.json"))
     args = p.parse_args(argv)
@@ -135,8 +174,14 @@ def main(argv=None) -> int:
     engine = os.path.join(root, "smollm2_tp1")
     if not os.path.isfile(os.path.join(engine, "config.json")):
         convert(smollm2_hf_dir(), engine, 1, progress=False)
+    if args.only == "streaming":
+        streaming = bench_streaming(engine, args)
+        print_streaming(streaming, args)
+        return 0
     prefix = bench_prefix(engine, args)
     capacity = bench_capacity(engine, args)
+    streaming = bench_streaming(engine, args)
+    print_streaming(streaming, args)
     c, k = prefix["cached"], prefix["cold"]
     print("| measure | value |\n|---|---|")
     print(f"| round 1 TTFT ({args.round1_tokens} tokens) | {c['round1_ttft_ms']:.0f} ms |")
@@ -154,7 +199,8 @@ def main(argv=None) -> int:
         if isinstance(side, dict):
             side.pop("round2_ids", None)
     with open(args.out, "w") as f:
-        json.dump({"model": "SmolLM2-135M-Instruct (fp32, tp=1)", "prefix": prefix, "capacity": capacity}, f, indent=1)
+        json.dump({"model": "SmolLM2-135M-Instruct (fp32, tp=1)", "prefix": prefix, "capacity": capacity,
+                   "streaming": streaming}, f, indent=1)
     return 0
 
 

@@ -106,6 +106,8 @@ def run_perplexity(args) -> int:
                         f"lower --window or raise --max_seq_len")
     stride = args.stride or max(1, window // 2)
     sliding_windows(window + 1, window, stride)  # checks window and stride before the weights load
+    if args.streaming_window is not None:
+        return run_streaming_perplexity(args, text, source)
 
     llm = llm_from_args(args, max_seq_len=window)  # a cache one window long
     lead = llm.rank == 0
@@ -140,6 +142,40 @@ def run_perplexity(args) -> int:
         result["transformers"] = ref
         print(f"perplexity (transformers): {ref['perplexity']:.4f}  "
               f"(engine / transformers - 1 = {result['perplexity'] / ref['perplexity'] - 1:+.2e})")
+    write_json(args.output_json, result)
+    return 0
+
+
+def run_streaming_perplexity(args, text: str, source: str) -> int:
+    """The whole text scored token by token through StreamingLLM's cache (--sink_tokens, --streaming_window), and
+    the perplexity of each stretch of one window's length along it: flat while the sinks hold it up."""
+    from tp_runtime.cli.perplexity import tokenize
+    from tp_runtime.runtime.kv_cache import Streaming
+
+    room = Streaming(args.sink_tokens, args.streaming_window, args.block_size, 1 << 40).capacity
+    llm = llm_from_args(args, max_seq_len=max(args.max_seq_len or 0, room), max_batch_size=1)
+    lead = llm.rank == 0
+    if lead:
+        log(f"{describe(llm)} loaded in {llm.load_s:.2f}s")
+    ids = on_rank0(llm, lambda: tokenize(llm.tokenizer, text, args.max_tokens))
+    t0 = time.perf_counter()
+    lps = llm.score_streaming(ids)
+    seconds = time.perf_counter() - t0
+    llm.close()
+    if not lead:
+        return 0
+    step = args.streaming_window
+    curve = [[min(i + step, len(lps)), math.exp(-math.fsum(lps[i : i + step]) / len(lps[i : i + step]))]
+             for i in range(0, len(lps), step)]
+    result = {"format_version": JSON_FORMAT_VERSION, "engine": args.engine, "mode": "streaming",
+              "sink_tokens": args.sink_tokens, "streaming_window": args.streaming_window, "text": source,
+              "tokens": len(ids), "tokens_scored": len(lps), "nll_mean": -math.fsum(lps) / len(lps),
+              "perplexity": math.exp(-math.fsum(lps) / len(lps)), "curve": curve, "seconds": seconds}
+    log(f"{len(ids)} tokens of {source} through {args.sink_tokens} sink tokens + a window of "
+        f"{args.streaming_window}, {len(lps)} scored in {seconds:.1f}s")
+    for end, ppl in curve:
+        log(f"tokens ..{end}: perplexity {ppl:.3f}")
+    print(f"perplexity (engine, streaming): {result['perplexity']:.4f}")
     write_json(args.output_json, result)
     return 0
 

@@ -105,6 +105,11 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--max_num_tokens", type=int, default=None,
                    help="prompt tokens one prefill step computes: longer prompts go in chunks between the decode "
                         "steps of running requests (default: no limit)")
+    r.add_argument("--streaming_window", type=int, default=None,
+                   help="StreamingLLM: each sequence keeps its first --sink_tokens and its latest N positions, so it "
+                        "can go on past --max_seq_len in bounded memory (default: off)")
+    r.add_argument("--sink_tokens", type=int, default=4,
+                   help="StreamingLLM's attention sinks, rounded up to whole blocks (default %(default)s)")
     r.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="compute dtype; auto: the engine's, or float32 on CPUs without native bf16/fp16 "
                         "(default %(default)s)")
@@ -135,7 +140,8 @@ def options_from_args(args, **overrides) -> RuntimeOptions:
                           kv_cache_memory=parse_size(args.kv_cache_memory, "--kv_cache_memory")
                           if args.kv_cache_memory else None,
                           prefix_cache=not args.no_prefix_cache,
-                          max_num_tokens=args.max_num_tokens).replace(**overrides)
+                          max_num_tokens=args.max_num_tokens, streaming_window=args.streaming_window,
+                          sink_tokens=args.sink_tokens).replace(**overrides)
 
 
 def llm_from_args(args, **overrides) -> LLM:

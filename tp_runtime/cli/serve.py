@@ -104,7 +104,7 @@ def serve_rank(args) -> int:
 
     eos = llm.eos_ids
     scheduler = Scheduler(llm.model, llm.cache, llm.comm, llm.device, eos, decode, blocks=llm.blocks,
-                          max_num_tokens=llm.options.max_num_tokens)
+                          max_num_tokens=llm.options.max_num_tokens, streaming=llm.streaming)
     try:
         sock = _listen(args.host, args.port)
     except UserError:

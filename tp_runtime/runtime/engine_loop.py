@@ -46,11 +46,11 @@ import torch
 from tp_runtime.distributed.comm import Communicator
 from tp_runtime.errors import UserError
 from tp_runtime.runtime.sequence import Completion, Request, RowState, Timings
-from tp_runtime.runtime.kv_cache import BlockManager, KVCache, SequenceBlocks
+from tp_runtime.runtime.kv_cache import BlockManager, KVCache, SequenceBlocks, Streaming
 from tp_runtime.runtime.model import TPDecoder
 
 HEADER_LEN = 5
-IDLE, PREFILL, DECODE, STOP = 0, 1, 2, 3
+IDLE, PREFILL, DECODE, STOP, SHIFT = 0, 1, 2, 3, 4
 HEARTBEAT_S = 5.0  # at most; a quarter of the communicator's timeout when that is shorter
 
 
@@ -85,7 +85,11 @@ def broadcast_step(comm: Communicator, device: torch.device, step: Step | None =
 
 
 def run_step(model: TPDecoder, cache: KVCache, step: Step) -> torch.Tensor | None:
-    """The forward of one PREFILL or DECODE step; logits (B, vocab), the same on every rank."""
+    """The forward of one PREFILL or DECODE step; logits (B, vocab), the same on every rank. A SHIFT step moves
+    the keys of the blocks in its table starts[0] positions back (StreamingLLM)."""
+    if step.kind == SHIFT:
+        model.rerotate(cache, step.tables.reshape(-1), int(step.starts[0]))
+        return None
     if step.kind not in (PREFILL, DECODE):
         return None
     B, T = step.ids.shape
@@ -141,11 +145,18 @@ class _Running:
         self.computed = 0  # tokens of `fed` whose keys and values are in the cache (a prefill in chunks)
         self.needs_sample = True  # its first token is still to be sampled (False once preempted after it)
         self.order = next(_admissions)  # the newest running request is preempted first
+        self.dropped = 0  # StreamingLLM: positions given back between the sinks and the window
+        self.sinks = 0  # StreamingLLM: positions of the sink blocks
 
     @property
     def pos(self) -> int:
-        """Where the next fed token goes."""
-        return len(self.fed)
+        """Where the next fed token goes (its position in the cache)."""
+        return len(self.fed) - self.dropped
+
+    @property
+    def cache_tokens(self) -> list[int]:
+        """The tokens whose keys and values the cache holds, in position order."""
+        return self.fed if not self.dropped else self.fed[: self.sinks] + self.fed[self.sinks + self.dropped :]
 
 
 class Scheduler:
@@ -154,15 +165,18 @@ class Scheduler:
 
     def __init__(self, model: TPDecoder, cache: KVCache, comm: Communicator, device: torch.device,
                  eos_ids: list[int] | set[int], decode=None, on_step=None, prefix_cache: bool = True,
-                 blocks: BlockManager | None = None, max_num_tokens: int | None = None):
+                 blocks: BlockManager | None = None, max_num_tokens: int | None = None,
+                 streaming: Streaming | None = None):
         """decode(ids) -> str: the tokenizer (for text and stop words). on_step(kind, rows, seconds): called
         after every PREFILL / DECODE step (metrics). prefix_cache: reuse cached blocks of a prompt's prefix.
         blocks: the cache's manager when it outlives this scheduler (LLM keeps one across generate calls).
         max_num_tokens: the most prompt tokens a PREFILL step computes (longer prompts go in chunks, one per loop
-        iteration, between the decode steps of the running requests); None: no limit."""
+        iteration, between the decode steps of the running requests); None: no limit. streaming: StreamingLLM's
+        sinks and window (kv_cache.py; the prefix cache must then be off: moved keys are rewritten)."""
         if max_num_tokens is not None and max_num_tokens < 1:
             raise UserError(f"--max_num_tokens must be >= 1, got {max_num_tokens}")
         self.max_num_tokens = max_num_tokens
+        self.streaming = streaming
         self.model, self.cache, self.comm, self.device = model, cache, comm, device
         self.on_step = on_step
         self.eos_ids, self.decode = set(eos_ids or []), decode
@@ -263,15 +277,17 @@ class Scheduler:
         while (self.preempted or self.waiting) and self.batch_size + len(new) < self.cache.max_batch_size:
             resumed = bool(self.preempted)
             run = self.preempted[0] if resumed else None
-            tokens = run.fed if resumed else self.waiting[0].request.prompt_ids
+            tokens = run.cache_tokens if resumed else self.waiting[0].request.prompt_ids
             busy = bool(self.batch_size or new)
-            blocks = self.blocks.admit(tokens, reserve=1 if busy else 0)
+            too_long = self.streaming is not None and len(tokens) > self.streaming.capacity
+            blocks = None if too_long else self.blocks.admit(tokens, reserve=1 if busy else 0)
             if blocks is None:
-                if not busy:  # an empty pool cannot hold it: it never will
+                if not busy or too_long:  # an empty pool cannot hold it: it never will
                     req = (self.preempted.pop(0) if resumed else self.waiting.popleft())
                     req = req.req if resumed else req
-                    self._emit(req, Event(finish_reason="abort", error=f"{len(tokens)} tokens do not fit the KV "
-                                          f"cache's {self.blocks.usable} blocks of {self.cache.block_size}"))
+                    room = (f"the streaming window's {self.streaming.capacity} positions" if too_long else
+                            f"the KV cache's {self.blocks.usable} blocks of {self.cache.block_size}")
+                    self._emit(req, Event(finish_reason="abort", error=f"{len(tokens)} tokens do not fit {room}"))
                     continue
                 break
             if resumed:
@@ -301,10 +317,10 @@ class Scheduler:
     def _prefill(self) -> None:
         """One PREFILL step: the next chunk of each admitted prompt, oldest first, within max_num_tokens. A row
         whose prompt is then all computed joins the running batch (sampling its first token if it has none)."""
-        budget = self.max_num_tokens or sum(len(r.fed) for r in self.prefilling)
+        budget = self.max_num_tokens or sum(len(r.cache_tokens) for r in self.prefilling)
         rows, lens = [], []
         for r in self.prefilling:
-            n = min(len(r.fed) - r.computed, budget - sum(lens))
+            n = min(len(r.cache_tokens) - r.computed, budget - sum(lens))
             if n <= 0:
                 break
             rows.append(r)
@@ -313,7 +329,7 @@ class Scheduler:
         B, T = len(rows), max(lens)
         ids = torch.zeros(B, T, dtype=torch.long)
         for b, r in enumerate(rows):
-            ids[b, : lens[b]] = torch.tensor(r.fed[starts[b] : starts[b] + lens[b]], dtype=torch.long)
+            ids[b, : lens[b]] = torch.tensor(r.cache_tokens[starts[b] : starts[b] + lens[b]], dtype=torch.long)
         tables = self._tables(rows, max(s + T for s in starts))
         t0 = time.perf_counter()
         step = self._broadcast(Step(PREFILL, tables, ids, torch.tensor(starts), torch.tensor(lens)))
@@ -321,8 +337,8 @@ class Scheduler:
         done, first = [], []
         for b, r in enumerate(rows):
             r.computed += lens[b]
-            self.blocks.register(r.blocks, r.fed[: r.computed])
-            if r.computed == len(r.fed):
+            self.blocks.register(r.blocks, r.cache_tokens[: r.computed])
+            if r.computed == len(r.cache_tokens):
                 done.append(r)
                 if r.needs_sample:  # a preempted request has its next token already
                     r.needs_sample = False
@@ -338,8 +354,21 @@ class Scheduler:
         """Every running request gets the block its next position needs, oldest first; where the pool has none
         left, the newest running request is preempted (perhaps the one asking)."""
         for run in list(self.running):
+            if self.streaming is not None:
+                self._slide(run)
             while run in self.running and not self.blocks.grow(run.blocks, run.pos + 1):
                 self._preempt(max(self.running + self.prefilling, key=lambda r: r.order))
+
+    def _slide(self, run: _Running) -> None:
+        """StreamingLLM: past the sinks and the window, run's oldest window block goes and the window's keys move
+        one block back, on every rank (a SHIFT step)."""
+        moved = self.streaming.make_room(run.blocks, run.pos + 1, self.blocks)
+        if moved:
+            bs = self.cache.block_size
+            run.sinks, run.dropped = self.streaming.sink_positions, run.dropped + bs
+            step = Step(SHIFT, torch.tensor([moved]), torch.zeros(1, 0, dtype=torch.long), torch.tensor([bs]),
+                        torch.zeros(1, dtype=torch.long))
+            run_step(self.model, self.cache, self._broadcast(step))
 
     def _decode(self) -> None:
         self._grow()
@@ -368,7 +397,7 @@ class Scheduler:
             row, req = run.row, run.req
             try:
                 run.next_token = row.step(host[b])
-                if not row.done and run.pos >= self.cache.max_seq_len:
+                if not row.done and run.pos >= self.cache.max_seq_len and self.streaming is None:
                     row.out.finish_reason = "length"  # the cache is full (admission makes this rare)
                 out = row.out
                 event = Event(row.stream_delta(), out.output_ids[run.sent :], out.output_logprobs[run.sent :],
@@ -418,7 +447,7 @@ class Scheduler:
 @torch.inference_mode()
 def generate(model: TPDecoder, cache: KVCache, comm: Communicator, device: torch.device, eos_ids,
              requests: list[Request], decode=None, on_text=None, blocks: BlockManager | None = None,
-             max_num_tokens: int | None = None) -> tuple[list[Completion], Timings]:
+             max_num_tokens: int | None = None, streaming: Streaming | None = None) -> tuple[list[Completion], Timings]:
     """Run `requests` through the Scheduler until every one is done, then release the followers. Every rank
     calls it; rank 0's completions are the results (the others return empty ones). decode(ids) -> str and
     on_text(index, delta) are used on rank 0 only.
@@ -452,7 +481,7 @@ def generate(model: TPDecoder, cache: KVCache, comm: Communicator, device: torch
         return on_event
 
     sched = Scheduler(model, cache, comm, device, eos_ids, decode, on_step, blocks=blocks,
-                      max_num_tokens=max_num_tokens)
+                      max_num_tokens=max_num_tokens, streaming=streaming)
     try:
         for i, req in enumerate(requests):
             sched.submit(ServeRequest(req, collector(i)))

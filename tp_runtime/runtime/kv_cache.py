@@ -16,6 +16,13 @@ this block's tokens), so a later sequence with the same prefix takes those block
 again (prefix caching). A block nobody holds keeps its key and its contents until the pool runs short; then
 the least recently released one is taken back (LRU).
 
+StreamingLLM (`Streaming`): a sequence keeps its first sink blocks and a window of the latest blocks; when it
+needs a position past them, its oldest window block goes back to the pool and the window's keys move one
+block toward the sinks. Keys are cached after RoPE, so the moved keys are rotated back by block_size
+positions (RoPE's rotations compose: R(p - d) = R(-d) R(p)), on every rank (model.rerotate), rather than
+caching keys before RoPE and rotating the whole window at every step: a move costs one pass over the window
+every block_size tokens, and positions stay within sinks + window, inside the RoPE tables and max_seq_len.
+
 Sizing (`blocks_for`): without a memory budget the pool gives every one of max_batch_size sequences its
 max_seq_len positions, as a slot-per-sequence cache would; with one (--kv_cache_memory), the pool is what
 the budget holds and the scheduler admits sequences while blocks last.
@@ -88,6 +95,34 @@ class KVCache:
     def trash_tables(self, B: int, nb: int, device=None) -> torch.Tensor:
         """Tables that send every position to block 0 (the compile's dummy steps)."""
         return torch.full((B, nb), TRASH, dtype=torch.long, device=device)
+
+
+class Streaming:
+    """The StreamingLLM policy: sink_tokens (rounded up to whole blocks) stay, then a window of at least `window`
+    positions (whole blocks) of the latest tokens."""
+
+    def __init__(self, sink_tokens: int, window: int, block_size: int, max_seq_len: int):
+        if sink_tokens < 0 or window < 1:
+            raise UserError(f"--sink_tokens must be >= 0 and --streaming_window >= 1, got {sink_tokens} and {window}")
+        self.block_size = block_size
+        self.sink_blocks = math.ceil(sink_tokens / block_size)
+        self.window_blocks = math.ceil(window / block_size)
+        self.capacity = (self.sink_blocks + self.window_blocks) * block_size  # positions a sequence holds
+        if self.capacity > max_seq_len:
+            raise UserError(f"--sink_tokens {sink_tokens} + --streaming_window {window} take {self.capacity} positions "
+                            f"in blocks of {block_size}; raise --max_seq_len to at least that")
+
+    @property
+    def sink_positions(self) -> int:
+        return self.sink_blocks * self.block_size
+
+    def make_room(self, seq: "SequenceBlocks", positions: int, manager: "BlockManager") -> list[int]:
+        """Before a sequence needs `positions` positions: if that is past the capacity, give its oldest window
+        block back and return the window blocks whose keys must move one block toward the sinks (else [])."""
+        if positions <= self.capacity or len(seq.table) <= self.sink_blocks + 1:
+            return []
+        manager.drop(seq, self.sink_blocks)
+        return seq.table[self.sink_blocks :]
 
 
 class SequenceBlocks:
@@ -172,6 +207,14 @@ class BlockManager:
             if key not in self.block_of and block not in self.key_of:
                 self.block_of[key], self.key_of[block] = block, key
             seq.keys.append(key)
+
+    def drop(self, seq: SequenceBlocks, index: int) -> None:
+        """Take block `index` out of seq's table and give it back (StreamingLLM, where the prefix cache is off:
+        the blocks that stay are rewritten)."""
+        block = seq.table.pop(index)
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free.append(block)
 
     def release(self, seq: SequenceBlocks) -> None:
         """The sequence ended (or was preempted): its blocks go back; keyed ones stay cached until needed."""

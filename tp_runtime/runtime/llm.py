@@ -35,7 +35,7 @@ from tp_runtime.runtime import compile as compile_step
 from tp_runtime.runtime import footprint
 from tp_runtime.runtime.compile import COMPILE_SPAN, compile_decode
 from tp_runtime.runtime import kv_cache
-from tp_runtime.runtime.kv_cache import BlockManager, KVCache
+from tp_runtime.runtime.kv_cache import BlockManager, KVCache, Streaming
 from tp_runtime.runtime.model import TPDecoder
 from tp_runtime.runtime.options import RuntimeOptions
 from tp_runtime.runtime.rank_file import RankTensors
@@ -146,6 +146,10 @@ class LLM:
             raise UserError(f"--max_batch_size and --block_size must be >= 1 and --max_seq_len >= 2, got "
                             f"{self.max_batch_size}, {opts.block_size} and {self.max_seq_len}")
         self.block_size, self.prefix_cache = opts.block_size, opts.prefix_cache
+        self.streaming = None  # StreamingLLM's sinks and window (the prefix cache is then off: keys move)
+        if opts.streaming_window is not None:
+            self.streaming = Streaming(opts.sink_tokens, opts.streaming_window, self.block_size, self.max_seq_len)
+            self.prefix_cache = False
         self.device = pick_device(device, self.info.local_rank)
         if threads is not None and threads < 1:
             raise UserError(f"--threads must be >= 1, got {threads}")
@@ -335,7 +339,8 @@ class LLM:
         decode = self.decode if self.rank == 0 and self.has_tokenizer else None
         completions, self.last_timings = engine_loop.generate(self.model, self.cache, self.comm, self.device,
                                                               self.eos_ids, requests, decode, on_text,
-                                                              self.blocks, self.options.max_num_tokens)
+                                                              self.blocks, self.options.max_num_tokens,
+                                                              self.streaming)
         results = None
         if self.rank == 0:
             results = [RequestOutput(texts[i], r.prompt_ids, c.output_ids, c.output_logprobs, c.text, c.finish_reason)
@@ -365,6 +370,20 @@ class LLM:
         for i in range(0, len(seqs), B_max):
             out += score_batch(self.model, self.cache, self.comm, self.device, seqs[i : i + B_max],
                                starts[i : i + B_max])
+        return self.comm.broadcast_object(out if self.rank == 0 else None)
+
+    def score_streaming(self, ids: list[int]) -> list[float]:
+        """log p(ids[i] | the sinks and the window before it) for i = 1 .. len-1, token by token through the
+        StreamingLLM cache (--streaming_window): a text of any length. Rank 0's ids are used; every rank gets
+        the scores."""
+        from tp_runtime.runtime.scoring import score_streaming
+
+        if self.streaming is None:
+            raise UserError("streaming scores need --streaming_window (and --sink_tokens)")
+        ids = self.comm.broadcast_object([int(t) for t in ids] if self.rank == 0 else None)
+        if len(ids) < 2 or any(not 0 <= t < self.config.vocab_size for t in ids):
+            raise UserError(f"streaming scores need at least 2 token ids in [0, {self.config.vocab_size})")
+        out = score_streaming(self.model, self.cache, self.comm, self.device, ids, self.streaming)
         return self.comm.broadcast_object(out if self.rank == 0 else None)
 
     def _check_scoring(self, sequences, start) -> tuple[list[list[int]], list[int]]:
@@ -416,7 +435,11 @@ class LLM:
             raise UserError(f"prompt {i} is empty")
         if max_input_length is not None and n > max_input_length:
             raise UserError(f"prompt {i} has {n} tokens, more than --max_input_length {max_input_length}")
-        if n + p.max_tokens > self.max_seq_len:
+        if self.streaming is not None:
+            if n > self.streaming.capacity:
+                raise UserError(f"prompt {i} has {n} tokens, more than the {self.streaming.capacity} positions of "
+                                f"--sink_tokens + --streaming_window")
+        elif n + p.max_tokens > self.max_seq_len:
             raise UserError(
                 f"prompt {i} has {n} tokens and asks for {p.max_tokens} more, beyond max_seq_len "
                 f"{self.max_seq_len}; shorten it, lower --max_output_len, or raise --max_seq_len"

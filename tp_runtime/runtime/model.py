@@ -318,4 +318,17 @@ class TPDecoder(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), last]  # (B, hidden)
         return self.logits(x)
 
+    @torch.inference_mode()
+    def rerotate(self, cache: KVCache, blocks: torch.Tensor, delta: int) -> None:
+        """Move the cached keys of `blocks` delta positions back (StreamingLLM's window sliding toward the sinks):
+        keys are cached after RoPE, and rotations compose, R(p - delta) = R(-delta) R(p). Layers without RoPE keep
+        their keys; values never carry a position."""
+        angles = -delta * rope_inv_freq(self.cfg).to(blocks.device)  # (rot_dim / 2,)
+        angles = torch.cat([angles, angles])  # (rot_dim,)
+        cos, sin = angles.cos(), angles.sin()
+        for layer, pool in zip(self.layers, cache.k):
+            if layer.rope:
+                keys = pool[blocks]  # (n, kv_heads, bs, D)
+                pool[blocks] = apply_rope(keys.float(), cos, sin).to(pool.dtype)
+
     compiled_step = None  # runtime/compile.py's CompiledDecode, once compile_decode has run

@@ -24,6 +24,8 @@ class RuntimeOptions:
     kv_cache_memory: int | None = None  # bytes of KV cache per rank; None: max_batch_size x max_seq_len tokens
     prefix_cache: bool = True  # requests reuse the cached blocks of a shared prompt prefix
     max_num_tokens: int | None = None  # prompt tokens per prefill step (longer prompts in chunks); None: no limit
+    streaming_window: int | None = None  # StreamingLLM: the latest positions a sequence keeps; None: off
+    sink_tokens: int = 4  # StreamingLLM: the first positions a sequence keeps (whole blocks)
     dtype: str = "auto"  # compute dtype; auto: the engine's, float32 on CPUs without native bf16 / fp16
     tokenizer_dir: str | None = None  # None: the engine directory
     comm_timeout_s: float = DEFAULT_COMM_TIMEOUT_S  # seconds before a collective gives up

@@ -13,7 +13,8 @@ logits to every rank); rank 0 alone takes the log-softmax and returns the scores
 import torch
 
 from tp_runtime.distributed.comm import Communicator
-from tp_runtime.runtime.model import KVCache, TPDecoder
+from tp_runtime.runtime.kv_cache import BlockManager, KVCache, Streaming
+from tp_runtime.runtime.model import TPDecoder
 
 LOGITS_CHUNK_BYTES = 64 << 20  # fp32 logits held at once per head call
 
@@ -53,3 +54,34 @@ def score_batch(model: TPDecoder, cache: KVCache, comm: Communicator, device: to
     if not lead:
         return [[] for _ in sequences]
     return [picked[b, starts[b] : lens[b]].tolist() for b in range(B)]
+
+
+@torch.inference_mode()
+def score_streaming(model: TPDecoder, cache: KVCache, comm: Communicator, device: torch.device, ids: list[int],
+                    streaming: Streaming) -> list[float]:
+    """log p(ids[i] | what the cache holds) for i = 1 .. len-1, one token per decode step through StreamingLLM's
+    cache (the sinks and the window, the window's keys moved back as it slides): a text of any length in
+    bounded memory. Every rank runs the same steps with its own (identical) bookkeeping; rank 0 returns the
+    scores, the others an empty list."""
+    blocks = BlockManager(cache.num_blocks, cache.block_size, prefix_cache=False)
+    bs = cache.block_size
+    seq = blocks.admit(ids[:1])
+    tokens = torch.tensor(ids, dtype=torch.long, device=device)
+    last = torch.zeros(1, dtype=torch.long, device=device)
+    out, dropped = [], 0
+    for i in range(len(ids) - 1):
+        moved = streaming.make_room(seq, i - dropped + 1, blocks)
+        if moved:
+            model.rerotate(cache, torch.tensor(moved, device=device), bs)
+            dropped += bs
+        pos = i - dropped
+        if not blocks.grow(seq, pos + 1):
+            raise RuntimeError("the KV cache cannot hold the streaming window")  # blocks_for sizes it to
+        nb = max(2, blocks.blocks_needed(pos + 1))
+        tables = torch.zeros(1, nb, dtype=torch.long)
+        tables[0, : min(nb, len(seq.table))] = torch.tensor(seq.table[:nb])
+        logits = model(tokens[i].view(1, 1), torch.tensor([[pos]], device=device), cache, last, tables.to(device))
+        if comm.rank == 0:
+            out.append(torch.log_softmax(logits[0].float(), dim=-1)[ids[i + 1]].item())
+    blocks.release(seq)
+    return out
