@@ -3,18 +3,23 @@ UTS and mount namespaces of this machine with their own addresses, hostnames and
 one engine on both see what ranks on two machines see: other hostnames, TCP between them, no shared memory.
 Under torchrun (one command per host), mpirun (MPICH's hydra with a hostfile, netns-rsh standing in for ssh) and
 Ray (a head and a worker node; tp-run --launcher ray and `ray job submit`), a tiny engine's greedy tokens equal
-those of the same engine run on one host."""
+those of the same engine run on one host. A host lost mid-generation (its ranks killed, or its link cut) ends every
+surviving rank within the collective timeout, with one line naming the lost rank and its host."""
 
 import json
 import os
 import re
 import secrets
+import subprocess
 import sys
+import time
 
 import pytest
 
 from helpers import build_checkpoint, random_prompts, run_ranks, tool
 from netns_hosts import REPO, RSH, wait_all
+
+import psutil
 
 NEW_TOKENS = 8
 PY = sys.executable
@@ -136,6 +141,87 @@ def test_mpirun_hostfile_two_hosts(two_hosts, engines, prompts, single_host, tmp
     assert res.returncode == 0, res.stdout + res.stderr
     assert "tp_size=2 device=cpu comm=gloo" in res.stderr
     assert_same(read_outputs(out), single_host(2))
+
+
+def torchrun_tp2(h, engine: str, port: int, extra: list[str]) -> list[subprocess.Popen]:
+    """tp-run at tp=2 under torchrun, rank K on host K, decoding far longer than any test waits (4000 tokens)."""
+    args = ["-m", "tp_runtime.cli.run", "--engine", engine, "--input_ids", "5,6,7", "--max_output_len", "4000",
+            "--max_seq_len", "4096", "--ignore_eos", "--threads", "1", *extra]
+    return [h.popen(host, [tool("torchrun"), "--nnodes", "2", "--node_rank", str(k), "--nproc_per_node", "1",
+                           "--rdzv_endpoint", f"{h.names[0]}:{port}", *args], h.env())
+            for k, host in enumerate(h.names)]
+
+
+def wait_decoding(proc: subprocess.Popen, seconds: float = 1.5) -> str:
+    """Rank 0's lines up to its load report (generation starts right after it), then `seconds` of decoding."""
+    seen = ""
+    while "loaded in" not in seen:
+        line = proc.stderr.readline()
+        assert line, seen
+        seen += line
+    time.sleep(seconds)
+    assert proc.poll() is None, "generation ended before the fault; make it longer"
+    return seen
+
+
+def rank_output(stderr: str) -> str:
+    """A rank's own lines: torchrun's report of the failed worker (its ChildFailedError traceback) cut off."""
+    return stderr.split("torch/distributed/elastic")[0]
+
+
+def assert_reports_lost(stderr: str, rank: int, lost: int, host: str, addr: str, why: str) -> None:
+    own = rank_output(stderr)
+    errors = [x for x in own.splitlines() if "error" in x.lower()]
+    assert len(errors) == 1, stderr  # one line
+    assert errors[0].startswith(f"error: rank {rank}: rank {lost} on host {host} ({addr}) is lost: {why} (during "), stderr
+    assert "Traceback" not in own, stderr
+    assert "(exitcode: 3)" in stderr  # the rank's own status, as torchrun reports it
+
+
+@slow
+def test_host_killed_mid_generation(two_hosts, engines, tmp_path):
+    """tphost1's torchrun and rank are killed while rank 0 decodes: rank 0 finds rank 1's beacon refused and
+    leaves at once, far within the 30 s timeout, naming rank 1 and tphost1."""
+    h = two_hosts
+    procs = torchrun_tp2(h, engines[2], 29521, ["--comm_timeout", "30"])
+    try:
+        wait_decoding(procs[0])
+        victims = [*psutil.Process(procs[1].pid).children(recursive=True), psutil.Process(procs[1].pid)]
+        for p in victims:
+            p.kill()
+        t0 = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0
+    assert_reports_lost(err, 0, 1, h.names[1], h.addrs[1], "its process is gone")
+    assert took < 15, f"{took:.1f}s from the kill to the exit"
+
+
+@slow
+def test_host_cut_off_mid_generation(two_hosts, engines, tmp_path):
+    """tphost1's link goes down while both ranks decode: each side times out (--comm_timeout 5), finds the other
+    host silent, and names it; both exit non-zero."""
+    h = two_hosts
+    procs = torchrun_tp2(h, engines[2], 29522, ["--comm_timeout", "5"])
+    link = ["ip", "-n", "tphosts", "link", "set", "port1"]  # tphost1's port on the rig's bridge
+    try:
+        wait_decoding(procs[0])
+        subprocess.run([*link, "down"], check=True)
+        t0 = time.monotonic()
+        results = wait_all(procs, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        subprocess.run([*link, "up"], check=True)
+        for p in procs:
+            p.kill()
+    why = "its host does not answer"
+    assert_reports_lost(results[0][2], 0, 1, h.names[1], h.addrs[1], why)
+    assert_reports_lost(results[1][2], 1, 0, h.names[0], h.addrs[0], why)
+    assert all(rc != 0 for rc, _, _ in results)
+    assert took < 5 + 15, f"{took:.1f}s from the cut to the last exit"
 
 
 @pytest.fixture(scope="module")
