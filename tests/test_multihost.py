@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import build_checkpoint, random_prompts, run_ranks, tool
+from helpers import build_checkpoint, random_prompts, run_ranks, save_char_tokenizer, tool
 from netns_hosts import REPO, RSH, wait_all
 
 import psutil
@@ -28,11 +28,13 @@ slow = pytest.mark.slow  # every test here but the placement rule starts process
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    """The same tiny checkpoint converted for tp=2 and tp=4 (4 heads, 2 KV heads: replicated at tp=4)."""
+    """The same tiny checkpoint converted for tp=2 and tp=4 (4 heads, 2 KV heads: replicated at tp=4), with a
+    character-level tokenizer (tp-serve needs one)."""
     from tp_runtime.convert.pipeline import convert
 
     root = tmp_path_factory.mktemp("multihost")
     build_checkpoint(str(root / "hf"), seed=11)
+    save_char_tokenizer(str(root / "hf"))
     out = {}
     for tp in (2, 4):
         out[tp] = str(root / f"tp{tp}")
@@ -197,6 +199,7 @@ def test_host_killed_mid_generation(two_hosts, engines, tmp_path):
             p.kill()
     assert procs[0].returncode != 0
     assert_reports_lost(err, 0, 1, h.names[1], h.addrs[1], "its process is gone")
+    print(f"kill -> last exit {took:.1f}s")
     assert took < 15, f"{took:.1f}s from the kill to the exit"
 
 
@@ -221,7 +224,48 @@ def test_host_cut_off_mid_generation(two_hosts, engines, tmp_path):
     assert_reports_lost(results[0][2], 0, 1, h.names[1], h.addrs[1], why)
     assert_reports_lost(results[1][2], 1, 0, h.names[0], h.addrs[0], why)
     assert all(rc != 0 for rc, _, _ in results)
+    print(f"cut -> last exit {took:.1f}s")
     assert took < 5 + 15, f"{took:.1f}s from the cut to the last exit"
+
+
+@slow
+def test_serve_answers_503_when_a_host_is_lost(two_hosts, engines):
+    """tp-serve at tp=2 under torchrun, rank 1 on tphost1; an openai client in tphost0 streams one completion and
+    waits for another; tphost1's ranks are killed. The stream ends with an OpenAI error event, the waiting request
+    gets a 503 JSON error, a new request and /health get 503, and the server exits non-zero, naming the host."""
+    h = two_hosts
+    args = ["-m", "tp_runtime.cli.serve", "--engine", engines[2], "--port", "8123", "--served_model_name", "tiny",
+            "--max_seq_len", "4096", "--threads", "1", "--comm_timeout", "30"]
+    servers = [h.popen(host, [tool("torchrun"), "--nnodes", "2", "--node_rank", str(k), "--nproc_per_node", "1",
+                              "--rdzv_endpoint", f"{h.names[0]}:29523", *args], h.env())
+               for k, host in enumerate(h.names)]
+    client = h.popen(h.names[0], [PY, os.path.join(REPO, "tests", "workers", "serve_client.py"),
+                                  "http://127.0.0.1:8123", "tiny"], h.env())
+    try:
+        line = client.stdout.readline()
+        assert line == "STREAMING\n", line + client.communicate(timeout=30)[1]
+        for p in [*psutil.Process(servers[1].pid).children(recursive=True), psutil.Process(servers[1].pid)]:
+            p.kill()
+        t0 = time.monotonic()
+        out, err = client.communicate(timeout=60)
+        _, server_err = servers[0].communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        for p in [*servers, client]:
+            p.kill()
+    assert client.returncode == 0, err
+    report = json.loads(out.split("REPORT ", 1)[1])
+    lost = f"rank 1 on host {h.names[1]} ({h.addrs[1]}) is lost: its process is gone"
+    stream = report["stream"]
+    assert stream["chunks"] >= 3 and stream["error"] == "APIError", report  # an error event, not a dropped connection
+    assert stream["body"]["type"] == "server_error" and lost in stream["body"]["message"], report
+    assert report["plain"]["status"] == 503 and lost in report["plain"]["body"]["message"], report
+    assert report["after"]["status"] == 503 and lost in report["after"]["body"]["message"], report
+    assert report["health"] == 503, report
+    assert servers[0].returncode != 0
+    assert_reports_lost(server_err, 0, 1, h.names[1], h.addrs[1], "its process is gone")
+    print(f"kill -> server exit {took:.1f}s")
+    assert took < 15, f"{took:.1f}s from the kill to the server's exit"
 
 
 @pytest.fixture(scope="module")
