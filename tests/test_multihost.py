@@ -337,3 +337,44 @@ def test_spread_is_strict_when_each_rank_has_a_node():
     assert strategy(FakeRay([2]), 2, {"CPU": 1}, "spread") == "SPREAD"
     assert strategy(FakeRay([4, 1]), 2, {"CPU": 2}, "spread") == "SPREAD"  # only one node holds a 2-CPU bundle
     assert strategy(FakeRay([1, 1]), 2, {"CPU": 1}, "pack") == "STRICT_PACK"
+
+
+@slow
+def test_ray_node_lost_then_restarted_on_the_rest(two_hosts, ray_two_nodes, engines, prompts, single_host, tmp_path):
+    """tphost1's raylet is killed while tp-run --launcher ray decodes with a rank on each node: the driver names the
+    rank and its node in one line and exits 3; tp-run --launcher ray --tp_size 1 then runs the same engine, re-sliced, on the node left.
+    (Last in this file: the worker node stays stopped.)"""
+    h = two_hosts
+    args = ["-m", "tp_runtime.cli.run", "--engine", engines[2], "--input_ids", "5,6,7", "--max_output_len", "4000",
+            "--max_seq_len", "4096", "--ignore_eos", "--launcher", "ray", "--placement", "spread",
+            "--ray_address", f"{h.names[0]}:6379", "--comm_timeout", "30"]
+    driver = h.popen(h.names[0], [PY, *args], ray_two_nodes)
+    try:
+        seen = wait_decoding(driver, seconds=2.0)
+        assert_one_rank_per_node(seen, h)
+        lost = int(re.search(rf"rank (\d) on {h.names[1]} ", seen).group(1))  # Ray chose which rank goes where
+        # tphost1's raylet killed (`ray stop` would stop every host's Ray: the rig's hosts share one process table)
+        keeper = open(f"/run/tp_netns_hosts/{h.names[1]}.pid").read().strip()
+        pids = subprocess.run(["ip", "netns", "pids", h.names[1]], capture_output=True, text=True).stdout.split()
+        raylets = [p for p in pids if p != keeper and "raylet" in psutil.Process(int(p)).name()]
+        assert len(raylets) == 1, raylets
+        psutil.Process(int(raylets[0])).kill()
+        t0 = time.monotonic()
+        _, err = driver.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        driver.kill()
+    print(f"raylet killed -> driver exit {took:.1f}s")
+    assert driver.returncode == 3, err
+    where = f"node {h.names[1]} ({h.addrs[1]})"
+    errors = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: rank {lost} on {where} died during run: "), err
+    assert errors[0].endswith("; the other ranks were stopped") and "Traceback" not in err, err
+    assert took < 30, f"{took:.1f}s from `ray stop` to the driver's exit"
+    out = str(tmp_path / "out.json")
+    res = h.run(h.names[0], [PY, *tp_run_args(engines[2], prompts, out), "--launcher", "ray", "--tp_size", "1",
+                             "--ray_address", f"{h.names[0]}:6379"], ray_two_nodes, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"rank 0 on {h.names[0]}" in res.stderr and "tp_size=1 (re-sliced from 2)" in res.stderr, res.stderr
+    got, expected = read_outputs(out), single_host(2)
+    assert [g["output_ids"] for g in got] == [e["output_ids"] for e in expected]
