@@ -45,6 +45,21 @@ def build_checkpoint(path: str, arch: str = "llama", seed: int = 0, dtype=torch.
     return model.float()
 
 
+def save_char_tokenizer(path):
+    """A character-level tokenizer (ids 3..97) for a tiny checkpoint: AWQ reads calibration text."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(string.printable[:95])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    return vocab
+
+
 def run_ranks(n: int, args: list[str], launcher: str = "env", timeout: float = 300, env_extra=None):
     """Run `args` (argv of a Python console script or module) as n ranks. Returns CompletedProcess.
 

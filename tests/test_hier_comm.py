@@ -1,7 +1,7 @@
 """The hierarchical all-reduce on one machine: ranks told they run on different hosts (tests/workers/comm_worker.py
 passes each its host name), each host's ranks in a shared-memory segment of their own, the leaders over TCP.
 Sums of different random data per rank equal, to the bit, the sum in the communicator's order, on every rank;
-a dead leader or a dead member ends the job with the rank named. (tests/test_multihost.py runs an engine over
+a dead leader or a dead member ends the job with the rank and its host named, alike on every rank. (tests/test_multihost.py runs an engine over
 it on two network namespaces.)"""
 
 import json
@@ -44,11 +44,15 @@ def test_known_sums_bit_identical_across_fake_hosts(world, link):
 
 @pytest.mark.slow
 def test_a_dead_leader_fails_the_other_host_fast():
-    """Rank 2, host 1's leader, dies: rank 0 (host 0's leader) sees its socket close, rank 3 sees its pid gone;
-    nobody waits for the 20 s timeout."""
+    """Rank 2, host 1's leader, dies: rank 0 (host 0's leader) sees its socket close and finds rank 2's beacon
+    refused, rank 3 sees its pid gone, rank 1 (waiting on its leader) reads rank 0's notice: all three name rank 2
+    and its host; nobody waits for the 20 s timeout."""
     res = run_ranks(4, [sys.executable, WORKER, "die_rank2", "auto", "hosts=2"], timeout=120)
     assert res.returncode != 0
-    assert "rank 0: leader rank 2 died during an all-reduce" in res.stderr, res.stderr[-3000:]
-    assert "rank 3: rank(s) [2] died during a shared-memory collective" in res.stderr, res.stderr[-3000:]
+    lost = "rank 2 on host fakehost1 ("
+    lines = {r: next(x for x in res.stderr.splitlines() if f"CommError: rank {r}: " in x) for r in (0, 1, 3)}
+    for r in (0, 3):
+        assert f"rank {r}: {lost}" in lines[r] and lines[r].endswith("is lost: its process is gone (during all_reduce)")
+    assert f"rank 1: {lost}" in lines[1] and lines[1].endswith("its process is gone (during all_reduce, seen by rank 0)")
     assert "within 20s" not in res.stderr
     assert not os.path.exists(report(res, ok=False)["shm_path"])

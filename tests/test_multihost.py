@@ -3,18 +3,23 @@ UTS and mount namespaces of this machine with their own addresses, hostnames and
 one engine on both see what ranks on two machines see: other hostnames, TCP between them, no shared memory.
 Under torchrun (one command per host), mpirun (MPICH's hydra with a hostfile, netns-rsh standing in for ssh) and
 Ray (a head and a worker node; tp-run --launcher ray and `ray job submit`), a tiny engine's greedy tokens equal
-those of the same engine run on one host."""
+those of the same engine run on one host. A host lost mid-generation (its ranks killed, or its link cut) ends every
+surviving rank within the collective timeout, with one line naming the lost rank and its host."""
 
 import json
 import os
 import re
 import secrets
+import subprocess
 import sys
+import time
 
 import pytest
 
-from helpers import build_checkpoint, random_prompts, run_ranks, tool
+from helpers import build_checkpoint, random_prompts, run_ranks, save_char_tokenizer, tool
 from netns_hosts import REPO, RSH, wait_all
+
+import psutil
 
 NEW_TOKENS = 8
 PY = sys.executable
@@ -23,11 +28,13 @@ slow = pytest.mark.slow  # every test here but the placement rule starts process
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
-    """The same tiny checkpoint converted for tp=2 and tp=4 (4 heads, 2 KV heads: replicated at tp=4)."""
+    """The same tiny checkpoint converted for tp=2 and tp=4 (4 heads, 2 KV heads: replicated at tp=4), with a
+    character-level tokenizer (tp-serve needs one)."""
     from tp_runtime.convert.pipeline import convert
 
     root = tmp_path_factory.mktemp("multihost")
     build_checkpoint(str(root / "hf"), seed=11)
+    save_char_tokenizer(str(root / "hf"))
     out = {}
     for tp in (2, 4):
         out[tp] = str(root / f"tp{tp}")
@@ -138,6 +145,129 @@ def test_mpirun_hostfile_two_hosts(two_hosts, engines, prompts, single_host, tmp
     assert_same(read_outputs(out), single_host(2))
 
 
+def torchrun_tp2(h, engine: str, port: int, extra: list[str]) -> list[subprocess.Popen]:
+    """tp-run at tp=2 under torchrun, rank K on host K, decoding far longer than any test waits (4000 tokens)."""
+    args = ["-m", "tp_runtime.cli.run", "--engine", engine, "--input_ids", "5,6,7", "--max_output_len", "4000",
+            "--max_seq_len", "4096", "--ignore_eos", "--threads", "1", *extra]
+    return [h.popen(host, [tool("torchrun"), "--nnodes", "2", "--node_rank", str(k), "--nproc_per_node", "1",
+                           "--rdzv_endpoint", f"{h.names[0]}:{port}", *args], h.env())
+            for k, host in enumerate(h.names)]
+
+
+def wait_decoding(proc: subprocess.Popen, seconds: float = 1.5) -> str:
+    """Rank 0's lines up to its load report (generation starts right after it), then `seconds` of decoding."""
+    seen = ""
+    while "loaded in" not in seen:
+        line = proc.stderr.readline()
+        assert line, seen
+        seen += line
+    time.sleep(seconds)
+    assert proc.poll() is None, "generation ended before the fault; make it longer"
+    return seen
+
+
+def rank_output(stderr: str) -> str:
+    """A rank's own lines: torchrun's report of the failed worker (its ChildFailedError traceback) cut off."""
+    return stderr.split("torch/distributed/elastic")[0]
+
+
+def assert_reports_lost(stderr: str, rank: int, lost: int, host: str, addr: str, why: str) -> None:
+    own = rank_output(stderr)
+    errors = [x for x in own.splitlines() if "error" in x.lower()]
+    assert len(errors) == 1, stderr  # one line
+    assert errors[0].startswith(f"error: rank {rank}: rank {lost} on host {host} ({addr}) is lost: {why} (during "), stderr
+    assert "Traceback" not in own, stderr
+    assert "(exitcode: 3)" in stderr  # the rank's own status, as torchrun reports it
+
+
+@slow
+def test_host_killed_mid_generation(two_hosts, engines, tmp_path):
+    """tphost1's torchrun and rank are killed while rank 0 decodes: rank 0 finds rank 1's beacon refused and
+    leaves at once, far within the 30 s timeout, naming rank 1 and tphost1."""
+    h = two_hosts
+    procs = torchrun_tp2(h, engines[2], 29521, ["--comm_timeout", "30"])
+    try:
+        wait_decoding(procs[0])
+        victims = [*psutil.Process(procs[1].pid).children(recursive=True), psutil.Process(procs[1].pid)]
+        for p in victims:
+            p.kill()
+        t0 = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode != 0
+    assert_reports_lost(err, 0, 1, h.names[1], h.addrs[1], "its process is gone")
+    print(f"kill -> last exit {took:.1f}s")
+    assert took < 15, f"{took:.1f}s from the kill to the exit"
+
+
+@slow
+def test_host_cut_off_mid_generation(two_hosts, engines, tmp_path):
+    """tphost1's link goes down while both ranks decode: each side times out (--comm_timeout 5), finds the other
+    host silent, and names it; both exit non-zero."""
+    h = two_hosts
+    procs = torchrun_tp2(h, engines[2], 29522, ["--comm_timeout", "5"])
+    link = ["ip", "-n", "tphosts", "link", "set", "port1"]  # tphost1's port on the rig's bridge
+    try:
+        wait_decoding(procs[0])
+        subprocess.run([*link, "down"], check=True)
+        t0 = time.monotonic()
+        results = wait_all(procs, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        subprocess.run([*link, "up"], check=True)
+        for p in procs:
+            p.kill()
+    why = "its host does not answer"
+    assert_reports_lost(results[0][2], 0, 1, h.names[1], h.addrs[1], why)
+    assert_reports_lost(results[1][2], 1, 0, h.names[0], h.addrs[0], why)
+    assert all(rc != 0 for rc, _, _ in results)
+    print(f"cut -> last exit {took:.1f}s")
+    assert took < 5 + 15, f"{took:.1f}s from the cut to the last exit"
+
+
+@slow
+def test_serve_answers_503_when_a_host_is_lost(two_hosts, engines):
+    """tp-serve at tp=2 under torchrun, rank 1 on tphost1; an openai client in tphost0 streams one completion and
+    waits for another; tphost1's ranks are killed. The stream ends with an OpenAI error event, the waiting request
+    gets a 503 JSON error, a new request and /health get 503, and the server exits non-zero, naming the host."""
+    h = two_hosts
+    args = ["-m", "tp_runtime.cli.serve", "--engine", engines[2], "--port", "8123", "--served_model_name", "tiny",
+            "--max_seq_len", "4096", "--threads", "1", "--comm_timeout", "30"]
+    servers = [h.popen(host, [tool("torchrun"), "--nnodes", "2", "--node_rank", str(k), "--nproc_per_node", "1",
+                              "--rdzv_endpoint", f"{h.names[0]}:29523", *args], h.env())
+               for k, host in enumerate(h.names)]
+    client = h.popen(h.names[0], [PY, os.path.join(REPO, "tests", "workers", "serve_client.py"),
+                                  "http://127.0.0.1:8123", "tiny"], h.env())
+    try:
+        line = client.stdout.readline()
+        assert line == "STREAMING\n", line + client.communicate(timeout=30)[1]
+        for p in [*psutil.Process(servers[1].pid).children(recursive=True), psutil.Process(servers[1].pid)]:
+            p.kill()
+        t0 = time.monotonic()
+        out, err = client.communicate(timeout=60)
+        _, server_err = servers[0].communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        for p in [*servers, client]:
+            p.kill()
+    assert client.returncode == 0, err
+    report = json.loads(out.split("REPORT ", 1)[1])
+    lost = f"rank 1 on host {h.names[1]} ({h.addrs[1]}) is lost: its process is gone"
+    stream = report["stream"]
+    assert stream["chunks"] >= 3 and stream["error"] == "APIError", report  # an error event, not a dropped connection
+    assert stream["body"]["type"] == "server_error" and lost in stream["body"]["message"], report
+    assert report["plain"]["status"] == 503 and lost in report["plain"]["body"]["message"], report
+    assert report["after"]["status"] == 503 and lost in report["after"]["body"]["message"], report
+    assert report["health"] == 503, report
+    assert servers[0].returncode != 0
+    assert_reports_lost(server_err, 0, 1, h.names[1], h.addrs[1], "its process is gone")
+    print(f"kill -> server exit {took:.1f}s")
+    assert took < 15, f"{took:.1f}s from the kill to the server's exit"
+
+
 @pytest.fixture(scope="module")
 def ray_two_nodes(two_hosts):
     """A Ray head in tphost0 and a worker node in tphost1, one CPU each, with token authentication; returns the
@@ -207,3 +337,44 @@ def test_spread_is_strict_when_each_rank_has_a_node():
     assert strategy(FakeRay([2]), 2, {"CPU": 1}, "spread") == "SPREAD"
     assert strategy(FakeRay([4, 1]), 2, {"CPU": 2}, "spread") == "SPREAD"  # only one node holds a 2-CPU bundle
     assert strategy(FakeRay([1, 1]), 2, {"CPU": 1}, "pack") == "STRICT_PACK"
+
+
+@slow
+def test_ray_node_lost_then_restarted_on_the_rest(two_hosts, ray_two_nodes, engines, prompts, single_host, tmp_path):
+    """tphost1's raylet is killed while tp-run --launcher ray decodes with a rank on each node: the driver names the
+    rank and its node in one line and exits 3; tp-run --launcher ray --tp_size 1 then runs the same engine, re-sliced, on the node left.
+    (Last in this file: the worker node stays stopped.)"""
+    h = two_hosts
+    args = ["-m", "tp_runtime.cli.run", "--engine", engines[2], "--input_ids", "5,6,7", "--max_output_len", "4000",
+            "--max_seq_len", "4096", "--ignore_eos", "--launcher", "ray", "--placement", "spread",
+            "--ray_address", f"{h.names[0]}:6379", "--comm_timeout", "30"]
+    driver = h.popen(h.names[0], [PY, *args], ray_two_nodes)
+    try:
+        seen = wait_decoding(driver, seconds=2.0)
+        assert_one_rank_per_node(seen, h)
+        lost = int(re.search(rf"rank (\d) on {h.names[1]} ", seen).group(1))  # Ray chose which rank goes where
+        # tphost1's raylet killed (`ray stop` would stop every host's Ray: the rig's hosts share one process table)
+        keeper = open(f"/run/tp_netns_hosts/{h.names[1]}.pid").read().strip()
+        pids = subprocess.run(["ip", "netns", "pids", h.names[1]], capture_output=True, text=True).stdout.split()
+        raylets = [p for p in pids if p != keeper and "raylet" in psutil.Process(int(p)).name()]
+        assert len(raylets) == 1, raylets
+        psutil.Process(int(raylets[0])).kill()
+        t0 = time.monotonic()
+        _, err = driver.communicate(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        driver.kill()
+    print(f"raylet killed -> driver exit {took:.1f}s")
+    assert driver.returncode == 3, err
+    where = f"node {h.names[1]} ({h.addrs[1]})"
+    errors = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: rank {lost} on {where} died during run: "), err
+    assert errors[0].endswith("; the other ranks were stopped") and "Traceback" not in err, err
+    assert took < 30, f"{took:.1f}s from `ray stop` to the driver's exit"
+    out = str(tmp_path / "out.json")
+    res = h.run(h.names[0], [PY, *tp_run_args(engines[2], prompts, out), "--launcher", "ray", "--tp_size", "1",
+                             "--ray_address", f"{h.names[0]}:6379"], ray_two_nodes, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"rank 0 on {h.names[0]}" in res.stderr and "tp_size=1 (re-sliced from 2)" in res.stderr, res.stderr
+    got, expected = read_outputs(out), single_host(2)
+    assert [g["output_ids"] for g in got] == [e["output_ids"] for e in expected]

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from helpers import build_checkpoint, cli_in_process, random_prompts, reference_logprobs, run_ranks, tool, tp_run_json
+from helpers import (build_checkpoint, cli_in_process, random_prompts, reference_logprobs, run_ranks, save_char_tokenizer,
+                     tool, tp_run_json)
 from tp_runtime import cpu
 from tp_runtime.engine import format as ef
 from tp_runtime.convert import partition as pt
@@ -506,21 +507,6 @@ def test_awq_search_lowers_the_reconstruction_error_of_its_calibration_rows():
     aw = ((y - (x / s) @ qz.dequantize(qz.quantize_rtn(w * s, scheme)).t()) ** 2).sum() / x.shape[0]
     assert abs(rtn.item() - err_rtn) < 1e-3 * err_rtn and abs(aw.item() - err_awq) < 1e-3 * err_awq
     assert aw < 0.7 * rtn, (aw, rtn)
-
-
-def save_char_tokenizer(path):
-    """A character-level tokenizer (ids 3..97) for a tiny checkpoint: AWQ reads calibration text."""
-    import string
-
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(string.printable[:95])}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(path)
-    return vocab
 
 
 @pytest.fixture(scope="module")

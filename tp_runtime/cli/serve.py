@@ -13,6 +13,9 @@ thread; the other ranks follow its steps. Who starts the ranks:
 `main(argv)` is the rank entry point: it works wherever the torchrun-style variables are set.
 Shutdown: SIGINT / SIGTERM on rank 0 stops the HTTP server, ends the running requests and broadcasts
 STOP, so every rank exits cleanly; a follower ignores its first SIGINT / SIGTERM (rank 0 stops it).
+A lost rank (or host): the failed collective ends the engine loop; in-flight requests get 503, the HTTP server
+answers 503 for FAILED_DRAIN_S more, and every surviving rank exits with status 3 and one line naming the lost
+ranks, so a supervisor restarts the server.
 """
 
 import argparse
@@ -25,11 +28,12 @@ import threading
 
 from tp_runtime.engine import format as ef
 from tp_runtime import env
-from tp_runtime.errors import UserError, exit_on_user_error
+from tp_runtime.errors import CommError, UserError, exit_on_user_error
 from tp_runtime.distributed.launch import detect_launch
 from tp_runtime.cli.run import add_ray_args, add_runtime_args, llm_from_args
 
 API_KEY_ENV = "TP_RUNTIME_API_KEY"
+FAILED_DRAIN_S = 2.0  # after the engine fails: 503s (not refused connections) before the process exits
 LAUNCHERS = ("auto", "local", "mpirun", "torchrun", "ray")
 
 
@@ -139,9 +143,14 @@ def _serve(llm, scheduler, tokenizer, lock, sock, args, api_key, name) -> int:
 
     stop = threading.Event()
     failure = []
+
+    def engine_down():
+        if failure:
+            return f"the engine failed: {failure[0]}"
+        return "the server is shutting down" if stop.is_set() or scheduler.stopped else None
+
     state = ServerState(scheduler, tokenizer, name, llm.max_seq_len, api_key, args.max_body_bytes, lock,
-                        llm.generation_config, engine_alive=lambda: not stop.is_set() and not failure,
-                        max_queue=args.max_queue)
+                        llm.generation_config, engine_down=engine_down, max_queue=args.max_queue)
     config = uvicorn.Config(create_app(state), log_level=args.log_level, access_log=args.access_log,
                             timeout_graceful_shutdown=5, lifespan="off")
     server = _Server(config)
@@ -166,17 +175,18 @@ def _serve(llm, scheduler, tokenizer, lock, sock, args, api_key, name) -> int:
           f"max_seq_len={llm.max_seq_len}{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     try:
         scheduler.run(stop)
-    except Exception as e:  # a failed forward: no request can be served any more
+    except CommError as e:  # a rank or its host is lost: no request can be served any more
         failure.append(e)
+        stop.wait(FAILED_DRAIN_S)  # the in-flight requests' 503s go out; new ones get 503 too
     finally:
         server.should_exit = True
         http_thread.join(timeout=30)
         for s, h in old.items():
             signal.signal(s, h)
-        llm.close()
+        if not failure:
+            llm.close()  # (a broken process group is left to the exit: its teardown could wait on the lost)
     if failure:
-        print(f"[tp-serve] the engine failed: {failure[0]}", file=sys.stderr, flush=True)
-        return 3
+        raise failure[0]  # one line, exit status 3 (errors.exit_on_user_error)
     print("[tp-serve] stopped", file=sys.stderr, flush=True)
     return 0
 

@@ -8,7 +8,9 @@ Chosen once at start-up:
     CPU, hosts     -> shared memory within each host, one leader per host over TCP (hier_comm.py) when a
                       host has 2+ ranks; gloo when each has one
 Every collective has a timeout (the process group's), so a dead rank ends the job instead of
-hanging it.
+hanging it. A failed collective asks which ranks are lost (liveness.py: each rank's beacon, all-gathered at
+start-up) and raises one CommError line that names them and their hosts; a rank that found them leaves that
+line for the ranks of its host (shm_comm.py's notices), which then report the same ranks.
 
 Inside a torch.compile'd step the two activation collectives (all_reduce, all_gather) are custom
 ops (tp_runtime::all_reduce_, tp_runtime::all_gather), opaque to the compiler, so a compiled decode
@@ -16,10 +18,12 @@ step is one graph with the communication in it; outside compiled code they are p
 """
 
 import datetime
+import socket
 import time
 
 import torch
 
+from tp_runtime.distributed import liveness
 from tp_runtime.distributed.launch import LaunchInfo, rendezvous_address
 from tp_runtime.errors import CommError
 
@@ -42,23 +46,32 @@ def is_comm_failure(e: BaseException) -> bool:
 
 
 def _guard(fn):
-    """A collective's failure becomes one CommError line naming the rank and the timeout; any other exception
-    is a bug and keeps its type and traceback."""
+    """A collective's failure becomes one CommError line naming the lost ranks and their hosts (or, when every
+    rank still lives, the rank and the timeout); any other exception is a bug and keeps its type and traceback."""
+    op = fn.__name__.lstrip("_")
 
     def wrapped(self, *args, **kwargs):
         try:
             return fn(self, *args, **kwargs)
-        except CommError:
-            raise
+        except CommError as e:
+            if getattr(e, "final", False):
+                raise
+            raise self._failure(op, str(e)) from None
         except Exception as e:
             if not is_comm_failure(e):
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CommError(f"rank {self.rank}: {fn.__name__.lstrip('_')} failed, another rank died or timed out "
-                            f"after {self.timeout_s:.0f}s ({first})") from None
+            raise self._failure(op, f"rank {self.rank}: {op} failed, another rank died or timed out after "
+                                    f"{self.timeout_s:.0f}s ({first})") from None
 
     wrapped.__name__ = fn.__name__
     return wrapped
+
+
+def _final(message: str) -> CommError:
+    e = CommError(message)
+    e.final = True  # diagnosed: an outer guard passes it on as it is
+    return e
 
 
 class Communicator:
@@ -119,7 +132,8 @@ def _(tensor, comm_id, world_size, dim):
 
 
 class TorchDistCommunicator(Communicator):
-    def __init__(self, info: LaunchInfo, backend: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, info: LaunchInfo, backend: str, timeout_s: float = DEFAULT_TIMEOUT_S, host: str | None = None):
+        """host: this rank's host name (default: the hostname); ranks with the same name are on one host."""
         import torch.distributed as dist
 
         self.op_id = len(_LIVE)
@@ -140,6 +154,10 @@ class TorchDistCommunicator(Communicator):
                             f"{addr}:{port} within {timeout_s:.0f}s ({str(e).strip().splitlines()[0]})") from None
         # Python objects travel over gloo even when tensors use NCCL.
         self.object_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+        self.beacon = liveness.Beacon()
+        self.peers: list[liveness.Peer] = [None] * self.world_size  # every rank's, in rank order
+        dist.all_gather_object(self.peers, self.beacon.peer(host or socket.gethostname()), group=self.object_group)
+        self.hosts = [p.host for p in self.peers]
 
     def all_reduce(self, tensor):
         if torch.compiler.is_compiling():
@@ -190,6 +208,28 @@ class TorchDistCommunicator(Communicator):
         else:
             self.dist.barrier()
 
+    def _failure(self, op: str, message: str) -> CommError:
+        """The one line for a failed `op`: the lost ranks as a rank of this host found them (a notice), else as
+        this rank's probe finds them (then left as a notice for the others), else `message`."""
+        seen = self._notice()
+        if seen is not None:
+            by, text = seen
+            return _final(f"rank {self.rank}: {text} (during {op}, seen by rank {by})")
+        peers = getattr(self, "peers", None)
+        lost = liveness.find_lost(peers, self.rank, min(liveness.PROBE_S, self.timeout_s)) if peers else {}
+        if not lost:
+            return _final(message)
+        text = liveness.describe(lost, peers)
+        self._post_notice(text)
+        return _final(f"rank {self.rank}: {text} (during {op})")
+
+    def _notice(self) -> tuple[int, str] | None:
+        """(rank, what it found lost) left by another rank of this host; none without shared memory."""
+        return None
+
+    def _post_notice(self, text: str) -> None:
+        """Leave `text` for the other ranks of this host (shared memory only)."""
+
     def _subgroup(self, ranks: list[int]):
         """A gloo group of `ranks`; every rank of the world must call this, in the same order."""
         return self.dist.new_group(ranks=ranks, backend="gloo", timeout=datetime.timedelta(seconds=self.timeout_s))
@@ -210,5 +250,7 @@ class TorchDistCommunicator(Communicator):
             time.sleep(0.05)
 
     def close(self):
+        if getattr(self, "beacon", None) is not None:
+            self.beacon.close()
         if self.dist.is_initialized():
             self.dist.destroy_process_group()

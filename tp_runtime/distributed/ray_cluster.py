@@ -15,7 +15,9 @@
 
 A rank that fails ends the call: the driver stops the other actors at once (they would otherwise leave
 within the communicator's timeout) and raises, naming the rank: UserError for a user's mistake found by a
-rank, CommError when a rank's process died.
+rank, CommError when a rank's process died, naming its node (host name and address) and whether Ray has
+declared that node dead (`ray stop` there, its raylet killed, the machine gone). The group is then shut down;
+a new one can start on the nodes left (--tp_size re-slices the engine to fit fewer resources).
 The only module besides launch.py that knows Ray; `import tp_runtime` never imports it.
 """
 
@@ -32,6 +34,7 @@ from tp_runtime.errors import UserError
 PLACEMENTS = {"pack": "STRICT_PACK", "spread": "SPREAD"}  # spread becomes STRICT_SPREAD where it can: strategy()
 DEFAULT_PLACEMENT_TIMEOUT_S = 60.0
 GRACE_S = 2.0  # after a rank fails, how long the others get to report their own error before they are stopped
+NODE_DEATH_WAIT_S = 5.0  # after an actor died: how long to wait for Ray to say whether its node died too
 
 
 def import_ray():
@@ -314,8 +317,9 @@ class RankGroup:
                                                     for e in failures.values())
         if agreed:  # every rank refused the same request: the engine is intact
             raise UserError(str(failures[0].cause))
+        error = _rank_failure(ray, what, failures, getattr(self, "nodes", None))
         self.shutdown()  # a rank is gone, or the ranks no longer agree: stop them all
-        raise _rank_failure(ray, what, failures)
+        raise error
 
     def _forward_output(self):
         if not self.capture or not self.actors:
@@ -375,8 +379,23 @@ def _short(resources: dict) -> str:
     return ", ".join(f"{resources[k]:g} {k}" for k in ("CPU", "GPU") if k in resources) or "none"
 
 
-def _rank_failure(ray, what: str, failures: dict) -> Exception:
-    """The error to raise on the driver: the lowest rank's own error, preferring a user's mistake."""
+def _node_state(ray, node_id: str, wait_s: float = NODE_DEATH_WAIT_S) -> bool:
+    """Whether Ray has declared the node dead, waiting up to wait_s for its verdict (a stopped raylet
+    unregisters at once; a killed one is found by the GCS's health checks)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            dead = any(n.get("NodeID") == node_id and not n.get("Alive") for n in ray.nodes())
+        except Exception:  # the GCS itself is gone
+            return False
+        if dead or time.monotonic() >= deadline:
+            return dead
+        time.sleep(0.5)
+
+
+def _rank_failure(ray, what: str, failures: dict, nodes: list[dict] | None = None) -> Exception:
+    """The error to raise on the driver: the lowest rank's own error, preferring a user's mistake; a dead actor
+    is named with its node (nodes: each rank's, from RankActor.node)."""
     from tp_runtime.errors import CommError
 
     for r in sorted(failures):
@@ -386,8 +405,16 @@ def _rank_failure(ray, what: str, failures: dict) -> Exception:
     for r in sorted(failures):
         e = failures[r]
         if isinstance(e, ray.exceptions.RayActorError):
-            return CommError(f"rank {r} died during {what} (its Ray actor is gone: "
-                             f"{str(e).strip().splitlines()[0]}); the other ranks were stopped")
+            first = str(e).strip().splitlines()[0]
+            if not nodes:
+                return CommError(f"rank {r} died during {what} (its Ray actor is gone: {first}); the other ranks "
+                                 "were stopped")
+            node = nodes[r]
+            dead = _node_state(ray, node["node_id"])
+            where = f"node {node['host']} ({node['ip']})"
+            return CommError(f"rank {r} on {where} died during {what}: "
+                             + (f"Ray declared {where} dead" if dead else f"its Ray actor is gone ({first})")
+                             + "; the other ranks were stopped")
     for r in sorted(failures):
         cause = getattr(failures[r], "cause", None)
         if isinstance(cause, CommError):

@@ -4,7 +4,7 @@ gloo moves a 576-float all-reduce between two local processes in ~0.5 ms; a deco
 row-parallel layer. Here every rank writes into its slot of one shared buffer and reads the others'
 slots directly, with sequence flags instead of barriers:
 
-    segment = [flags: one 64-byte line per rank][data: 2 buffers x world slots x SLOT_BYTES]
+    segment = [flags: one 64-byte line per rank][notices: NOTICE_BYTES per rank][data: 2 buffers x world slots x SLOT_BYTES]
 
 (hier_comm.py maps one such segment per host, for that host's ranks: flags and slots are indexed by a rank's
 position among the segment's members, self.me, which is the rank itself here.)
@@ -25,6 +25,9 @@ reordered with older loads), which gives exactly release on every store and acqu
 flag store is a separate Python statement after copy_() returns, so no compiler reorders across it. ARM
 (Graviton, Grace) and other weakly ordered CPUs give no such guarantee: there this communicator refuses to
 run (auto falls back to gloo with a warning; --comm shm is an error) rather than risk torn sums.
+A rank whose collective failed and found which ranks are lost (comm.py, liveness.py) writes that verdict into
+its notice (the text, then its length, in that order, as the flags); a waiting rank reads the notices at every
+look and ends with the same verdict, so every rank of a host names the same lost ranks.
 The segment is a /dev/shm file that rank 0 unlinks as soon as every rank has mapped it, so nothing is
 left in /dev/shm after a normal exit or a kill. A wait gives up after the timeout, and sooner when a
 peer process is gone. Tensors larger than a slot (long prefills) are all-reduced in slot-sized chunks;
@@ -34,14 +37,14 @@ an all-gather or broadcast that does not fit goes through gloo.
 import mmap
 import os
 import platform
-import socket
 import time
 import uuid
 import warnings
 
 import torch
 
-from tp_runtime.distributed.comm import TorchDistCommunicator
+from tp_runtime.distributed.comm import TorchDistCommunicator, _guard
+from tp_runtime.distributed.liveness import pid_alive
 from tp_runtime.errors import CommError, UserError
 from tp_runtime.distributed.launch import LaunchInfo
 
@@ -52,15 +55,7 @@ SPINS_PER_CHECK = 2000
 BACKOFF_AFTER_S = 0.005  # see _wait
 MAX_SLEEP_S = 0.005
 LOOK_EVERY_S = 0.05
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")  # a killed child nobody has reaped yet is a zombie
+NOTICE_BYTES = 1024  # a rank's notice: an int64 length, then UTF-8 text
 
 
 class ShmCommunicator(TorchDistCommunicator):
@@ -70,9 +65,8 @@ class ShmCommunicator(TorchDistCommunicator):
 
     def __init__(self, info: LaunchInfo, timeout_s: float, required: bool = False, host: str | None = None):
         """host: this rank's host name (default: the hostname); ranks with the same name share a segment."""
-        super().__init__(info, "gloo", timeout_s)
-        self.hosts = self._all_gather_object(host or socket.gethostname())
-        self.pids = self._all_gather_object(os.getpid())
+        super().__init__(info, "gloo", timeout_s, host)
+        self.pids = [p.pid for p in self.peers]
         self.one_host = len(set(self.hosts)) == 1
         self.enabled = self._wants_segment(required)
         if not self.enabled:
@@ -102,7 +96,7 @@ class ShmCommunicator(TorchDistCommunicator):
         self.members, self.me = members, members.index(self.rank)
         L = len(members)
         flag_bytes = 64 * L
-        size = flag_bytes + 2 * L * SLOT_BYTES
+        size = flag_bytes + NOTICE_BYTES * L + 2 * L * SLOT_BYTES
         path = None
         if self.me == 0:
             path = f"/dev/shm/tp_runtime_{uuid.uuid4().hex}"
@@ -119,7 +113,9 @@ class ShmCommunicator(TorchDistCommunicator):
             if self.me == 0:
                 os.unlink(path)  # the mapping lives on; the name is gone
         self.flags = memoryview(self.mm)[:flag_bytes].cast("q")
-        self.data = torch.frombuffer(self.mm, dtype=torch.uint8, offset=flag_bytes).view(2, L, SLOT_BYTES)
+        self.notices = memoryview(self.mm)[flag_bytes : flag_bytes + NOTICE_BYTES * L]
+        self.data = torch.frombuffer(self.mm, dtype=torch.uint8, offset=flag_bytes + NOTICE_BYTES * L).view(
+            2, L, SLOT_BYTES)
         self.typed = {}
         self.seq = 0
         self.everyone = list(range(L))
@@ -161,8 +157,10 @@ class ShmCommunicator(TorchDistCommunicator):
             sleeping = now - start > BACKOFF_AFTER_S
             if now >= next_look:
                 next_look = now + LOOK_EVERY_S
+                if self._notice() is not None:  # a rank of this host found ranks lost: report them too
+                    raise CommError(f"rank {self.rank}: another rank of this host reported lost ranks")
                 late = [r for r in ranks if flags[r * FLAG_STRIDE] < s]
-                gone = [self.members[r] for r in late if not _alive(self.pids[self.members[r]])]
+                gone = [self.members[r] for r in late if not pid_alive(self.pids[self.members[r]])]
                 if gone and any(flags[r * FLAG_STRIDE] < s for r in ranks):  # (it may have posted, then left)
                     raise CommError(f"rank {self.rank}: rank(s) {gone} died during a shared-memory collective")
                 if late and now > start + self.timeout_s:
@@ -183,8 +181,27 @@ class ShmCommunicator(TorchDistCommunicator):
     def _post(self, s: int) -> None:
         self.flags[self.me * FLAG_STRIDE] = s
 
+    def _notice(self):
+        if not getattr(self, "enabled", False):
+            return None
+        for m, rank in enumerate(self.members):
+            base = m * NOTICE_BYTES
+            n = int.from_bytes(self.notices[base : base + 8], "little")
+            if m != self.me and 0 < n <= NOTICE_BYTES - 8:
+                return rank, bytes(self.notices[base + 8 : base + 8 + n]).decode(errors="replace")
+        return None
+
+    def _post_notice(self, text: str) -> None:
+        if not getattr(self, "enabled", False):
+            return
+        data = text.encode()[: NOTICE_BYTES - 8]
+        base = self.me * NOTICE_BYTES
+        self.notices[base + 8 : base + 8 + len(data)] = data
+        self.notices[base : base + 8] = len(data).to_bytes(8, "little")  # the length last: the text is whole
+
     # --- collectives ---
 
+    @_guard
     def _all_reduce(self, tensor):
         if not self.enabled:
             return super()._all_reduce(tensor)
@@ -211,6 +228,7 @@ class ShmCommunicator(TorchDistCommunicator):
         else:
             part.copy_(torch.stack(rows).sum(dim=0, dtype=torch.float32))
 
+    @_guard
     def _all_gather(self, tensor, dim=-1):
         if not self.enabled or not self.one_host or tensor.numel() * tensor.element_size() > SLOT_BYTES:
             return super()._all_gather(tensor, dim)
@@ -222,6 +240,7 @@ class ShmCommunicator(TorchDistCommunicator):
         self._wait(self.everyone, s)
         return torch.cat([row[:n].view(tensor.shape) for row in rows], dim=dim)
 
+    @_guard
     def broadcast(self, tensor, src=0):
         if not self.enabled or not self.one_host or tensor.numel() * tensor.element_size() > SLOT_BYTES:
             return super().broadcast(tensor, src)
@@ -240,7 +259,7 @@ class ShmCommunicator(TorchDistCommunicator):
     def close(self):
         if getattr(self, "enabled", False):
             self.typed.clear()
-            del self.data, self.flags
+            del self.data, self.flags, self.notices
             try:
                 self.mm.close()
             except BufferError:  # a caller still holds a view; the mapping goes with the process

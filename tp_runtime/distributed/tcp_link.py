@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from tp_runtime.distributed.liveness import host_address
 from tp_runtime.errors import CommError
 
 HELLO = struct.Struct("!16sI")  # token, the sender's index among the leaders
@@ -36,7 +37,7 @@ class TcpLink:
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.bind(("", 0))
             listener.listen(len(leaders))
-            mine = (_host_address(), listener.getsockname()[1], secrets.token_bytes(16))
+            mine = (host_address(), listener.getsockname()[1], secrets.token_bytes(16))
         offers = comm._all_gather_object(mine)
         if self.me is None:
             return
@@ -167,14 +168,6 @@ class TcpLink:
         for s in getattr(self, "peers", {}).values():
             s.close()
         self.peers = {}
-
-
-def _host_address() -> str:
-    """The address this host's name resolves to (where gloo listens too), or loopback when it has none."""
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
 
 
 def _recv_exactly(s: socket.socket, n: int) -> bytes:

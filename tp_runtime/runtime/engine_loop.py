@@ -20,6 +20,10 @@ starts a new block. One iteration of the loop on rank 0:
     4. nothing to do: wait for a request; after a few seconds of quiet (HEARTBEAT_S, or a quarter of the
        communicator's timeout), broadcast an IDLE step so the followers' waits never reach their timeout
 
+A failed collective (a rank or its host lost: CommError) ends the loop: every request is answered with the
+error (Event.status 503: the engine is gone, not the request at fault), and no STOP is sent over the broken
+communicator (it would wait for the lost ranks until the timeout).
+
 Every step is broadcast by rank 0 as a fixed-size header, then (unless it is IDLE or STOP) a payload;
 all ranks run the same forward in lockstep; the logits reach every rank and rank 0 alone samples,
 with one RowState per sequence (sequence.py):
@@ -44,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tp_runtime.distributed.comm import Communicator
-from tp_runtime.errors import UserError
+from tp_runtime.errors import CommError, UserError
 from tp_runtime.runtime.sequence import Completion, Request, RowState, Timings
 from tp_runtime.runtime.kv_cache import BlockManager, KVCache, SequenceBlocks, Streaming
 from tp_runtime.runtime.model import TPDecoder
@@ -118,6 +122,7 @@ class Event:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # one list per new id, if asked
     finish_reason: str | None = None  # "stop" | "length" | "abort" (error, or the server stops)
     error: str | None = None
+    status: int = 500  # with an error: 500 the request failed alone, 503 the engine stopped or failed
     time: float = 0.0  # time.monotonic() when it was produced
     completion: Completion | None = None  # the whole result, on the last event of a request
 
@@ -190,12 +195,18 @@ class Scheduler:
         self.steps = 0
         self.last_broadcast = time.monotonic()
         self.heartbeat_s = min(HEARTBEAT_S, getattr(comm, "timeout_s", HEARTBEAT_S * 4) / 4)
-        self.stopped = False
+        self.stopped, self.stop_reason = False, ""
+        self.stop_lock = threading.Lock()  # a request submitted as the loop stops is answered, never lost
+        self.failure: CommError | None = None  # the collective that broke the engine, once one has
 
     # --- any thread ---
 
     def submit(self, req: ServeRequest) -> None:
-        self.inbox.put(req)
+        with self.stop_lock:
+            if not self.stopped:
+                self.inbox.put(req)
+                return
+        self._emit(req, Event(finish_reason="abort", error=self.stop_reason, status=503))
 
     def cancel(self, req: ServeRequest) -> None:
         """The client went away: the request leaves at the next step boundary and frees its blocks."""
@@ -250,7 +261,16 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self, block_s: float = 0.0) -> bool:
-        """One iteration (see the module docstring). Returns whether anything ran."""
+        """One iteration (see the module docstring). Returns whether anything ran. A failed collective ends the
+        engine: every request gets its error, then the CommError is raised."""
+        try:
+            return self._step(block_s)
+        except CommError as e:
+            self.failure = e
+            self.shutdown(str(e))
+            raise
+
+    def _step(self, block_s: float) -> bool:
         self._drain_inbox()
         for run in [r for r in self.running + self.prefilling if r.req.cancelled]:
             self._release(run)
@@ -426,16 +446,20 @@ class Scheduler:
 
     @torch.inference_mode()
     def shutdown(self, reason: str = "the server is shutting down") -> None:
-        """End every request (finish_reason "abort") and broadcast STOP; safe to call twice."""
-        if self.stopped:
-            return
-        self.stopped = True
-        self._drain_inbox()
+        """End every request (finish_reason "abort", status 503) and broadcast STOP (unless a collective failed);
+        safe to call twice."""
+        with self.stop_lock:
+            if self.stopped:
+                return
+            self.stopped, self.stop_reason = True, reason
+            self._drain_inbox()
         for req in [r.req for r in self.running + self.prefilling + self.preempted] + list(self.waiting):
-            self._emit(req, Event(finish_reason="abort", error=reason))
+            self._emit(req, Event(finish_reason="abort", error=reason, status=503))
         for run in self.running + self.prefilling:
             self.blocks.release(run.blocks)
         self.running, self.prefilling, self.preempted, self.waiting = [], [], [], deque()
+        if self.failure is not None:
+            return
         try:
             broadcast_step(self.comm, self.device, Step(STOP), self.steps + 1)
         except Exception as e:  # the followers are gone already

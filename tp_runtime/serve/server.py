@@ -5,7 +5,9 @@ Routes: POST /v1/completions, POST /v1/chat/completions (stream true: `data: {..
 The engine loop (engine_loop.Scheduler) runs on another thread; a request hands it a ServeRequest whose
 events come back to the request's asyncio queue. A request whose client goes away is cancelled, which
 frees its cache slot at the next step. Every error answers in OpenAI's shape
-{"error": {"message", "type", "param", "code"}}.
+{"error": {"message", "type", "param", "code"}}. Once the engine has stopped or failed (a rank or its host lost),
+in-flight requests end with a 503 (a streaming one with an error event, then [DONE]), and new ones, and /health,
+get 503 until the process exits.
 """
 
 import asyncio
@@ -75,12 +77,13 @@ class ServerState:
 
     def __init__(self, scheduler: Scheduler, tokenizer, model_name: str, max_seq_len: int, api_key: str | None,
                  max_body_bytes: int, tokenizer_lock: threading.Lock, generation_config: dict | None = None,
-                 engine_alive=lambda: True, max_queue: int | None = None):
+                 engine_down=lambda: None, max_queue: int | None = None):
+        """engine_down() -> None while the engine runs, else why it stopped (then every route answers 503)."""
         self.scheduler, self.tokenizer, self.lock = scheduler, tokenizer, tokenizer_lock
         self.generation_config = generation_config or {}
         self.limits = api.Limits(model_name, max_seq_len)
         self.api_key, self.max_body_bytes = api_key, max_body_bytes
-        self.engine_alive = engine_alive
+        self.engine_down = engine_down
         self.max_queue = max_queue  # requests waiting to run past which new ones get 429
         self.metrics = Metrics(scheduler)
         scheduler.on_step = self.metrics.on_step
@@ -178,8 +181,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not state.engine_alive():
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        down = state.engine_down()
+        if down is not None:
+            return JSONResponse({"status": "engine stopped", "reason": down}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -204,8 +208,9 @@ def create_app(state: ServerState) -> FastAPI:
         return await generate(request, job)
 
     async def generate(request: Request, job: api.Job):
-        if not state.engine_alive():
-            raise api.ApiError(503, "the engine has stopped", type="server_error")
+        down = state.engine_down()
+        if down is not None:
+            raise api.ApiError(503, f"the engine is unavailable: {down}", type="server_error")
         waiting = state.scheduler.queue_length
         if state.max_queue is not None and waiting >= state.max_queue:
             raise api.ApiError(429, f"the server is busy: {waiting} requests are waiting (--max_queue "
@@ -243,8 +248,7 @@ def create_app(state: ServerState) -> FastAPI:
                 break
         tracker.finish(job.kind, ev.finish_reason)
         if ev.error:
-            raise api.ApiError(500 if not state.scheduler.stopped else 503, f"generation failed: {ev.error}",
-                               type="server_error")
+            raise _event_error(ev)
         block = api.logprobs_block(job, ids, lps, tops, state.token_text)
         return api.response(job, state.limits.model, text, ev.finish_reason, block, len(ids))
 
@@ -259,8 +263,7 @@ def create_app(state: ServerState) -> FastAPI:
                 n_out += len(ev.token_ids)
                 if ev.error:
                     reason = ev.finish_reason
-                    err = api.ApiError(500, f"generation failed: {ev.error}", type="server_error")
-                    yield _sse(err.body())
+                    yield _sse(_event_error(ev).body())
                     break
                 block = api.logprobs_block(job, ev.token_ids, ev.logprobs, ev.top_logprobs, state.token_text)
                 if ev.text or block:
@@ -282,6 +285,13 @@ def create_app(state: ServerState) -> FastAPI:
 
 
 KNOWN_ROUTES = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+
+
+def _event_error(ev: Event) -> api.ApiError:
+    """A request's error event as the API's error: 500 when it failed alone, 503 when the engine stopped."""
+    if ev.status == 503:
+        return api.ApiError(503, f"the engine is unavailable: {ev.error}", type="server_error")
+    return api.ApiError(500, f"generation failed: {ev.error}", type="server_error")
 
 
 def _sse(obj: dict) -> str:
