@@ -1,6 +1,7 @@
 """tp-convert: the converter's command line (TensorRT-LLM's convert_checkpoint.py flags where one exists)."""
 
 import argparse
+import dataclasses
 import sys
 
 from tp_runtime.convert import quantize as qz
@@ -66,8 +67,10 @@ def scheme_from_args(args) -> "qz.QuantScheme | None":
             raise UserError("--weight_only_precision / --group_size / --zero_point / --quant_algo / "
                             "--quantize_lm_head need --use_weight_only")
         return None
-    return qz.parse_scheme(args.weight_only_precision or "int8", args.group_size, args.zero_point,
-                           args.quant_algo, args.quantize_lm_head)
+    scheme = qz.parse_scheme(args.weight_only_precision or "int8", args.group_size, args.zero_point,
+                             args.quant_algo, args.quantize_lm_head)
+    # nothing but --use_weight_only (and --quantize_lm_head): a GGUF keeps its own block formats
+    return dataclasses.replace(scheme, from_source=all(f is None for f in quant_flags[:2] + quant_flags[3:]))
 
 
 @exit_on_user_error

@@ -6,7 +6,8 @@
         converting a big model through it would show the whole model in RSS; plain reads leave the
         file in the page cache, which the kernel can drop.
     .bin (pytorch_model*.bin): torch.load(weights_only=True, mmap=True); never unpickles objects.
-    .gguf: through transformers' gguf_file= loader, which dequantizes the whole model at once.
+    .gguf: Llama-family files tensor by tensor (gguf.py, blocks kept or dequantized one tensor at a time);
+        other architectures through transformers' gguf_file= loader, which dequantizes the whole model.
 """
 
 import json
@@ -95,6 +96,14 @@ class Checkpoint:
         src = self._get(name)
         return src if isinstance(src, torch.Tensor) else src[0].load(src[1])
 
+    def meta(self, name: str):
+        """The tensor on the meta device (shape and dtype, no data); a reader that serves quantized weights
+        describes them itself (gguf.py's blocks)."""
+        src = self._get(name)
+        if not isinstance(src, torch.Tensor) and hasattr(src[0], "meta"):
+            return src[0].meta(src[1])
+        return torch.empty(self.shape(name), dtype=self.dtype(name), device="meta")
+
     def _get(self, name):
         try:
             return self._tensors[name]
@@ -180,9 +189,15 @@ def _index_bin(model_dir: str) -> dict:
 
 
 def _open_gguf(path: str) -> Checkpoint:
-    """GGUF through transformers: the whole model is dequantized in memory (no memory bound here)."""
+    """GGUF: the Llama-family architectures tensor by tensor (gguf.py); others through transformers,
+    which dequantizes the whole model in memory (no memory bound there)."""
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist")
+    from tp_runtime.convert import gguf
+
+    streamed = gguf.open_gguf(path)
+    if streamed is not None:
+        return streamed
     try:
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     except ImportError as e:  # pragma: no cover - transformers is a dependency

@@ -55,20 +55,29 @@ class QuantScheme:
     algo: str = "rtn"  # rtn | awq | gptq (read pre-quantized)
     quantize_lm_head: bool = False
     lm_head_precision: str = "int8"  # with quantize_lm_head: int8 per channel, or int4 in the layers' groups
-    prequantized: bool = False  # read as they are from an AWQ / GPTQ checkpoint (prequantized.py)
+    prequantized: bool = False  # read as they are from an AWQ / GPTQ checkpoint (prequantized.py) or a GGUF
     awq: object = field(default=None, compare=False, repr=False)  # awq.AwqResult once searched
+    # --use_weight_only with no precision, group, zero point or algorithm: a GGUF keeps its blocks (gguf.py)
+    from_source: bool = False
+    mixed: bool = False  # GGUF: int8 and int4 linears in one engine (the codes' dtype tells each one's)
+    source_formats: dict | None = field(default=None, compare=False)  # GGUF: {block type: linears}
 
     @property
     def quant_algo(self) -> str:
         """TensorRT-LLM's QuantAlgo value."""
+        if self.mixed:
+            return "MIXED_PRECISION"
         base = "W8A16" if self.precision == "int8" else "W4A16"
-        return base + {"rtn": "", "awq": "_AWQ", "gptq": "_GPTQ"}[self.algo]
+        return base + {"rtn": "", "awq": "_AWQ", "gptq": "_GPTQ", "gguf": ""}[self.algo]
 
     def config(self) -> dict:
-        return {"quant_algo": self.quant_algo, "group_size": self.group_size, "has_zero_point": self.zero_point,
-                "exclude_modules": ["transformer.vocab_embedding"] + ([] if self.quantize_lm_head else ["lm_head"]),
-                "weight_only_precision": self.precision,
-                "lm_head_precision": self.lm_head_precision if self.quantize_lm_head else None}
+        out = {"quant_algo": self.quant_algo, "group_size": self.group_size, "has_zero_point": self.zero_point,
+               "exclude_modules": ["transformer.vocab_embedding"] + ([] if self.quantize_lm_head else ["lm_head"]),
+               "weight_only_precision": "mixed" if self.mixed else self.precision,
+               "lm_head_precision": self.lm_head_precision if self.quantize_lm_head else None}
+        if self.source_formats is not None:
+            out["source_formats"] = dict(self.source_formats)
+        return out
 
     def quantizes(self, name: str) -> bool:
         return name.endswith(QUANTIZED_SUFFIXES) or (self.quantize_lm_head and name == LM_HEAD)
