@@ -288,3 +288,30 @@ def test_grouped_int8_and_int4_minimum_kernels():
                 want = x[:rows] @ dense.t()
                 err = ((kernel(x[:rows]) - want).abs().max() / want.abs().max()).item()
                 assert err < 1e-5, (name, rows, err)
+
+
+def test_kept_blocks_reslice(tiny, tmp_path):
+    """An engine of kept blocks converted at tp 1 re-sliced for 2 ranks (and back) holds what a conversion at
+    that tp writes: int8 codes per group, int4 minima and scales cut with their 32-input groups."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from tp_runtime.runtime.reslice import Reslicer
+
+    path, _, _ = tiny
+    engines = {tp: str(tmp_path / f"e{tp}") for tp in (1, 2)}
+    for tp, engine in engines.items():
+        convert(path, engine, tp, progress=False, quant=qz.QuantScheme("int8", -1, from_source=True))
+    for n, m in ((1, 2), (2, 1)):
+        want = ef.EngineConfig.load(engines[m])
+        rs = Reslicer(engines[n], ef.EngineConfig.load(engines[n]), m)
+        assert dataclasses.asdict(rs.config) == dataclasses.asdict(want)
+        for r in range(m):
+            converted = load_file(os.path.join(engines[m], ef.rank_file(r)))
+            tensors = rs.rank_tensors(r, torch.float32, torch.device("cpu"))
+            assert sorted(tensors) == sorted(converted)
+            for name, expected in converted.items():
+                got = tensors.assemble(name)
+                assert got.dtype == expected.dtype and torch.equal(got, expected), f"{n} -> {m} rank {r} {name}"
+            tensors.close()

@@ -151,7 +151,7 @@ class GgufFile:
         d = torch.from_numpy(np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float32))
         if kind == "Q8_0":
             q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8)).reshape(out_f, in_f)
-            return qz.QuantizedWeight(q, d, None, None, "int8")
+            return qz.QuantizedWeight(q, d, None, None, "int8", grouped=True)
         minimum = None
         if kind == "Q4_1":
             minimum = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
@@ -249,7 +249,8 @@ class BlockReader:
         return qz.QuantizedWeight(empty(in_f, torch.int8 if precision == "int8" else torch.uint8),
                                   empty(in_f // group, torch.float32),
                                   empty(in_f // group, torch.uint8) if zeros else None, None, precision,
-                                  empty(in_f // group, torch.float32) if self.minimum[name] else None)
+                                  empty(in_f // group, torch.float32) if self.minimum[name] else None,
+                                  grouped=precision == "int8")
 
     def load(self, name: str) -> qz.QuantizedWeight:
         if self.kept(name):

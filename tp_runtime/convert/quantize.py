@@ -135,6 +135,7 @@ class QuantizedWeight:
     pre_scale: torch.Tensor | None = None  # (in,) float32: the activation is multiplied by it first
     precision: str = "int8"
     minimum: torch.Tensor | None = None  # (out, groups) float32: W = q * scale + minimum (zero is None then)
+    grouped: bool = False  # int8 stored per group, even where a rank's slice holds one group
 
     @property
     def group_size(self) -> int:
@@ -167,7 +168,8 @@ def quantize_rtn(w: torch.Tensor, scheme: QuantScheme, name: str = "weight") -> 
     code_dtype = torch.int8 if scheme.precision == "int8" else torch.uint8
     out_f, in_f = w.shape
     return QuantizedWeight(q.reshape(out_f, in_f).to(code_dtype), scale,
-                           zero.to(code_dtype) if scheme.zero_point else None, None, scheme.precision)
+                           zero.to(code_dtype) if scheme.zero_point else None, None, scheme.precision,
+                           grouped=scheme.precision == "int8" and scheme.group_size != -1)
 
 
 def _round(wg: torch.Tensor, scheme: QuantScheme):
@@ -230,7 +232,8 @@ def shard_quantized(rule: str, qw, plan: pt.RankPlan, head_dim: int, row_span=No
         zero = (pt.shard_qkv(*(x.zero for x in qw), plan.heads, head_dim) if qw[0].zero is not None else None)
         minimum = (pt.shard_qkv(*(x.minimum for x in qw), plan.heads, head_dim) if qw[0].minimum is not None
                    else None)
-        return QuantizedWeight(parts["q"], parts["scale"], zero, qw[0].pre_scale, qw[0].precision, minimum)
+        return QuantizedWeight(parts["q"], parts["scale"], zero, qw[0].pre_scale, qw[0].precision, minimum,
+                               qw[0].grouped)
     if rule == pt.COLUMN:
         rows = lambda t: None if t is None else pt.shard_column(t, plan.mlp_span)  # noqa: E731
     elif rule == pt.VOCAB:
@@ -248,17 +251,17 @@ def shard_quantized(rule: str, qw, plan: pt.RankPlan, head_dim: int, row_span=No
         return QuantizedWeight(pt.shard_row(qw.q, row_span), pt.shard_row(qw.scale, gspan),
                                None if qw.zero is None else pt.shard_row(qw.zero, gspan),
                                None if qw.pre_scale is None else qw.pre_scale[start:end], qw.precision,
-                               None if qw.minimum is None else pt.shard_row(qw.minimum, gspan))
+                               None if qw.minimum is None else pt.shard_row(qw.minimum, gspan), qw.grouped)
     else:
         raise ValueError(f"rule {rule} has no quantized slicing")
     return QuantizedWeight(rows(qw.q), rows(qw.scale), rows(qw.zero), qw.pre_scale, qw.precision,
-                           rows(qw.minimum))
+                           rows(qw.minimum), qw.grouped)
 
 
 def engine_tensors(name: str, qw: QuantizedWeight) -> list[tuple[str, torch.Tensor]]:
     """The rank-file tensors of one quantized linear `name` (= "<prefix>.weight"), in file order."""
     prefix = name.removesuffix(".weight")
-    if qw.precision == "int8" and qw.scale.shape[1] == 1:
+    if qw.precision == "int8" and not qw.grouped:
         out = [(name, qw.q.to(torch.int8)), (f"{prefix}.per_channel_scale", qw.scale[:, 0].float().contiguous())]
         if qw.zero is not None:
             out.append((f"{prefix}.zero", qw.zero[:, 0].contiguous()))
@@ -288,7 +291,8 @@ def from_engine_tensors(name: str, tensors: dict, precision: str) -> QuantizedWe
         zero = tensors.get(f"{prefix}.zero")
         q = w if precision == "int8" else unpack_int4(w)
     return QuantizedWeight(q, scale, zero, tensors.get(f"{prefix}.prequant_scaling_factor"), precision,
-                           tensors.get(f"{prefix}.minimum"))
+                           tensors.get(f"{prefix}.minimum"), precision == "int8" and w.dtype == torch.int8
+                           and f"{prefix}.per_channel_scale" not in tensors)
 
 
 # ---------------------------------------------------------------------------
