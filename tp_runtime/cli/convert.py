@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of replicating it")
     q = p.add_argument_group("weight-only quantization (TensorRT-LLM's flags)")
     q.add_argument("--use_weight_only", action="store_true",
-                   help="quantize the attention and MLP weights (activations stay in the engine dtype)")
+                   help="quantize the attention and MLP weights (activations stay in the engine dtype); alone on "
+                        "a .gguf, keep its Q8_0 / Q4_0 / Q4_1 blocks as they are (other types are rounded again)")
     q.add_argument("--weight_only_precision", default=None, choices=list(qz.PRECISIONS),
                    help="int8 (per channel, W8A16) or int4 (per group, W4A16) (default int8)")
     q.add_argument("--group_size", type=int, default=None,
