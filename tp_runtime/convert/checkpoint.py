@@ -71,6 +71,13 @@ class Checkpoint:
         self.generation_config = generation_config
         self.tokenizer_dir = tokenizer_dir
         self.gguf_file = gguf_file
+        self.gguf = None  # a .gguf read tensor by tensor: its gguf.GgufFile
+
+    def with_index(self, index: dict) -> "Checkpoint":
+        """The same checkpoint with other readers behind its names (a GGUF's blocks, gguf.keep_blocks)."""
+        out = Checkpoint(self.config, index, self.generation_config, self.tokenizer_dir, self.gguf_file)
+        out.gguf = self.gguf
+        return out
 
     @property
     def _tensors(self) -> dict:
@@ -195,9 +202,14 @@ def _open_gguf(path: str) -> Checkpoint:
         raise UserError(f"{path} does not exist")
     from tp_runtime.convert import gguf
 
-    streamed = gguf.open_gguf(path)
-    if streamed is not None:
-        return streamed
+    opened = gguf.open_gguf(path)
+    if opened is not None:
+        file, gen = opened
+        folder, name = os.path.split(os.path.abspath(path))
+        ckpt = Checkpoint(dict(file.config, torch_dtype="float32"), {n: (file, n) for n in file.names}, gen, folder,
+                          gguf_file=name)
+        ckpt.gguf = file
+        return ckpt
     try:
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     except ImportError as e:  # pragma: no cover - transformers is a dependency

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from tp_runtime.convert import quantize as qz
-from tp_runtime.convert.checkpoint import Checkpoint
 from tp_runtime.errors import UserError
 
 BLOCK = 32
@@ -161,17 +160,9 @@ class GgufFile:
         return qz.QuantizedWeight(q, d, None, None, "int4", minimum)
 
 
-class GgufCheckpoint(Checkpoint):
-    """A .gguf file as a checkpoint of float32 tensors (dequantized one at a time when loaded)."""
-
-    def __init__(self, file: GgufFile, generation_config: dict | None, folder: str, name: str):
-        config = dict(file.config, torch_dtype="float32")
-        super().__init__(config, {n: (file, n) for n in file.names}, generation_config, folder, gguf_file=name)
-        self.file = file
-
-
-def open_gguf(path: str) -> Checkpoint | None:
-    """A GgufCheckpoint of `path`, or None when its architecture is not one read tensor by tensor here."""
+def open_gguf(path: str) -> tuple[GgufFile, dict | None] | None:
+    """(the file, its generation config) for checkpoint.py to serve as a checkpoint of float32 tensors, or
+    None when its architecture is not one read tensor by tensor here."""
     from transformers import AutoConfig, GenerationConfig
 
     folder, name = os.path.split(os.path.abspath(path))
@@ -189,7 +180,7 @@ def open_gguf(path: str) -> Checkpoint | None:
         gen = None
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
-    return GgufCheckpoint(GgufFile(path, cfg), gen, folder, name)
+    return GgufFile(path, cfg), gen
 
 
 # ---------------------------------------------------------------------------
@@ -212,11 +203,11 @@ def _target(types: list[str]) -> tuple[str, int]:
 
 
 class BlockReader:
-    """Serves each quantized linear's `P.weight` of a GgufCheckpoint as a QuantizedWeight: its own blocks
-    when they map to its set's format, else dequantized and rounded to that format."""
+    """Serves each quantized linear's `P.weight` of a checkpoint read from a GGUF as a QuantizedWeight: its
+    own blocks when they map to its set's format, else dequantized and rounded to that format."""
 
-    def __init__(self, ckpt: GgufCheckpoint):
-        self.file = ckpt.file
+    def __init__(self, ckpt):
+        self.file = ckpt.gguf
         self.plan = {}  # hf name -> (precision, group) it ends in
         self.minimum = {}  # hf name -> whether its set keeps Q4_1 blocks: then all of it has float minima
         for i in range(int(ckpt.config["num_hidden_layers"])):
@@ -273,15 +264,15 @@ class BlockReader:
         return out
 
 
-def keep_blocks(ckpt: Checkpoint, quant: "qz.QuantScheme | None") -> tuple[Checkpoint, "qz.QuantScheme | None"]:
+def keep_blocks(ckpt, quant: "qz.QuantScheme | None") -> tuple[object, "qz.QuantScheme | None"]:
     """The checkpoint and scheme to convert with. A GGUF converted with --use_weight_only and no explicit
     precision, group size, zero point or algorithm (quant.from_source) keeps its blocks: its linears load as
     QuantizedWeights (see BlockReader). An explicit scheme rounds the dequantized weights again, with a
     warning when they were quantized; without --use_weight_only the engine is float."""
-    if not isinstance(ckpt, GgufCheckpoint) or quant is None:
+    if ckpt.gguf is None or quant is None:
         return ckpt, quant
-    linears = [n for n in ckpt.file.names if n.endswith(tuple(f"{s}.weight" for s in LINEARS))]
-    quantized = sorted({ckpt.file.type_name(n) for n in linears} - {"F32", "F16", "BF16"})
+    linears = [n for n in ckpt.gguf.names if n.endswith(tuple(f"{s}.weight" for s in LINEARS))]
+    quantized = sorted({ckpt.gguf.type_name(n) for n in linears} - {"F32", "F16", "BF16"})
     if not quant.from_source:
         if quantized:
             _warn(f"{', '.join(quantized)} blocks of {ckpt.gguf_file} are dequantized and rounded again to "
@@ -294,8 +285,7 @@ def keep_blocks(ckpt: Checkpoint, quant: "qz.QuantScheme | None") -> tuple[Check
             kind, target = key.split(" -> ")
             _warn(f"{ckpt.gguf_file}: {count} linears of type {kind} are not kept as they are: dequantized and "
                   f"rounded to {target}")
-    index = {n: (reader, n) if n in reader.plan else (ckpt.file, n) for n in ckpt.file.names}
-    view = Checkpoint(ckpt.config, index, ckpt.generation_config, ckpt.tokenizer_dir, gguf_file=ckpt.gguf_file)
+    view = ckpt.with_index({n: (reader, n) if n in reader.plan else (ckpt.gguf, n) for n in ckpt.gguf.names})
     precisions = {p for p, _ in reader.plan.values()}
     with_zero = any(reader.minimum[n] or (p == "int4" and not reader.kept(n)) for n, (p, _) in reader.plan.items())
     scheme = qz.QuantScheme("int8" if "int8" in precisions else "int4", BLOCK, with_zero, "gguf",
