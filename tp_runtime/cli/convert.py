@@ -1,6 +1,7 @@
 """tp-convert: the converter's command line (TensorRT-LLM's convert_checkpoint.py flags where one exists)."""
 
 import argparse
+import dataclasses
 import sys
 
 from tp_runtime.convert import quantize as qz
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of replicating it")
     q = p.add_argument_group("weight-only quantization (TensorRT-LLM's flags)")
     q.add_argument("--use_weight_only", action="store_true",
-                   help="quantize the attention and MLP weights (activations stay in the engine dtype)")
+                   help="quantize the attention and MLP weights (activations stay in the engine dtype); alone on "
+                        "a .gguf, keep its Q8_0 / Q4_0 / Q4_1 blocks as they are (other types are rounded again)")
     q.add_argument("--weight_only_precision", default=None, choices=list(qz.PRECISIONS),
                    help="int8 (per channel, W8A16) or int4 (per group, W4A16) (default int8)")
     q.add_argument("--group_size", type=int, default=None,
@@ -66,8 +68,10 @@ def scheme_from_args(args) -> "qz.QuantScheme | None":
             raise UserError("--weight_only_precision / --group_size / --zero_point / --quant_algo / "
                             "--quantize_lm_head need --use_weight_only")
         return None
-    return qz.parse_scheme(args.weight_only_precision or "int8", args.group_size, args.zero_point,
-                           args.quant_algo, args.quantize_lm_head)
+    scheme = qz.parse_scheme(args.weight_only_precision or "int8", args.group_size, args.zero_point,
+                             args.quant_algo, args.quantize_lm_head)
+    # nothing but --use_weight_only (and --quantize_lm_head): a GGUF keeps its own block formats
+    return dataclasses.replace(scheme, from_source=all(f is None for f in quant_flags[:2] + quant_flags[3:]))
 
 
 @exit_on_user_error

@@ -6,7 +6,8 @@
         converting a big model through it would show the whole model in RSS; plain reads leave the
         file in the page cache, which the kernel can drop.
     .bin (pytorch_model*.bin): torch.load(weights_only=True, mmap=True); never unpickles objects.
-    .gguf: through transformers' gguf_file= loader, which dequantizes the whole model at once.
+    .gguf: Llama-family files tensor by tensor (gguf.py, blocks kept or dequantized one tensor at a time);
+        other architectures through transformers' gguf_file= loader, which dequantizes the whole model.
 """
 
 import json
@@ -70,6 +71,13 @@ class Checkpoint:
         self.generation_config = generation_config
         self.tokenizer_dir = tokenizer_dir
         self.gguf_file = gguf_file
+        self.gguf = None  # a .gguf read tensor by tensor: its gguf.GgufFile
+
+    def with_index(self, index: dict) -> "Checkpoint":
+        """The same checkpoint with other readers behind its names (a GGUF's blocks, gguf.keep_blocks)."""
+        out = Checkpoint(self.config, index, self.generation_config, self.tokenizer_dir, self.gguf_file)
+        out.gguf = self.gguf
+        return out
 
     @property
     def _tensors(self) -> dict:
@@ -94,6 +102,14 @@ class Checkpoint:
     def load(self, name: str) -> torch.Tensor:
         src = self._get(name)
         return src if isinstance(src, torch.Tensor) else src[0].load(src[1])
+
+    def meta(self, name: str):
+        """The tensor on the meta device (shape and dtype, no data); a reader that serves quantized weights
+        describes them itself (gguf.py's blocks)."""
+        src = self._get(name)
+        if not isinstance(src, torch.Tensor) and hasattr(src[0], "meta"):
+            return src[0].meta(src[1])
+        return torch.empty(self.shape(name), dtype=self.dtype(name), device="meta")
 
     def _get(self, name):
         try:
@@ -180,9 +196,20 @@ def _index_bin(model_dir: str) -> dict:
 
 
 def _open_gguf(path: str) -> Checkpoint:
-    """GGUF through transformers: the whole model is dequantized in memory (no memory bound here)."""
+    """GGUF: the Llama-family architectures tensor by tensor (gguf.py); others through transformers,
+    which dequantizes the whole model in memory (no memory bound there)."""
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist")
+    from tp_runtime.convert import gguf
+
+    opened = gguf.open_gguf(path)
+    if opened is not None:
+        file, gen = opened
+        folder, name = os.path.split(os.path.abspath(path))
+        ckpt = Checkpoint(dict(file.config, torch_dtype="float32"), {n: (file, n) for n in file.names}, gen, folder,
+                          gguf_file=name)
+        ckpt.gguf = file
+        return ckpt
     try:
         from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     except ImportError as e:  # pragma: no cover - transformers is a dependency

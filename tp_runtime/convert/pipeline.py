@@ -1,6 +1,6 @@
 """The converter's orchestrator: a Hugging Face checkpoint -> an engine directory with one file per rank.
 
-    read (checkpoint.py, prequantized.py) -> adapt (adapters/) -> plan (plan.py)
+    read (checkpoint.py, prequantized.py, gguf.py) -> adapt (adapters/) -> plan (plan.py)
       -> calibrate (awq.py, AWQ only) -> quantize + partition (shard.py) -> write (writer.py)
 
 Each stage is a module this one calls; none calls back. Memory stays bounded: one canonical tensor (q, k
@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 
-from tp_runtime.convert import awq
+from tp_runtime.convert import awq, gguf
 from tp_runtime.convert.adapters import get_adapter
 from tp_runtime.convert.checkpoint import open_checkpoint
 from tp_runtime.convert.plan import plan_engine
@@ -52,6 +52,7 @@ def convert(
             raise UserError(f"{model_dir} is already quantized ({prequant.quant_algo}, group {prequant.group_size}); "
                             "convert it without --use_weight_only")
         quant = prequant
+    ckpt, quant = gguf.keep_blocks(ckpt, quant)
     if quant is not None and quant.algo == "awq" and not quant.prequantized and quant.awq is None:
         # plan first: a flag or group-size mistake is reported before the calibration run
         plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)

@@ -13,11 +13,16 @@ with --zero_point, an integer zero per (row, group):
 Symmetric int4 follows llama.cpp's Q4_0 rounding: the group's value of largest magnitude m maps to
 code 0, so the scale is m / -8 (its sign is m's) and all 16 codes are used.
 
+Imported GGUF blocks (convert/gguf.py) add two forms, never produced by rounding here:
+    int8 per group of 32 (Q8_0)           W[o, i] = q[o, i] * scale[o, i // 32]
+    int4 with a float minimum (Q4_1)      W[o, i] = q[o, i] * scale[o, i // 32] + minimum[o, i // 32]
+
 Engine tensors of a quantized linear `P` (TensorRT-LLM's names, layout (out, in) as the weight's):
     P.weight                    int8 (out, in) | uint8 (out, in / 2): two int4 codes a byte, even input low
-    P.per_channel_scale         float32 (out,)            int8
-    P.weights_scaling_factor    float32 (out, in / group)  int4
+    P.per_channel_scale         float32 (out,)            int8 per channel
+    P.weights_scaling_factor    float32 (out, in / group)  int4, or int8 per group
     P.zero                      int8 (out,) | uint8 (out, in / group), only with zero points
+    P.minimum                   float32 (out, in / group), only with a float minimum (no zero then)
     P.prequant_scaling_factor   float32 (in,), AWQ only, where its scale could not be folded: x * f first
 
 Sharding (DESIGN "Quantized weights"): codes, scales and zeros are cut with the weight's own slices
@@ -50,20 +55,29 @@ class QuantScheme:
     algo: str = "rtn"  # rtn | awq | gptq (read pre-quantized)
     quantize_lm_head: bool = False
     lm_head_precision: str = "int8"  # with quantize_lm_head: int8 per channel, or int4 in the layers' groups
-    prequantized: bool = False  # read as they are from an AWQ / GPTQ checkpoint (prequantized.py)
+    prequantized: bool = False  # read as they are from an AWQ / GPTQ checkpoint (prequantized.py) or a GGUF
     awq: object = field(default=None, compare=False, repr=False)  # awq.AwqResult once searched
+    # --use_weight_only with no precision, group, zero point or algorithm: a GGUF keeps its blocks (gguf.py)
+    from_source: bool = False
+    mixed: bool = False  # GGUF: int8 and int4 linears in one engine (the codes' dtype tells each one's)
+    source_formats: dict | None = field(default=None, compare=False)  # GGUF: {block type: linears}
 
     @property
     def quant_algo(self) -> str:
         """TensorRT-LLM's QuantAlgo value."""
+        if self.mixed:
+            return "MIXED_PRECISION"
         base = "W8A16" if self.precision == "int8" else "W4A16"
-        return base + {"rtn": "", "awq": "_AWQ", "gptq": "_GPTQ"}[self.algo]
+        return base + {"rtn": "", "awq": "_AWQ", "gptq": "_GPTQ", "gguf": ""}[self.algo]
 
     def config(self) -> dict:
-        return {"quant_algo": self.quant_algo, "group_size": self.group_size, "has_zero_point": self.zero_point,
-                "exclude_modules": ["transformer.vocab_embedding"] + ([] if self.quantize_lm_head else ["lm_head"]),
-                "weight_only_precision": self.precision,
-                "lm_head_precision": self.lm_head_precision if self.quantize_lm_head else None}
+        out = {"quant_algo": self.quant_algo, "group_size": self.group_size, "has_zero_point": self.zero_point,
+               "exclude_modules": ["transformer.vocab_embedding"] + ([] if self.quantize_lm_head else ["lm_head"]),
+               "weight_only_precision": "mixed" if self.mixed else self.precision,
+               "lm_head_precision": self.lm_head_precision if self.quantize_lm_head else None}
+        if self.source_formats is not None:
+            out["source_formats"] = dict(self.source_formats)
+        return out
 
     def quantizes(self, name: str) -> bool:
         return name.endswith(QUANTIZED_SUFFIXES) or (self.quantize_lm_head and name == LM_HEAD)
@@ -120,10 +134,18 @@ class QuantizedWeight:
     zero: torch.Tensor | None  # (out, groups) int8 / uint8, None: symmetric (0 for int8, 8 for int4)
     pre_scale: torch.Tensor | None = None  # (in,) float32: the activation is multiplied by it first
     precision: str = "int8"
+    minimum: torch.Tensor | None = None  # (out, groups) float32: W = q * scale + minimum (zero is None then)
+    grouped: bool = False  # int8 stored per group, even where a rank's slice holds one group
 
     @property
     def group_size(self) -> int:
         return self.q.shape[1] // self.scale.shape[1]
+
+    def offsets(self) -> torch.Tensor:
+        """(out, groups) float32 term added to q * scale: the minimum, or -zero * scale."""
+        if self.minimum is not None:
+            return self.minimum.float()
+        return -implied_zero(self).float() * self.scale.float()
 
 
 def _group(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -146,7 +168,8 @@ def quantize_rtn(w: torch.Tensor, scheme: QuantScheme, name: str = "weight") -> 
     code_dtype = torch.int8 if scheme.precision == "int8" else torch.uint8
     out_f, in_f = w.shape
     return QuantizedWeight(q.reshape(out_f, in_f).to(code_dtype), scale,
-                           zero.to(code_dtype) if scheme.zero_point else None, None, scheme.precision)
+                           zero.to(code_dtype) if scheme.zero_point else None, None, scheme.precision,
+                           grouped=scheme.precision == "int8" and scheme.group_size != -1)
 
 
 def _round(wg: torch.Tensor, scheme: QuantScheme):
@@ -185,8 +208,11 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """(out, in) float32 weight the codes stand for (the reference every kernel is checked against)."""
     out_f, in_f = qw.q.shape
     groups = qw.scale.shape[1]
-    q = qw.q.reshape(out_f, groups, in_f // groups).float()
-    w = (q - implied_zero(qw).float().unsqueeze(-1)) * qw.scale.float().unsqueeze(-1)
+    q = qw.q.reshape(out_f, groups, in_f // groups).float()  # (out, groups, group)
+    if qw.minimum is not None:
+        w = q * qw.scale.float().unsqueeze(-1) + qw.minimum.float().unsqueeze(-1)
+    else:
+        w = (q - implied_zero(qw).float().unsqueeze(-1)) * qw.scale.float().unsqueeze(-1)
     w = w.reshape(out_f, in_f)
     if qw.pre_scale is not None:  # y = (x * f) W^T = x (W * f)^T
         w = w * qw.pre_scale.float()
@@ -204,7 +230,10 @@ def shard_quantized(rule: str, qw, plan: pt.RankPlan, head_dim: int, row_span=No
     if rule == pt.QKV:
         parts = {f: pt.shard_qkv(*(getattr(x, f) for x in qw), plan.heads, head_dim) for f in ("q", "scale")}
         zero = (pt.shard_qkv(*(x.zero for x in qw), plan.heads, head_dim) if qw[0].zero is not None else None)
-        return QuantizedWeight(parts["q"], parts["scale"], zero, qw[0].pre_scale, qw[0].precision)
+        minimum = (pt.shard_qkv(*(x.minimum for x in qw), plan.heads, head_dim) if qw[0].minimum is not None
+                   else None)
+        return QuantizedWeight(parts["q"], parts["scale"], zero, qw[0].pre_scale, qw[0].precision, minimum,
+                               qw[0].grouped)
     if rule == pt.COLUMN:
         rows = lambda t: None if t is None else pt.shard_column(t, plan.mlp_span)  # noqa: E731
     elif rule == pt.VOCAB:
@@ -221,25 +250,28 @@ def shard_quantized(rule: str, qw, plan: pt.RankPlan, head_dim: int, row_span=No
             gspan = (start // g, end // g)
         return QuantizedWeight(pt.shard_row(qw.q, row_span), pt.shard_row(qw.scale, gspan),
                                None if qw.zero is None else pt.shard_row(qw.zero, gspan),
-                               None if qw.pre_scale is None else qw.pre_scale[start:end], qw.precision)
+                               None if qw.pre_scale is None else qw.pre_scale[start:end], qw.precision,
+                               None if qw.minimum is None else pt.shard_row(qw.minimum, gspan), qw.grouped)
     else:
         raise ValueError(f"rule {rule} has no quantized slicing")
-    return QuantizedWeight(rows(qw.q), rows(qw.scale), rows(qw.zero), qw.pre_scale, qw.precision)
+    return QuantizedWeight(rows(qw.q), rows(qw.scale), rows(qw.zero), qw.pre_scale, qw.precision,
+                           rows(qw.minimum), qw.grouped)
 
 
 def engine_tensors(name: str, qw: QuantizedWeight) -> list[tuple[str, torch.Tensor]]:
     """The rank-file tensors of one quantized linear `name` (= "<prefix>.weight"), in file order."""
     prefix = name.removesuffix(".weight")
-    if qw.precision == "int8":
-        if qw.scale.shape[1] != 1:
-            raise ValueError("int8 is per channel")
+    if qw.precision == "int8" and not qw.grouped:
         out = [(name, qw.q.to(torch.int8)), (f"{prefix}.per_channel_scale", qw.scale[:, 0].float().contiguous())]
         if qw.zero is not None:
             out.append((f"{prefix}.zero", qw.zero[:, 0].contiguous()))
-    else:
-        out = [(name, pack_int4(qw.q)), (f"{prefix}.weights_scaling_factor", qw.scale.float().contiguous())]
+    else:  # int4, or int8 per group: the codes' dtype tells them apart
+        codes = qw.q.to(torch.int8) if qw.precision == "int8" else pack_int4(qw.q)
+        out = [(name, codes), (f"{prefix}.weights_scaling_factor", qw.scale.float().contiguous())]
         if qw.zero is not None:
             out.append((f"{prefix}.zero", qw.zero.contiguous()))
+        if qw.minimum is not None:
+            out.append((f"{prefix}.minimum", qw.minimum.float().contiguous()))
     if qw.pre_scale is not None:
         out.append((f"{prefix}.prequant_scaling_factor", qw.pre_scale.float().contiguous()))
     return out
@@ -249,7 +281,7 @@ def from_engine_tensors(name: str, tensors: dict, precision: str) -> QuantizedWe
     """Inverse of engine_tensors (tests, and the runtime's own loader uses the same layout)."""
     prefix = name.removesuffix(".weight")
     w = tensors[name]
-    if precision == "int8":
+    if precision == "int8" and f"{prefix}.per_channel_scale" in tensors:
         scale = tensors[f"{prefix}.per_channel_scale"].float().unsqueeze(1)
         zero = tensors.get(f"{prefix}.zero")
         zero = zero.unsqueeze(1) if zero is not None else None
@@ -257,8 +289,10 @@ def from_engine_tensors(name: str, tensors: dict, precision: str) -> QuantizedWe
     else:
         scale = tensors[f"{prefix}.weights_scaling_factor"].float()
         zero = tensors.get(f"{prefix}.zero")
-        q = unpack_int4(w)
-    return QuantizedWeight(q, scale, zero, tensors.get(f"{prefix}.prequant_scaling_factor"), precision)
+        q = w if precision == "int8" else unpack_int4(w)
+    return QuantizedWeight(q, scale, zero, tensors.get(f"{prefix}.prequant_scaling_factor"), precision,
+                           tensors.get(f"{prefix}.minimum"), precision == "int8" and w.dtype == torch.int8
+                           and f"{prefix}.per_channel_scale" not in tensors)
 
 
 # ---------------------------------------------------------------------------
@@ -277,7 +311,7 @@ def check_slices(scheme: QuantScheme, name: str, in_features: int, row_spans: li
 
     row_spans: each rank's [start, end) of the inputs for row-parallel weights, else None."""
     scheme = scheme.for_tensor(name)
-    if scheme.precision == "int8":
+    if scheme.precision == "int8" and scheme.group_size == -1:
         return  # per channel: any width, any slice
     spans = row_spans or [(0, in_features)]
     widths = [e - s for s, e in spans]

@@ -44,6 +44,7 @@ def rank_tensors(ct: CanonicalTensor, prepared, plan: pt.RankPlan, head_dim: int
 
 def check_quantized_slices(quant: "qz.QuantScheme", ct: CanonicalTensor, meta, plans, head_dim: int,
                            model: str) -> None:
-    in_features = (meta[0] if isinstance(meta, tuple) else meta).shape[1]
+    first = meta[0] if isinstance(meta, tuple) else meta
+    in_features = (first.q if isinstance(first, qz.QuantizedWeight) else first).shape[1]
     spans = [pt.row_span(ct.rule, p, head_dim) for p in plans]
     qz.check_slices(quant, ct.name, in_features, spans if spans[0] is not None else None, len(plans), model)

@@ -9,7 +9,8 @@
 //       integer-zero weight has minimum = -zero * scale; a group of 32k inputs repeats its pair k times)
 //       packed (out, in / 2) uint8: each block of 64 inputs is 32 bytes = 8 little-endian uint32 lanes, nibble
 //       k (bits 4k..4k+3) of lane j holding input 8k + j (pack_int4 in native.py)
-//   tp_woq::int8_mm(x, q, scale) -> y                         w[o, i] = q[o, i] * scale[o]
+//   tp_woq::int8_mm(x, q, scale) -> y                         w[o, i] = q[o, i] * scale[o], scale (out,); or
+//       w[o, i] = q[o, i] * scale[o, g], scale (out, groups), g the group of 32k inputs (GGUF's Q8_0)
 //   tp_woq::int4_mm_q8(x, tiles, scale, zero, parts) -> y     w[o, i] = (code[o, i] - zero[o, g]) * scale[o, g], g
 //       the group of 32k inputs (zero empty: 8 for all); the activations rounded to int8
 //       per 32 inputs (one float step each, llama.cpp's Q8_0; ONNX Runtime's int4 accuracy level 4), in its
@@ -297,6 +298,33 @@ void dot_row(const float* x, int64_t in, const W* wrow, float scale, float* y, i
   }
 }
 
+// One output row of an int8 weight with a scale per group of `group` inputs (a multiple of 32) for NB
+// activation rows: per group, two chains of products over its 32-input steps, then times the group's scale
+// into the row's total.
+template <int NB>
+void int8_group_row(const float* x, int64_t in, const int8_t* wrow, const float* scale, int64_t group, float* y,
+                    int64_t out, int64_t o) {
+  __m256 total[NB];
+  for (int n = 0; n < NB; ++n) total[n] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < in / group; ++g) {
+    __m256 a[NB][2];
+    for (int n = 0; n < NB; ++n) a[n][0] = a[n][1] = _mm256_setzero_ps();
+    for (int64_t i = g * group; i < (g + 1) * group; i += 32) {
+      const __m256 w0 = load8(wrow + i), w1 = load8(wrow + i + 8), w2 = load8(wrow + i + 16), w3 = load8(wrow + i + 24);
+      for (int n = 0; n < NB; ++n) {
+        const float* xn = x + n * in + i;
+        a[n][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xn), a[n][0]);
+        a[n][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xn + 8), a[n][1]);
+        a[n][0] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xn + 16), a[n][0]);
+        a[n][1] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xn + 24), a[n][1]);
+      }
+    }
+    const __m256 sc = _mm256_set1_ps(scale[g]);
+    for (int n = 0; n < NB; ++n) total[n] = _mm256_fmadd_ps(_mm256_add_ps(a[n][0], a[n][1]), sc, total[n]);
+  }
+  for (int n = 0; n < NB; ++n) y[n * out + o] = hsum(total[n]);
+}
+
 void check_x(const at::Tensor& x, int64_t in, const char* op) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               op, ": x must be a contiguous (rows, in) float32 CPU tensor");
@@ -452,7 +480,10 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const int64_t out = q.size(0), in = q.size(1);
   check_x(x, in, "tp_woq::int8_mm");
   TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous(), "int8_mm: q must be contiguous int8");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == out, "int8_mm: scale must be (out,) float32");
+  const bool grouped = scale.dim() == 2 && scale.size(1) > 1;
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.size(0) == out &&
+                  (grouped ? in % scale.size(1) == 0 && (in / scale.size(1)) % 32 == 0 : scale.numel() == out),
+              "int8_mm: scale must be (out,) float32, or (out, groups) with groups of 32k inputs");
   const int64_t rows = x.size(0);
   at::Tensor y = at::empty({rows, out}, x.options());
   if (rows == 0) return y;
@@ -460,6 +491,14 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s
   const int8_t* wp = q.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  if (grouped) {
+    const int64_t groups = scale.size(1), group = in / groups;
+    over_outputs<4>(rows, out, [&](auto nb, int64_t r, int64_t o) {
+      int8_group_row<decltype(nb)::value>(xp + r * in, in, wp + o * in, sp + o * groups, group, yp + r * out, out,
+                                          o);
+    });
+    return y;
+  }
   over_outputs<4>(rows, out, [&](auto nb, int64_t r, int64_t o) {
     dot_row<decltype(nb)::value>(xp + r * in, in, wp + o * in, sp[o], yp + r * out, out, o);
   });

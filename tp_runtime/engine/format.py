@@ -62,14 +62,18 @@ def layer_prefix(i: int) -> str:
 
 
 # Weight-only quantized linears (see quantize.py for the scheme): `P.weight` holds integer codes, beside
-# TensorRT-LLM's scale tensors. int8: P.weight int8 (out, in), P.per_channel_scale (out,) [, P.zero (out,)].
+# TensorRT-LLM's scale tensors. int8: P.weight int8 (out, in), P.per_channel_scale (out,) [, P.zero (out,)];
+# int8 per group (GGUF's Q8_0): P.weights_scaling_factor (out, in / group) beside the int8 codes.
 # int4: P.weight uint8 (out, in / 2), two codes 0..15 a byte, input 2j in the low nibble;
 # P.weights_scaling_factor (out, in / group) [, P.zero uint8 (out, in / group)]. Symmetric zeros: 0 / 8.
-# AWQ scales that could not be folded: P.prequant_scaling_factor (in,), multiplies the activation first.
-# Scales stay float32 whatever the engine dtype.
+# A float minimum per group instead of a zero (GGUF's Q4_1): P.minimum float32 (out, in / group), and
+# w = code * scale + minimum. AWQ scales that could not be folded: P.prequant_scaling_factor (in,),
+# multiplies the activation first. Scales and minima stay float32 whatever the engine dtype; the codes' dtype
+# (int8 or uint8) tells the precision.
 INT8_SCALE, INT4_SCALE = "per_channel_scale", "weights_scaling_factor"
-ZERO, PREQUANT = "zero", "prequant_scaling_factor"
-QUANT_SUFFIXES = tuple(f".{s}" for s in (INT8_SCALE, INT4_SCALE, ZERO, PREQUANT))
+ZERO, PREQUANT, MINIMUM = "zero", "prequant_scaling_factor", "minimum"
+GROUP_SCALE = INT4_SCALE  # the per-group scale of either precision
+QUANT_SUFFIXES = tuple(f".{s}" for s in (INT8_SCALE, INT4_SCALE, ZERO, PREQUANT, MINIMUM))
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

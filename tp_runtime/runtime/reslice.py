@@ -142,8 +142,10 @@ class Reslicer:
     # --- checks ---
 
     def _int4_row_split(self) -> bool:
-        """Whether the row-parallel linears hold packed int4 codes."""
-        return any(e["dtype"] == "U8" and n.endswith((".attention.dense.weight", ".mlp.proj.weight"))
+        """Whether the row-parallel linears hold packed int4 codes, or int8 codes per group (GGUF's Q8_0)."""
+        row_split = (".attention.dense.", ".mlp.proj.")
+        return any((e["dtype"] == "U8" and n.endswith(tuple(f"{r}weight" for r in row_split)))
+                   or n.endswith(tuple(f"{r}{ef.GROUP_SCALE}" for r in row_split))
                    for n, e in self.headers[0].items())
 
     def _group_problem(self, plans) -> str | None:
@@ -193,7 +195,7 @@ class Reslicer:
         if part == "weight":
             return Slicing(rule, 1, 2 if self.headers[0][name]["dtype"] == "U8" else 1)
         g = self.source.quantization.get("group_size") or -1
-        if part in (ef.INT4_SCALE, ef.ZERO) and len(self.headers[0][name]["shape"]) == 2 and g != -1:
+        if part in (ef.INT4_SCALE, ef.ZERO, ef.MINIMUM) and len(self.headers[0][name]["shape"]) == 2 and g != -1:
             return Slicing(rule, 1, g)
         return Slicing(pt.REPLICATE)  # row-parallel bias, per-channel scales and zeros
 

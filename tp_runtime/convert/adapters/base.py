@@ -49,9 +49,7 @@ class CanonicalTensor:
 
 def fetch(ckpt: Checkpoint, name: str) -> Loader:
     def load(meta: bool):
-        if meta:
-            return torch.empty(ckpt.shape(name), dtype=ckpt.dtype(name), device="meta")
-        return ckpt.load(name)
+        return ckpt.meta(name) if meta else ckpt.load(name)
 
     return load
 

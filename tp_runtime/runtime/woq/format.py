@@ -5,6 +5,10 @@ The engine format (engine/format.py) stores codes, scales, zeros and an AWQ preq
 their own layouts from it:
 
     y[n, o] = sum_i x[n, i] (q[o, i] - zero[o, g(i)]) scale[o, g(i)]          (x times prequant first)
+    or, with a float minimum per group (GGUF's Q4_1):
+    y[n, o] = sum_i x[n, i] (q[o, i] scale[o, g(i)] + minimum[o, g(i)])
+
+int8 is per channel (scale (out, 1)) or per group (GGUF's Q8_0: scale (out, in / 32)); int4 is per group.
 """
 
 from dataclasses import dataclass
@@ -25,6 +29,7 @@ class QuantWeight:
     pre_scale: torch.Tensor | None = None  # (in,) multiplies the activation first (AWQ)
     kernel: str = "auto"  # the kernel asked for (auto: timed at load)
     dtype: torch.dtype = torch.float32  # compute dtype of the activations
+    minimum: torch.Tensor | None = None  # (out, groups) float32: w = q * scale + minimum (zero is None then)
 
     @property
     def out_features(self) -> int:
@@ -44,19 +49,31 @@ class QuantWeight:
             return self.zero.float()
         return torch.full_like(self.scale, 0.0 if self.precision == "int8" else 8.0)
 
+    def offsets(self) -> torch.Tensor:
+        """(out, groups) float32 term added to q * scale: the minimum, or -zero * scale."""
+        return self.minimum.float() if self.minimum is not None else -self.zeros() * self.scale
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.shape[1] == 1
+
     def dequantize(self) -> torch.Tensor:
         """(out, in) float32, prequant factor folded in: the reference every kernel must match."""
         out_f, in_f = self.q.shape
         groups = self.scale.shape[1]
-        q = self.q.float().view(out_f, groups, in_f // groups)
-        w = ((q - self.zeros().unsqueeze(-1)) * self.scale.unsqueeze(-1)).view(out_f, in_f)
+        q = self.q.float().view(out_f, groups, in_f // groups)  # (out, groups, group)
+        if self.minimum is not None:
+            w = (q * self.scale.unsqueeze(-1) + self.minimum.float().unsqueeze(-1)).view(out_f, in_f)
+        else:
+            w = ((q - self.zeros().unsqueeze(-1)) * self.scale.unsqueeze(-1)).view(out_f, in_f)
         return w * self.pre_scale.float() if self.pre_scale is not None else w
 
     def rows(self, count: int) -> "QuantWeight":
         """The first `count` output rows (views, no copy): a probe of the layer at its real input width."""
         zero = None if self.zero is None else self.zero[:count]
+        minimum = None if self.minimum is None else self.minimum[:count]
         return QuantWeight(self.precision, self.q[:count], self.scale[:count], zero, self.pre_scale, self.kernel,
-                           self.dtype)
+                           self.dtype, minimum)
 
 
 def cat_out(parts: list):
@@ -70,17 +87,19 @@ def cat_out(parts: list):
     if any((p.pre_scale is None) != (pre is None) or (pre is not None and not torch.equal(p.pre_scale, pre))
            for p in parts):
         raise ValueError("fused quantized weights must share their prequant factor (they share their input)")
-    zero = None
-    if any(p.zero is not None for p in parts):
+    zero = minimum = None
+    if any(p.minimum is not None for p in parts):  # one with a float minimum: all of them take that form
+        minimum = torch.cat([p.offsets() for p in parts])
+    elif any(p.zero is not None for p in parts):
         zero = torch.cat([p.zeros().to(torch.int16) for p in parts])
     return QuantWeight(first.precision, torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                       zero, pre, first.kernel, first.dtype)
+                       zero, pre, first.kernel, first.dtype, minimum)
 
 
 def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto", prefix: str = "") -> dict:
     """Replace each quantized linear's tensors in a rank's `weights` by one QuantWeight under `P.weight`.
     A linear is quantized when its scales are there: per_channel_scale (int8) or weights_scaling_factor
-    (int4). Other tensors are left as they are. prefix: only the names under it (the model collects one
+    (int4 codes packed in uint8, or int8 codes per group). Other tensors are left as they are. prefix: only the names under it (the model collects one
     layer at a time, so the unpacked codes of one layer are alive at once, not the model's)."""
     for name in [n for n in weights if n.startswith(prefix) and n.endswith((f".{ef.INT8_SCALE}", f".{ef.INT4_SCALE}"))]:
         prefix, kind = name.rsplit(".", 1)
@@ -88,12 +107,16 @@ def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto", prefix: str
         scale = weights.pop(name).float()
         zero = weights.pop(f"{prefix}.{ef.ZERO}", None)
         pre = weights.pop(f"{prefix}.{ef.PREQUANT}", None)
-        if kind == ef.INT8_SCALE:
+        minimum = weights.pop(f"{prefix}.{ef.MINIMUM}", None)
+        if kind == ef.INT4_SCALE and w.dtype == torch.int8:  # int8 per group
+            qw = QuantWeight("int8", w, scale, zero, pre, kernel, dtype)
+        elif kind == ef.INT8_SCALE:
             # The codes must be aligned: torch's bf16 int8 kernel crashes on a weight at an odd offset of an
             # mmap'd file; runtime/rank_file.py reads codes into fresh buffers, never mapped.
             qw = QuantWeight("int8", w, scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1), pre,
                              kernel, dtype)
         else:
-            qw = QuantWeight("int4", ef.unpack_int4(w), scale, zero, pre, kernel, dtype)
+            qw = QuantWeight("int4", ef.unpack_int4(w), scale, zero, pre, kernel, dtype,
+                             None if minimum is None else minimum.float())
         weights[f"{prefix}.weight"] = qw
     return weights

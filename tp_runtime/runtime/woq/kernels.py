@@ -25,6 +25,11 @@ of the largest output (max |y - x W^T| / max |x W^T|, W the dequantized weight).
 
 Zero points: the int4 aten kernels take them as part of their (scale, zero) pairs; for int8 kernels,
 which have none, y -= sum_i x[n, i] * (scale * zero)[o] is added after the matmul.
+
+GGUF's forms: int8 per group of 32 (Q8_0) is served by native_int8 (a scale per 32k inputs inside its sum)
+and dequant_int8; the per-channel ones refuse it. int4 with a float minimum per group (Q4_1) is served by
+native_int4 (its native form), aten_int4_cpu / aten_int4_cuda (their zero is minimum + 8 * scale) and
+dequant_int4; native_int4_q8 / _q8x2 hold a byte zero per group and refuse it.
 """
 
 import warnings
@@ -96,7 +101,7 @@ class AtenInt8(_Int8Kernel):
         # term cancels most of it: measured up to 3.4 % of the output on random weights. dequant_int8 there.
         half_with_zeros = dtype != torch.float32 and w.zero is not None and bool(w.zero.any())
         return (w.q.device.type in ("cpu", "cuda") and hasattr(torch.ops.aten, "_weight_int8pack_mm")
-                and not half_with_zeros)
+                and w.per_channel and not half_with_zeros)
 
     def __init__(self, w, dtype):
         super().__init__()
@@ -137,7 +142,7 @@ class FbgemmInt8(_Int8Kernel):
         # With zero points the correction term cancels most of x q^T and magnifies the 8-bit activation
         # error (measured 4% of the output on random weights): symmetric weights only.
         engines = torch.backends.quantized.supported_engines
-        return (w.q.device.type == "cpu" and ("fbgemm" in engines or "x86" in engines)
+        return (w.q.device.type == "cpu" and ("fbgemm" in engines or "x86" in engines) and w.per_channel
                 and (w.zero is None or not w.zero.any()))
 
     def __init__(self, w, dtype):
@@ -157,39 +162,72 @@ class FbgemmInt8(_Int8Kernel):
 
 
 class DequantInt8(_Int8Kernel):
+    """Per channel: F.linear on the codes (minus their zero) cast to the compute dtype, then the scales.
+    Per group: the weight dequantized every call, (q - zero) * scale per group, then F.linear."""
+
     name = "dequant_int8"
 
     def __init__(self, w, dtype):
         super().__init__()
         self.q = w.q
-        self.scale = w.scale[:, 0].to(dtype)
-        self._zeros(w)
-        if self.zero_col is not None:
-            self.zero_col = self.zero_col.to(dtype)
+        self.group = w.group_size
+        if w.per_channel:
+            self.scale = w.scale[:, 0].to(dtype)
+            self._zeros(w)
+            if self.zero_col is not None:
+                self.zero_col = self.zero_col.to(dtype)
+        else:
+            self.scale = w.scale.float()  # (out, groups)
+            self.zero_col = w.zeros() if w.zero is not None and w.zero.any() else None  # (out, groups)
+            self.zero_term = None
 
     def forward(self, x):
+        if self.scale.dim() == 2:
+            out_f, in_f = self.q.shape
+            q = self.q.float().view(out_f, in_f // self.group, self.group)  # (out, groups, group)
+            if self.zero_col is not None:
+                q = q - self.zero_col.unsqueeze(-1)
+            return F.linear(x, (q * self.scale.unsqueeze(-1)).view(out_f, in_f).to(x.dtype))
         w = self.q.to(x.dtype) if self.zero_col is None else self.q.to(x.dtype) - self.zero_col
         return F.linear(x, w) * self.scale
 
 
 class NativeInt8(_Int8Kernel):
     """tp_runtime's AVX2 kernel (csrc/woq_cpu.cpp, native.py): fp32 activations, int8 codes widened to fp32
-    in registers, per-channel scale after the sum; the fp32 engine's decode rows, no cast to bf16."""
+    in registers, per-channel scale after the sum, or each group's scale after its 32k inputs' sum (GGUF's
+    Q8_0, symmetric); the fp32 engine's decode rows, no cast to bf16. Prefill rows (> GEMM_ROWS) run one GEMM
+    on the codes cast to fp32 (per group: dequantized in slices of output rows)."""
 
     name = "native_int8"
+    SLICE = 1024  # output rows dequantized at once for a grouped prefill
 
     @staticmethod
     def supports(w, dtype):
-        return w.q.device.type == "cpu" and dtype == torch.float32 and native.load()
+        grouped_ok = w.per_channel or (w.group_size % 32 == 0 and (w.zero is None or not w.zero.any()))
+        return w.q.device.type == "cpu" and dtype == torch.float32 and grouped_ok and native.load()
 
     def __init__(self, w, dtype):
         super().__init__()
         self.q = w.q.contiguous()
-        self.scale = w.scale[:, 0].float().contiguous()
-        self._zeros(w)
+        self.group = w.group_size
+        if w.per_channel:
+            self.scale = w.scale[:, 0].float().contiguous()  # (out,)
+            self._zeros(w)
+        else:
+            self.scale = w.scale.float().contiguous()  # (out, groups)
+            self.zero_term = self.zero_col = None
+
+    def _dequantized(self, rows: slice) -> torch.Tensor:
+        q = self.q[rows].float()
+        out_f, in_f = q.shape
+        q = q.view(out_f, in_f // self.group, self.group)  # (out, groups, group)
+        return (q * self.scale[rows].unsqueeze(-1)).view(out_f, in_f)
 
     def forward(self, x):
         if x.shape[0] > AtenInt8.GEMM_ROWS:  # prefill: one GEMM on the codes cast to fp32 beats 4-row passes
+            if self.scale.dim() == 2:
+                return torch.cat([F.linear(x, self._dequantized(slice(o, o + self.SLICE)))
+                                  for o in range(0, self.q.shape[0], self.SLICE)], dim=-1)
             w = self.q.to(x.dtype) if self.zero_col is None else self.q.to(x.dtype) - self.zero_col
             return F.linear(x, w) * self.scale
         return self._finish(x, torch.ops.tp_woq.int8_mm(x.contiguous(), self.q, self.scale))
@@ -197,8 +235,12 @@ class NativeInt8(_Int8Kernel):
 
 def _int4_scales_and_zeros(w: QuantWeight, dtype) -> torch.Tensor:
     """(groups, out, 2) for torch's int4 kernels, whose weight is (code - 8) * scale + zero:
-    ours is (code - z) * scale, so their zero is (8 - z) * scale."""
-    zero = (8.0 - w.zeros()) * w.scale  # (out, groups)
+    ours is (code - z) * scale, so their zero is (8 - z) * scale; or code * scale + minimum, so
+    their zero is minimum + 8 * scale."""
+    if w.minimum is not None:
+        zero = w.minimum.float() + 8.0 * w.scale  # (out, groups)
+    else:
+        zero = (8.0 - w.zeros()) * w.scale  # (out, groups)
     return torch.stack([w.scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
 
 
@@ -241,7 +283,7 @@ class NativeInt4(Kernel):
         self.packed = native.pack_int4_lanes(w.q)  # (out, in / 2)
         per_half = w.group_size // 32  # the kernel takes a (scale, minimum) per 32 inputs
         self.scale = w.scale.float().repeat_interleave(per_half, dim=1).contiguous()  # (out, in / 32)
-        self.minimum = (-w.zeros() * w.scale).float().repeat_interleave(per_half, dim=1).contiguous()
+        self.minimum = w.offsets().float().repeat_interleave(per_half, dim=1).contiguous()
 
     def _dequantized(self, rows: slice) -> torch.Tensor:
         q = native.unpack_int4_lanes(self.packed[rows]).float()  # (out, in)
@@ -277,7 +319,7 @@ class NativeInt4Q8(Kernel):
     @staticmethod
     def supports(w, dtype):
         return (w.q.device.type == "cpu" and dtype == torch.float32 and w.in_features % 32 == 0
-                and w.group_size % 32 == 0 and native.load())
+                and w.group_size % 32 == 0 and w.minimum is None and native.load())  # a byte zero per group
 
     def __init__(self, w, dtype):
         super().__init__()
@@ -350,13 +392,17 @@ class DequantInt4(Kernel):
         self.packed = ef.pack_int4(w.q)  # (out, in / 2)
         self.scale = w.scale.to(dtype)
         self.zero = w.zeros().to(dtype)
+        self.minimum = None if w.minimum is None else w.minimum.to(dtype)  # then w = q * scale + minimum
         self.group = w.group_size
 
     def forward(self, x):
         q = ef.unpack_int4(self.packed).to(x.dtype)  # (out, in)
         out_f, in_f = q.shape
         q = q.view(out_f, in_f // self.group, self.group)  # (out, groups, group)
-        w = ((q - self.zero.unsqueeze(-1)) * self.scale.unsqueeze(-1)).view(out_f, in_f)
+        if self.minimum is not None:
+            w = (q * self.scale.unsqueeze(-1) + self.minimum.unsqueeze(-1)).view(out_f, in_f)
+        else:
+            w = ((q - self.zero.unsqueeze(-1)) * self.scale.unsqueeze(-1)).view(out_f, in_f)
         return F.linear(x, w)
 
 

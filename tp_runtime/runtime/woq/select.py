@@ -43,7 +43,8 @@ def _where(device: torch.device) -> str:
 def cache_key(w: QuantWeight, dtype: torch.dtype) -> str:
     names = ",".join(candidates(w, dtype, auto=True))  # a new kernel (a newer tp_runtime) times again
     return (f"{_where(w.q.device)}|torch {torch.__version__}|{w.precision} {w.out_features}x{w.in_features} "
-            f"g{w.group_size} z{int(w.zero is not None)}|{str(dtype).removeprefix('torch.')}|{names}")
+            f"g{w.group_size} z{int(w.zero is not None)}{' min' if w.minimum is not None else ''}|"
+            f"{str(dtype).removeprefix('torch.')}|{names}")
 
 
 def tolerance(name: str, dtype: torch.dtype) -> float:
