@@ -67,9 +67,13 @@ def layer_prefix(i: int) -> str:
 # P.weights_scaling_factor (out, in / group) [, P.zero uint8 (out, in / group)]. Symmetric zeros: 0 / 8.
 # AWQ scales that could not be folded: P.prequant_scaling_factor (in,), multiplies the activation first.
 # Scales stay float32 whatever the engine dtype.
+# SmoothQuant (quant_algo W8A8_SQ_*): int8 linears as above whose activations are rounded to int8 too, per
+# token, or with a static step P.act_scale float32 (1,); the linears of quantization.weight_only_modules (whose
+# smoothing had no fold) are plain W8A16.
 INT8_SCALE, INT4_SCALE = "per_channel_scale", "weights_scaling_factor"
-ZERO, PREQUANT = "zero", "prequant_scaling_factor"
-QUANT_SUFFIXES = tuple(f".{s}" for s in (INT8_SCALE, INT4_SCALE, ZERO, PREQUANT))
+ZERO, PREQUANT, ACT_SCALE = "zero", "prequant_scaling_factor", "act_scale"
+QUANT_SUFFIXES = tuple(f".{s}" for s in (INT8_SCALE, INT4_SCALE, ZERO, PREQUANT, ACT_SCALE))
+SQ_PREFIX = "W8A8_SQ_"
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
