@@ -41,6 +41,9 @@ GROUP_SIZES = (32, 64, 128)
 QUANTIZED_SUFFIXES = ("attention.qkv.weight", "attention.dense.weight", "mlp.fc.weight", "mlp.gate.weight",
                       "mlp.proj.weight")
 LM_HEAD = "lm_head.weight"
+# SmoothQuant's TensorRT-LLM QuantAlgo names by (weight steps per channel, activation steps per token)
+SQ_ALGOS = {(True, True): "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", (True, False): "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
+            (False, True): "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", (False, False): "W8A8_SQ_PER_TENSOR_PLUGIN"}
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,7 @@ class QuantScheme:
     def quant_algo(self) -> str:
         """TensorRT-LLM's QuantAlgo value."""
         if self.algo == "sq":
-            from tp_runtime.convert.smoothquant import quant_algo
-
-            return quant_algo(self.sq_per_channel, self.sq_per_token)
+            return SQ_ALGOS[self.sq_per_channel, self.sq_per_token]
         base = "W8A16" if self.precision == "int8" else "W4A16"
         return base + {"rtn": "", "awq": "_AWQ", "gptq": "_GPTQ"}[self.algo]
 

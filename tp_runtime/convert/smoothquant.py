@@ -49,9 +49,7 @@ EPS = 1e-5  # floor of max|X_j| and max|W_j| (a dead channel keeps s finite)
 
 def quant_algo(per_channel: bool, per_token: bool) -> str:
     """TensorRT-LLM's QuantAlgo name of the SmoothQuant variant."""
-    return {(True, True): "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", (True, False): "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
-            (False, True): "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", (False, False): "W8A8_SQ_PER_TENSOR_PLUGIN"}[
-        (per_channel, per_token)]
+    return qz.SQ_ALGOS[per_channel, per_token]
 
 
 def check_alpha(alpha: float) -> float:
