@@ -196,19 +196,21 @@ def test_native_fp32_gemv_matches_for_decode_and_prefill_rows():
 
 
 def test_native_decode_attention_matches_softmax_attention():
-    """tp_woq::decode_attn (one new token per row, read straight from its slot of the cache, the query heads of
-    a KV head together) against softmax attention in float64 and the plain decode_attention: head sizes
-    64 / 128 / 80, groups 1-4, spans that are and are not multiples of 8, rows in other slots than their
-    index, per-row masks (a short row, a sliding window), large scores (the max is subtracted before exp)."""
-    from tp_runtime.runtime.model import decode_attention, native_decode_attention
+    """tp_woq::decode_attn (one new token per row, read through its block table from the paged cache, the query
+    heads of a KV head together) against softmax attention in float64 and the plain decode_attention: head sizes
+    64 / 128 / 80, groups 1-4, spans that are and are not multiples of 8 or of the block, blocks in any order,
+    per-row masks (a short row, a sliding window), large scores (the max is subtracted before exp)."""
+    from tp_runtime.runtime.model import decode_attention, gather_blocks, native_decode_attention
 
     need_native()
     g = torch.Generator().manual_seed(0)
-    for B, Hkv, G, D, S in ((1, 3, 3, 64, 200), (2, 2, 4, 128, 37), (3, 1, 1, 80, 8), (1, 4, 2, 64, 1)):
-        cache_k = torch.randn(B + 2, Hkv, S + 5, D, generator=g) * 3
-        cache_v = torch.randn(B + 2, Hkv, S + 5, D, generator=g)
-        slots = torch.randperm(B + 2, generator=g)[:B]
-        keys, values = cache_k[slots, :, :S], cache_v[slots, :, :S]
+    for B, Hkv, G, D, S, bs in ((1, 3, 3, 64, 200, 16), (2, 2, 4, 128, 37, 8), (3, 1, 1, 80, 8, 3),
+                                (1, 4, 2, 64, 1, 32)):
+        nb = -(-S // bs) + 1  # a spare column: tables may be wider than the span
+        pool_k = torch.randn(B * nb + 3, Hkv, bs, D, generator=g) * 3
+        pool_v = torch.randn(B * nb + 3, Hkv, bs, D, generator=g)
+        tables = torch.randperm(B * nb + 3, generator=g)[: B * nb].view(B, nb)
+        keys, values = gather_blocks(pool_k, tables, S), gather_blocks(pool_v, tables, S)
         q = torch.randn(B, Hkv * G, 1, D, generator=g) * 3
         pos = torch.arange(S)
         mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
@@ -218,13 +220,13 @@ def test_native_decode_attention_matches_softmax_attention():
             mask[2] = pos > S - 4  # a sliding window of 3
         ref = torch.softmax((q.double().reshape(B, Hkv, G, D) @ keys.double().transpose(-1, -2)) * D ** -0.5
                             + torch.where(mask.reshape(B, 1, 1, S), 0.0, float("-inf")), dim=-1) @ values.double()
-        got = native_decode_attention(q, cache_k, cache_v, slots, mask)
+        got = native_decode_attention(q, pool_k, pool_v, tables, mask)
         assert got.shape == (B, Hkv * G, 1, D)
         err = (got.double().reshape(B, Hkv, G, D) - ref).abs().max().item()
         assert err < 2e-5, (B, Hkv, G, D, S, err)
         assert (got - decode_attention(q, keys, values, mask)).abs().max().item() < 2e-5
     with pytest.raises(RuntimeError, match="not in the cache"):
-        native_decode_attention(q, cache_k, cache_v, torch.tensor([B + 2]), mask)
+        native_decode_attention(q, pool_k, pool_v, torch.full((B, nb), B * nb + 3), mask)
 
 
 def test_native_int4_q8_rounds_activations_as_q8_0():

@@ -5,6 +5,7 @@ import dataclasses
 import sys
 
 from tp_runtime.convert import quantize as qz
+from tp_runtime.convert import smoothquant
 from tp_runtime.convert.pipeline import convert
 from tp_runtime.engine.format import DTYPES
 from tp_runtime.errors import UserError, exit_on_user_error
@@ -49,11 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also quantize lm_head: int8 per channel (the default when given alone) or int4 (in "
                         "--group_size groups when the layers are int4, else 128)")
     q.add_argument("--calib_file", default=None,
-                   help="awq: calibration text file (default: the documentation topics shipped with CPython)")
-    q.add_argument("--calib_samples", type=int, default=None, help="awq: calibration samples (default 32)")
-    q.add_argument("--calib_seq_len", type=int, default=None, help="awq: tokens per sample (default 256)")
+                   help="awq / smoothquant: calibration text file (default: the documentation topics shipped "
+                        "with CPython)")
+    q.add_argument("--calib_samples", type=int, default=None,
+                   help="awq / smoothquant: calibration samples (default 32)")
+    q.add_argument("--calib_seq_len", type=int, default=None,
+                   help="awq / smoothquant: tokens per sample (default 256)")
     q.add_argument("--no_awq_clip", action="store_true",
                    help="awq: skip the weight clipping search that follows the scale search (on by default)")
+    sq = p.add_argument_group("SmoothQuant W8A8 (TensorRT-LLM's flags; calibrated with --calib_*)")
+    sq.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                    help="int8 weights and activations, activation outliers migrated into the weights with "
+                         "strength ALPHA in [0, 1] (0.5 is usual)")
+    sq.add_argument("--per_token", action="store_true",
+                    help="smoothquant: one activation step per token at run time (default: one static step per "
+                         "linear, calibrated)")
+    sq.add_argument("--per_channel", action="store_true",
+                    help="smoothquant: one weight step per output channel (default: one per linear)")
     p.add_argument("--force", action="store_true",
                    help="replace an existing output directory (the old one stays if conversion fails)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
@@ -61,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def scheme_from_args(args) -> "qz.QuantScheme | None":
+    if args.smoothquant is not None:
+        if args.use_weight_only:
+            raise UserError("--smoothquant quantizes weights and activations (W8A8); it does not combine with "
+                            "--use_weight_only (weights only): pick one")
+        if args.quantize_lm_head or args.no_awq_clip or args.quant_algo != "rtn":
+            raise UserError("--quantize_lm_head / --quant_algo / --no_awq_clip are weight-only flags; "
+                            "--smoothquant leaves lm_head in the engine dtype")
+        return qz.QuantScheme("int8", -1, algo="sq", sq_alpha=smoothquant.check_alpha(args.smoothquant),
+                              sq_per_channel=args.per_channel, sq_per_token=args.per_token)
+    if args.per_token or args.per_channel:
+        raise UserError("--per_token / --per_channel are SmoothQuant's; they need --smoothquant ALPHA")
     quant_flags = (args.weight_only_precision, args.group_size, args.quantize_lm_head or None,
                    args.zero_point or None, None if args.quant_algo == "rtn" else args.quant_algo)
     if not args.use_weight_only:
@@ -79,8 +103,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     quant = scheme_from_args(args)
     calib = (args.calib_file, args.calib_samples, args.calib_seq_len, args.no_awq_clip or None)
-    if (quant is None or quant.algo != "awq") and any(c is not None for c in calib):
-        raise UserError("--calib_file / --calib_samples / --calib_seq_len / --no_awq_clip are for --quant_algo awq")
+    if quant is not None and quant.algo == "sq":
+        calib = calib[:3]
+    if (quant is None or quant.algo not in ("awq", "sq")) and any(c is not None for c in calib):
+        raise UserError("--calib_file / --calib_samples / --calib_seq_len / --no_awq_clip are for --quant_algo awq "
+                        "(the --calib_* ones for --smoothquant too)")
     cfg = convert(args.model_dir, args.output_dir, args.tp_size, args.dtype, args.force,
                   args.max_seq_len, args.max_batch_size, progress=not args.no_progress,
                   parallel_embedding=args.use_parallel_embedding, quant=quant, calib_file=args.calib_file,

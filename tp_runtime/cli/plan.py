@@ -21,11 +21,13 @@ import torch
 
 from tp_runtime.convert import partition as pt
 from tp_runtime.convert import quantize as qz
+from tp_runtime.convert.adapters import get_adapter
 from tp_runtime.convert.checkpoint import Checkpoint
 from tp_runtime.convert.plan import DTYPES, plan_engine
 from tp_runtime.errors import UserError, exit_on_user_error
 from tp_runtime.runtime import footprint
 from tp_runtime.runtime.llm import pick_compute_dtype
+from tp_runtime.convert.smoothquant import weight_only_modules
 from tp_runtime.convert.synthetic import load_preset, source_shapes
 from tp_runtime.memory import parse_size
 from tp_runtime.runtime.kv_cache import DEFAULT_BLOCK_SIZE
@@ -46,10 +48,16 @@ def meta_checkpoint(cfg: dict) -> Checkpoint:
 def plan(cfg: dict, tp_size: int, dtype: str = "auto", precision: str | None = None, group_size: int | None = None,
          max_batch_size: int = 1, max_seq_len: int | None = None, memory_per_rank: int | None = None,
          parallel_embedding: bool = False, compute_dtype: str = "auto", block_size: int = DEFAULT_BLOCK_SIZE,
-         kv_cache_memory: int | None = None) -> dict:
+         kv_cache_memory: int | None = None, smoothquant: bool = False) -> dict:
     quant = None
+    if precision is not None and smoothquant:
+        raise UserError("--smoothquant plans W8A8 rank files; drop --weight_only_precision")
     if precision is not None:
         quant = qz.parse_scheme(precision, group_size if precision == "int4" else None)
+    if smoothquant:  # per channel, static activation steps: the largest of the four variants by 4 bytes a linear
+        fields = get_adapter(meta_checkpoint(cfg)).config()
+        quant = qz.QuantScheme("int8", -1, algo="sq", sq_per_channel=True,
+                               sq_weight_only=tuple(weight_only_modules(fields)[0]))
     if max_batch_size < 1 or block_size < 1 or (max_seq_len is not None and max_seq_len < 1):
         raise UserError("--max_batch_size, --block_size and --max_seq_len must be >= 1")
     ep = plan_engine(meta_checkpoint(cfg), tp_size, dtype, cfg.get("_name", "model"), max_seq_len, max_batch_size,
@@ -106,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine dtype; auto: the config's torch_dtype, else bfloat16 (default %(default)s)")
     p.add_argument("--weight_only_precision", choices=["int8", "int4"], default=None,
                    help="plan weight-only quantized rank files (default: not quantized)")
+    p.add_argument("--smoothquant", action="store_true",
+                   help="plan SmoothQuant W8A8 rank files (int8 weights, static activation steps)")
     p.add_argument("--group_size", type=int, default=None,
                    help="int4 quantization group along the input dim (default 128; -1: per channel)")
     p.add_argument("--max_batch_size", type=int, default=1,
@@ -136,7 +146,7 @@ def main(argv=None):
     kv_mem = parse_size(args.kv_cache_memory, "--kv_cache_memory") if args.kv_cache_memory else None
     report = plan(cfg, args.tp_size, args.dtype, args.weight_only_precision, args.group_size,
                   args.max_batch_size, args.max_seq_len, mem, args.use_parallel_embedding, args.compute_dtype,
-                  args.block_size, kv_mem)
+                  args.block_size, kv_mem, args.smoothquant)
     print(json.dumps(report, indent=1) if args.json else render(report))
     return 0 if mem is None or all(r["fits"] for r in report["ranks"]) else 1
 

@@ -110,11 +110,11 @@ def calibration_ids(ckpt: Checkpoint, text: str) -> list[int]:
     with tempfile.TemporaryDirectory(prefix="tp_awq_tokenizer-") as tmp:
         copy_tokenizer(ckpt, tmp, overrides)
         if not any(os.path.isfile(os.path.join(tmp, n)) for n in TOKENIZER_FILES):
-            raise UserError(f"{ckpt.tokenizer_dir} has no tokenizer, which AWQ calibration needs to read its text")
+            raise UserError(f"{ckpt.tokenizer_dir} has no tokenizer, which calibration (AWQ, SmoothQuant) needs to read its text")
         try:
             tok = AutoTokenizer.from_pretrained(tmp)
         except Exception as e:  # any loader failure: the checkpoint's tokenizer is unusable
-            raise UserError(f"{ckpt.tokenizer_dir} has no usable tokenizer for AWQ calibration ({e})") from None
+            raise UserError(f"{ckpt.tokenizer_dir} has no usable tokenizer for calibration (AWQ, SmoothQuant) ({e})") from None
         return tok(text)["input_ids"]
 
 

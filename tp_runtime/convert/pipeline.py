@@ -1,7 +1,8 @@
 """The converter's orchestrator: a Hugging Face checkpoint -> an engine directory with one file per rank.
 
     read (checkpoint.py, prequantized.py, gguf.py) -> adapt (adapters/) -> plan (plan.py)
-      -> calibrate (awq.py, AWQ only) -> quantize + partition (shard.py) -> write (writer.py)
+      -> calibrate (awq.py for AWQ, smoothquant.py for SmoothQuant) -> quantize + partition (shard.py)
+      -> write (writer.py)
 
 Each stage is a module this one calls; none calls back. Memory stays bounded: one canonical tensor (q, k
 and v together for attention) is in memory at a time, plus one rank's slice of it. The engine is built in
@@ -15,7 +16,7 @@ import shutil
 import sys
 import tempfile
 
-from tp_runtime.convert import awq, gguf
+from tp_runtime.convert import awq, gguf, smoothquant
 from tp_runtime.convert.adapters import get_adapter
 from tp_runtime.convert.checkpoint import open_checkpoint
 from tp_runtime.convert.plan import plan_engine
@@ -58,6 +59,10 @@ def convert(
         plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)
         quant = dataclasses.replace(quant, awq=search_awq(ckpt, quant, calib_file, calib_samples, calib_seq_len,
                                                           progress, awq_clip))
+    if quant is not None and quant.algo == "sq" and quant.sq_steps is None:
+        quant = search_smoothquant(ckpt, quant, calib_file, calib_samples, calib_seq_len, progress,
+                                   lambda q: plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len,
+                                                         max_batch_size, parallel_embedding, q))
     plan = plan_engine(ckpt, tp_size, dtype, model_name, max_seq_len, max_batch_size, parallel_embedding, quant)
     cfg, plans, tensors, specs, out_dtype = plan.config, plan.plans, plan.tensors, plan.specs, plan.out_dtype
     head_dim = cfg.head_size
@@ -101,6 +106,22 @@ def search_awq(ckpt, quant, calib_file, calib_samples: int, calib_seq_len: int, 
     fields = adapter.config()
     tensors = {ct.name: ct for ct in adapter.tensors(fields)}
     return awq.search(ckpt, tensors, fields, quant, calib_file, calib_samples, calib_seq_len, progress, clip)
+
+
+def search_smoothquant(ckpt, quant, calib_file, calib_samples: int, calib_seq_len: int, progress: bool, check):
+    """quant with SmoothQuant's linears left weight-only, smoothing transforms and static steps; check(quant)
+    plans the engine first, so a flag mistake is reported before the calibration run."""
+    adapter = get_adapter(ckpt)
+    fields = adapter.config()
+    names, line = smoothquant.weight_only_modules(fields)
+    quant = dataclasses.replace(quant, sq_weight_only=tuple(names))
+    check(quant)
+    if line:
+        print(line, file=sys.stderr)
+    tensors = {ct.name: ct for ct in adapter.tensors(fields)}
+    res, steps = smoothquant.search(ckpt, tensors, fields, quant.sq_alpha, calib_file, calib_samples, calib_seq_len,
+                                    progress)
+    return dataclasses.replace(quant, awq=res, sq_steps=steps)
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -24,6 +24,7 @@ Engine tensors of a quantized linear `P` (TensorRT-LLM's names, layout (out, in)
     P.zero                      int8 (out,) | uint8 (out, in / group), only with zero points
     P.minimum                   float32 (out, in / group), only with a float minimum (no zero then)
     P.prequant_scaling_factor   float32 (in,), AWQ only, where its scale could not be folded: x * f first
+    P.act_scale                 float32 (1,), SmoothQuant without --per_token: the activations' static int8 step
 
 Sharding (DESIGN "Quantized weights"): codes, scales and zeros are cut with the weight's own slices
 (rows for column / qkv / vocab; input columns for row-parallel, in whole groups), a prequant factor
@@ -39,12 +40,15 @@ from tp_runtime.engine.format import pack_int4, unpack_int4
 from tp_runtime.errors import UserError
 
 PRECISIONS = ("int8", "int4")
-ALGOS = ("rtn", "awq")
+ALGOS = ("rtn", "awq")  # weight-only; SmoothQuant (algo "sq", W8A8) comes from --smoothquant (smoothquant.py)
 GROUP_SIZES = (32, 64, 128)
 # The linears that are quantized (the attention and MLP matrices); lm_head only when asked.
 QUANTIZED_SUFFIXES = ("attention.qkv.weight", "attention.dense.weight", "mlp.fc.weight", "mlp.gate.weight",
                       "mlp.proj.weight")
 LM_HEAD = "lm_head.weight"
+# SmoothQuant's TensorRT-LLM QuantAlgo names by (weight steps per channel, activation steps per token)
+SQ_ALGOS = {(True, True): "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", (True, False): "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN",
+            (False, True): "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN", (False, False): "W8A8_SQ_PER_TENSOR_PLUGIN"}
 
 
 @dataclass(frozen=True)
@@ -56,21 +60,34 @@ class QuantScheme:
     quantize_lm_head: bool = False
     lm_head_precision: str = "int8"  # with quantize_lm_head: int8 per channel, or int4 in the layers' groups
     prequantized: bool = False  # read as they are from an AWQ / GPTQ checkpoint (prequantized.py) or a GGUF
-    awq: object = field(default=None, compare=False, repr=False)  # awq.AwqResult once searched
+    awq: object = field(default=None, compare=False, repr=False)  # awq.AwqResult once searched (or SmoothQuant's)
     # --use_weight_only with no precision, group, zero point or algorithm: a GGUF keeps its blocks (gguf.py)
     from_source: bool = False
     mixed: bool = False  # GGUF: int8 and int4 linears in one engine (the codes' dtype tells each one's)
     source_formats: dict | None = field(default=None, compare=False)  # GGUF: {block type: linears}
+    # SmoothQuant (algo "sq"): migration strength, weight steps per channel / per tensor, activation steps per
+    # token / static, the linears left weight-only (no fold), and the static steps by weight name once calibrated
+    sq_alpha: float = 0.5
+    sq_per_channel: bool = False
+    sq_per_token: bool = False
+    sq_weight_only: tuple = ()
+    sq_steps: dict = field(default=None, compare=False, repr=False)
 
     @property
     def quant_algo(self) -> str:
         """TensorRT-LLM's QuantAlgo value."""
         if self.mixed:
             return "MIXED_PRECISION"
+        if self.algo == "sq":
+            return SQ_ALGOS[self.sq_per_channel, self.sq_per_token]
         base = "W8A16" if self.precision == "int8" else "W4A16"
         return base + {"rtn": "", "awq": "_AWQ", "gptq": "_GPTQ", "gguf": ""}[self.algo]
 
     def config(self) -> dict:
+        if self.algo == "sq":
+            return {"quant_algo": self.quant_algo, "group_size": None, "has_zero_point": False,
+                    "exclude_modules": ["transformer.vocab_embedding", "lm_head"], "smoothquant_val": self.sq_alpha,
+                    "weight_only_modules": list(self.sq_weight_only)}
         out = {"quant_algo": self.quant_algo, "group_size": self.group_size, "has_zero_point": self.zero_point,
                "exclude_modules": ["transformer.vocab_embedding"] + ([] if self.quantize_lm_head else ["lm_head"]),
                "weight_only_precision": "mixed" if self.mixed else self.precision,
@@ -136,6 +153,7 @@ class QuantizedWeight:
     precision: str = "int8"
     minimum: torch.Tensor | None = None  # (out, groups) float32: W = q * scale + minimum (zero is None then)
     grouped: bool = False  # int8 stored per group, even where a rank's slice holds one group
+    act_scale: torch.Tensor | None = None  # (1,) float32: SmoothQuant's static activation step
 
     @property
     def group_size(self) -> int:
@@ -233,7 +251,7 @@ def shard_quantized(rule: str, qw, plan: pt.RankPlan, head_dim: int, row_span=No
         minimum = (pt.shard_qkv(*(x.minimum for x in qw), plan.heads, head_dim) if qw[0].minimum is not None
                    else None)
         return QuantizedWeight(parts["q"], parts["scale"], zero, qw[0].pre_scale, qw[0].precision, minimum,
-                               qw[0].grouped)
+                               qw[0].grouped, qw[0].act_scale)
     if rule == pt.COLUMN:
         rows = lambda t: None if t is None else pt.shard_column(t, plan.mlp_span)  # noqa: E731
     elif rule == pt.VOCAB:
@@ -251,11 +269,12 @@ def shard_quantized(rule: str, qw, plan: pt.RankPlan, head_dim: int, row_span=No
         return QuantizedWeight(pt.shard_row(qw.q, row_span), pt.shard_row(qw.scale, gspan),
                                None if qw.zero is None else pt.shard_row(qw.zero, gspan),
                                None if qw.pre_scale is None else qw.pre_scale[start:end], qw.precision,
-                               None if qw.minimum is None else pt.shard_row(qw.minimum, gspan), qw.grouped)
+                               None if qw.minimum is None else pt.shard_row(qw.minimum, gspan), qw.grouped,
+                               qw.act_scale)
     else:
         raise ValueError(f"rule {rule} has no quantized slicing")
     return QuantizedWeight(rows(qw.q), rows(qw.scale), rows(qw.zero), qw.pre_scale, qw.precision,
-                           rows(qw.minimum), qw.grouped)
+                           rows(qw.minimum), qw.grouped, qw.act_scale)
 
 
 def engine_tensors(name: str, qw: QuantizedWeight) -> list[tuple[str, torch.Tensor]]:
@@ -274,6 +293,8 @@ def engine_tensors(name: str, qw: QuantizedWeight) -> list[tuple[str, torch.Tens
             out.append((f"{prefix}.minimum", qw.minimum.float().contiguous()))
     if qw.pre_scale is not None:
         out.append((f"{prefix}.prequant_scaling_factor", qw.pre_scale.float().contiguous()))
+    if qw.act_scale is not None:
+        out.append((f"{prefix}.act_scale", qw.act_scale.float().reshape(1)))
     return out
 
 
@@ -292,7 +313,7 @@ def from_engine_tensors(name: str, tensors: dict, precision: str) -> QuantizedWe
         q = w if precision == "int8" else unpack_int4(w)
     return QuantizedWeight(q, scale, zero, tensors.get(f"{prefix}.prequant_scaling_factor"), precision,
                            tensors.get(f"{prefix}.minimum"), precision == "int8" and w.dtype == torch.int8
-                           and f"{prefix}.per_channel_scale" not in tensors)
+                           and f"{prefix}.per_channel_scale" not in tensors, tensors.get(f"{prefix}.act_scale"))
 
 
 # ---------------------------------------------------------------------------

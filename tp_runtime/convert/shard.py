@@ -8,6 +8,7 @@ import torch
 
 from tp_runtime.convert import partition as pt
 from tp_runtime.convert import quantize as qz
+from tp_runtime.convert import smoothquant
 from tp_runtime.convert.adapters import CanonicalTensor
 from tp_runtime.convert.partition import QKV
 
@@ -19,6 +20,8 @@ def prepare_tensor(ct: CanonicalTensor, full, quant: "qz.QuantScheme | None"):
         return full
     if isinstance(full[0] if isinstance(full, tuple) else full, qz.QuantizedWeight):
         return full  # read from a pre-quantized checkpoint: its own codes and scales
+    if quant.algo == "sq":
+        return smoothquant.quantize_linear(ct.name, full, quant)
     scheme = quant.for_tensor(ct.name)
     if ct.rule == QKV:
         parts = tuple(qz.quantize_rtn(t, scheme, ct.name) for t in full)

@@ -70,10 +70,14 @@ def layer_prefix(i: int) -> str:
 # w = code * scale + minimum. AWQ scales that could not be folded: P.prequant_scaling_factor (in,),
 # multiplies the activation first. Scales and minima stay float32 whatever the engine dtype; the codes' dtype
 # (int8 or uint8) tells the precision.
+# SmoothQuant (quant_algo W8A8_SQ_*): int8 linears as above whose activations are rounded to int8 too, per
+# token, or with a static step P.act_scale float32 (1,); the linears of quantization.weight_only_modules (whose
+# smoothing had no fold) are plain W8A16.
 INT8_SCALE, INT4_SCALE = "per_channel_scale", "weights_scaling_factor"
-ZERO, PREQUANT, MINIMUM = "zero", "prequant_scaling_factor", "minimum"
+ZERO, PREQUANT, MINIMUM, ACT_SCALE = "zero", "prequant_scaling_factor", "minimum", "act_scale"
 GROUP_SCALE = INT4_SCALE  # the per-group scale of either precision
-QUANT_SUFFIXES = tuple(f".{s}" for s in (INT8_SCALE, INT4_SCALE, ZERO, PREQUANT, MINIMUM))
+QUANT_SUFFIXES = tuple(f".{s}" for s in (INT8_SCALE, INT4_SCALE, ZERO, PREQUANT, MINIMUM, ACT_SCALE))
+SQ_PREFIX = "W8A8_SQ_"
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

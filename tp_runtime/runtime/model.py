@@ -221,10 +221,10 @@ class TPDecoder(nn.Module):
         for i in tqdm(range(cfg.num_hidden_layers), desc="loading", unit="layer", disable=not progress, leave=False):
             # Weight-only quantized linears become QuantWeights one layer at a time: their unpacked codes live
             # until the layer's kernels hold their own layout, so one layer's are alive at once, not the model's.
-            woq.collect(weights, emb.dtype, woq_kernel, prefix=ef.layer_prefix(i) + ".")
+            woq.collect(weights, emb.dtype, woq_kernel, prefix=ef.layer_prefix(i) + ".", quantization=cfg.quantization)
             self.layers.append(DecoderLayer(cfg, rank, weights, i, comm))
             memory.trim_heap()  # the layer's freed buffers back to the system, not kept for the next layers' holes
-        woq.collect(weights, emb.dtype, woq_kernel)  # a quantized lm_head
+        woq.collect(weights, emb.dtype, woq_kernel, quantization=cfg.quantization)  # a quantized lm_head
         self.ln_f = make_norm(cfg, weights, ef.FINAL_NORM)
         head = weights.pop(ef.LM_HEAD, None)
         if head is None:  # tied, and sharded like the embedding: the head is the embedding itself

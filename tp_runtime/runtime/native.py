@@ -1,4 +1,5 @@
-"""tp_runtime's own CPU kernels (csrc/woq_cpu.cpp): built on first use, loaded as the `tp_woq` torch ops.
+"""tp_runtime's own CPU kernels (csrc/woq_cpu.cpp: weight-only, fp32 GEMV, decode attention; csrc/w8a8_cpu.cpp:
+SmoothQuant's int8 x int8 matmul): built on first use, loaded as the `tp_woq` torch ops.
 
 The build is torch.utils.cpp_extension's (ninja + the system C++ compiler, -O3 -mavx2 -mfma -fopenmp: torch's parallel_for is OpenMP pragmas in its headers), cached in
 $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) and keyed by the source's hash, so it costs
@@ -17,7 +18,8 @@ import torch
 
 from tp_runtime import cpu, env
 
-SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "woq_cpu.cpp")
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+SOURCES = [os.path.join(CSRC, "woq_cpu.cpp"), os.path.join(CSRC, "w8a8_cpu.cpp")]
 _lock = threading.Lock()
 _reason: list = []  # why the kernels are unavailable, once load() has failed
 
@@ -56,6 +58,10 @@ def _register_fakes() -> None:
     def _(x, q, scale):
         return x.new_empty(x.shape[0], q.shape[0])
 
+    @torch.library.register_fake("tp_woq::w8a8_mm")
+    def _(x, q, scale, act_scale):
+        return x.new_empty(x.shape[0], q.shape[0])
+
 
 def load() -> bool:
     """Build (first time) and load the kernels; True when torch.ops.tp_woq is ready."""
@@ -77,13 +83,13 @@ def load() -> bool:
         from torch.utils import cpp_extension
 
         try:
-            cpp_extension.load("tp_runtime_woq_cpu", [SOURCE], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+            cpp_extension.load("tp_runtime_woq_cpu", SOURCES, extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
                                extra_ldflags=["-fopenmp"],
                                is_python_module=False, verbose=False)
             _register_fakes()
             follow_isa()
         except Exception as e:  # a broken toolchain must not stop the engine: other kernels serve
-            _reason.append(f"building {os.path.basename(SOURCE)} failed: {str(e).strip().splitlines()[-1:]}")
+            _reason.append(f"building {', '.join(map(os.path.basename, SOURCES))} failed: {str(e).strip().splitlines()[-1:]}")
             return False
         return True
 

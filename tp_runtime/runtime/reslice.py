@@ -189,7 +189,7 @@ class Reslicer:
         if rule is None:
             return Slicing(pt.REPLICATE)
         if rule not in ROW_RULES:
-            return Slicing(pt.REPLICATE) if part == ef.PREQUANT else Slicing(rule, 0)
+            return Slicing(pt.REPLICATE) if part in (ef.PREQUANT, ef.ACT_SCALE) else Slicing(rule, 0)
         if part == ef.PREQUANT:
             return Slicing(rule, 0)
         if part == "weight":
@@ -197,7 +197,7 @@ class Reslicer:
         g = self.source.quantization.get("group_size") or -1
         if part in (ef.INT4_SCALE, ef.ZERO, ef.MINIMUM) and len(self.headers[0][name]["shape"]) == 2 and g != -1:
             return Slicing(rule, 1, g)
-        return Slicing(pt.REPLICATE)  # row-parallel bias, per-channel scales and zeros
+        return Slicing(pt.REPLICATE)  # row-parallel bias, per-channel scales and zeros, static activation steps
 
     def needs(self, rule: str, rank: int) -> list[tuple[str, int, int]]:
         """(component, start, end) in canonical coordinates that target `rank` holds, in stored order."""

@@ -9,6 +9,11 @@ their own layouts from it:
     y[n, o] = sum_i x[n, i] (q[o, i] scale[o, g(i)] + minimum[o, g(i)])
 
 int8 is per channel (scale (out, 1)) or per group (GGUF's Q8_0: scale (out, in / 32)); int4 is per group.
+
+A SmoothQuant (W8A8) linear is an int8 one whose activations are rounded to int8 too, symmetric, one step
+per token (max |x[n]| / 127) or one calibrated step for all (act_scale, static):
+
+    y[n, o] = sx[n] scale[o] sum_i xq[n, i] q[o, i],    xq[n, i] = clamp(round(x[n, i] / sx[n]), -127, 127)
 """
 
 from dataclasses import dataclass
@@ -22,7 +27,7 @@ from tp_runtime.engine import format as ef
 class QuantWeight:
     """One linear's quantized weight on its device, as read from the rank file (codes unpacked)."""
 
-    precision: str  # int8 | int4
+    precision: str  # int8 | int4 | w8a8 (int8 codes, activations rounded to int8 too)
     q: torch.Tensor  # (out, in): int8 codes, or uint8 codes 0..15 for int4
     scale: torch.Tensor  # (out, groups) float32
     zero: torch.Tensor | None  # (out, groups) codes' zero; None: symmetric (0 for int8, 8 for int4)
@@ -30,6 +35,7 @@ class QuantWeight:
     kernel: str = "auto"  # the kernel asked for (auto: timed at load)
     dtype: torch.dtype = torch.float32  # compute dtype of the activations
     minimum: torch.Tensor | None = None  # (out, groups) float32: w = q * scale + minimum (zero is None then)
+    act_scale: torch.Tensor | None = None  # w8a8: (1,) the static activation step; None: per token
 
     @property
     def out_features(self) -> int:
@@ -47,7 +53,7 @@ class QuantWeight:
         """(out, groups) float zero of each group, implied ones included."""
         if self.zero is not None:
             return self.zero.float()
-        return torch.full_like(self.scale, 0.0 if self.precision == "int8" else 8.0)
+        return torch.full_like(self.scale, 8.0 if self.precision == "int4" else 0.0)
 
     def offsets(self) -> torch.Tensor:
         """(out, groups) float32 term added to q * scale: the minimum, or -zero * scale."""
@@ -73,7 +79,22 @@ class QuantWeight:
         zero = None if self.zero is None else self.zero[:count]
         minimum = None if self.minimum is None else self.minimum[:count]
         return QuantWeight(self.precision, self.q[:count], self.scale[:count], zero, self.pre_scale, self.kernel,
-                           self.dtype, minimum)
+                           self.dtype, minimum, self.act_scale)
+
+    def act_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """x as a w8a8 kernel sees it (the reference's input): rounded to the int8 grid of its step, float32;
+        x itself for the other precisions."""
+        if self.precision != "w8a8":
+            return x
+        return fake_quant_act(x, self.act_scale)
+
+
+def fake_quant_act(x: torch.Tensor, act_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., in) -> the same on the int8 grid: steps per token (max |x| / 127) or the static act_scale."""
+    x = x.float()
+    step = x.abs().amax(-1, keepdim=True) / 127 if act_scale is None else act_scale.float().reshape(1)
+    inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+    return torch.round(x * inv).clamp(-127, 127) * step
 
 
 def cat_out(parts: list):
@@ -92,15 +113,26 @@ def cat_out(parts: list):
         minimum = torch.cat([p.offsets() for p in parts])
     elif any(p.zero is not None for p in parts):
         zero = torch.cat([p.zeros().to(torch.int16) for p in parts])
+    if any(p.precision == "w8a8" and not _same(p.act_scale, first.act_scale) for p in parts):
+        raise ValueError("fused w8a8 weights must share their activation scale (they share their input)")
     return QuantWeight(first.precision, torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                       zero, pre, first.kernel, first.dtype, minimum)
+                       zero, pre, first.kernel, first.dtype, minimum, first.act_scale)
 
 
-def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto", prefix: str = "") -> dict:
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto", prefix: str = "", quantization: dict | None = None
+            ) -> dict:
     """Replace each quantized linear's tensors in a rank's `weights` by one QuantWeight under `P.weight`.
     A linear is quantized when its scales are there: per_channel_scale (int8) or weights_scaling_factor
-    (int4 codes packed in uint8, or int8 codes per group). Other tensors are left as they are. prefix: only the names under it (the model collects one
-    layer at a time, so the unpacked codes of one layer are alive at once, not the model's)."""
+    (int4 codes packed in uint8, or int8 codes per group). Other tensors are left as they are. prefix: only the
+    names under it (the model collects one layer at a time, so the unpacked codes of one layer are alive at once,
+    not the model's). quantization: the engine config's; under a W8A8_SQ algorithm its int8 linears are w8a8, but
+    those named in `weight_only_modules` (no smoothing fold) and lm_head."""
+    sq = bool(quantization) and str(quantization.get("quant_algo") or "").startswith(ef.SQ_PREFIX)
+    weight_only = set((quantization or {}).get("weight_only_modules") or ()) | {ef.LM_HEAD.removesuffix(".weight")}
     for name in [n for n in weights if n.startswith(prefix) and n.endswith((f".{ef.INT8_SCALE}", f".{ef.INT4_SCALE}"))]:
         prefix, kind = name.rsplit(".", 1)
         w = weights.pop(f"{prefix}.weight")
@@ -108,8 +140,12 @@ def collect(weights: dict, dtype: torch.dtype, kernel: str = "auto", prefix: str
         zero = weights.pop(f"{prefix}.{ef.ZERO}", None)
         pre = weights.pop(f"{prefix}.{ef.PREQUANT}", None)
         minimum = weights.pop(f"{prefix}.{ef.MINIMUM}", None)
+        act = weights.pop(f"{prefix}.{ef.ACT_SCALE}", None)
         if kind == ef.INT4_SCALE and w.dtype == torch.int8:  # int8 per group
             qw = QuantWeight("int8", w, scale, zero, pre, kernel, dtype)
+        elif kind == ef.INT8_SCALE and sq and prefix not in weight_only:
+            qw = QuantWeight("w8a8", w, scale.unsqueeze(1), None, pre, kernel, dtype,
+                             act_scale=None if act is None else act.float().reshape(1))
         elif kind == ef.INT8_SCALE:
             # The codes must be aligned: torch's bf16 int8 kernel crashes on a weight at an odd offset of an
             # mmap'd file; runtime/rank_file.py reads codes into fresh buffers, never mapped.

@@ -22,6 +22,10 @@ of the largest output (max |y - x W^T| / max |x W^T|, W the dequantized weight).
           native_int4_q8x2  the same with each activation block as two int8 parts (~15 bits): near-exact
           aten_int4_cuda  torch.ops.aten._weight_int4pack_mm (bf16, tinygemm layout) - written, not run here
           dequant_int4    unpack, dequantize and F.linear every call (fallback; correct, slow)
+    w8a8  native_w8a8     SmoothQuant: x rounded to int8 (per token or static), int8 x int8 summed exactly in int32
+                          (csrc/w8a8_cpu.cpp, AVX2 16-bit products); prefill through torch._int_mm (oneDNN's
+                          VNNI kernel) where the CPU has VNNI and that matmul is exact
+          dequant_w8a8    the same rounding in plain torch, then a float matmul on the codes (fallback)
 
 Zero points: the int4 aten kernels take them as part of their (scale, zero) pairs; for int8 kernels,
 which have none, y -= sum_i x[n, i] * (scale * zero)[o] is added after the matmul.
@@ -32,6 +36,7 @@ native_int4 (its native form), aten_int4_cpu / aten_int4_cuda (their zero is min
 dequant_int4; native_int4_q8 / _q8x2 hold a byte zero per group and refuse it.
 """
 
+import functools
 import warnings
 
 import torch
@@ -431,9 +436,81 @@ def bf16_variant(base: type) -> type:
     return Variant
 
 
+def quantize_act(x: torch.Tensor, act_scale: torch.Tensor | None):
+    """x (N, in) -> int8 codes (N, in) and their steps (N, 1) float32: per token, or the static act_scale."""
+    x = x.float()
+    step = x.abs().amax(-1, keepdim=True) / 127 if act_scale is None else act_scale.expand(x.shape[0], 1)
+    inv = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+    return torch.round(x * inv).clamp(-127, 127).to(torch.int8), step
+
+
+@functools.lru_cache(maxsize=1)
+def int_mm_exact() -> bool:
+    """Whether torch._int_mm sums int8 x int8 exactly here: oneDNN's AVX2 kernel multiplies u8 x s8 pairs with
+    vpmaddubsw, whose 16-bit sums saturate on full-range codes (outputs off by far more than rounding)."""
+    if not hasattr(torch, "_int_mm"):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=gen)
+    b = torch.randint(-127, 128, (64, 16), dtype=torch.int8, generator=gen)
+    a[0], b[:, 0] = 127, 127  # the pairs that saturate a 16-bit sum
+    try:
+        return torch.equal(torch._int_mm(a, b), a.int() @ b.int())
+    except RuntimeError:
+        return False
+
+
+class NativeW8A8(Kernel):
+    """SmoothQuant's W8A8 matmul: y = sx[n] scale[o] sum_i xq[n, i] q[o, i] (format.py), the integer sums exact.
+    Decode rows through tp_woq::w8a8_mm (AVX2, 16-bit products); prefill rows through torch._int_mm where the
+    CPU has VNNI (as tp_runtime.cpu sees it) and int_mm_exact() holds, else the same native kernel."""
+
+    name = "native_w8a8"
+    precision = "w8a8"
+    GEMM_ROWS = 16
+
+    @staticmethod
+    def supports(w, dtype):
+        return w.q.device.type == "cpu" and native.load()
+
+    def __init__(self, w, dtype):
+        super().__init__()
+        self.q = F.pad(w.q, (0, -w.in_features % 16)).contiguous()  # (out, in padded to 16)
+        self.scale = w.scale[:, 0].float().contiguous()
+        self.act_scale = w.act_scale.float().reshape(1) if w.act_scale is not None else torch.empty(0)
+        self.dtype = dtype
+        self.use_int_mm = (cpu.has("avx512_vnni") or cpu.has("avx_vnni")) and int_mm_exact()
+        if self.use_int_mm:
+            self.qt = w.q.t()  # (in, out) view of the (out, in) codes: oneDNN's fast layout
+
+    def forward(self, x):
+        if self.use_int_mm and x.shape[0] > self.GEMM_ROWS:
+            xq, step = quantize_act(x, self.act_scale if self.act_scale.numel() else None)
+            y = torch._int_mm(xq, self.qt).float() * step * self.scale
+        else:
+            y = torch.ops.tp_woq.w8a8_mm(x.float().contiguous(), self.q, self.scale, self.act_scale)
+        return y.to(self.dtype)
+
+
+class DequantW8A8(Kernel):
+    name = "dequant_w8a8"
+    precision = "w8a8"
+
+    def __init__(self, w, dtype):
+        super().__init__()
+        self.q = w.q
+        self.scale = w.scale[:, 0].float()
+        self.act_scale = w.act_scale
+        self.dtype = dtype
+
+    def forward(self, x):
+        xq, step = quantize_act(x, self.act_scale)
+        return (F.linear(xq.float(), self.q.float()) * step * self.scale).to(self.dtype)
+
+
 KERNELS = {k.name: k for k in (AtenInt8, bf16_variant(AtenInt8), NativeInt8, FbgemmInt8, DequantInt8,
                                AtenInt4Cpu, bf16_variant(AtenInt4Cpu), NativeInt4, NativeInt4Q8, NativeInt4Q8x2, AtenInt4Cuda,
-                               DequantInt4)}
+                               DequantInt4, NativeW8A8, DequantW8A8)}
 
 
 def candidates(w: QuantWeight, dtype: torch.dtype, auto: bool = False) -> list[str]:

@@ -62,8 +62,11 @@ def probe(name: str, w: QuantWeight, dtype: torch.dtype) -> float:
     worst = 0.0
     for rows in (1, 24):  # 24: beyond every kernel's GEMM_ROWS, the prefill path
         x = torch.randn(rows, w.in_features, generator=gen).to(dtype).float().to(w.q.device)  # as fed, rounded
-        ref = x @ part.dequantize().t().to(x.device)
         xin = x if part.pre_scale is None else x * part.pre_scale.to(x.device)
+        if part.precision == "w8a8":  # the activations on the kernel's int8 grid (prequant folded in after)
+            xin = part.act_grid(xin)
+            x = xin if part.pre_scale is None else xin / part.pre_scale.to(x.device)
+        ref = x @ part.dequantize().t().to(x.device)
         y = kernel(xin.to(dtype)).float()
         err = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
         worst = max(worst, err if err == err else float("inf"))  # NaN counts as off
