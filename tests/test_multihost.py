@@ -126,8 +126,8 @@ def test_torchrun_two_hosts(two_hosts, engines, prompts, single_host, tmp_path, 
     results = wait_all(procs, timeout=240)
     for k, (rc, stdout, stderr) in enumerate(results):
         assert rc == 0, f"{h.names[k]}:\n{stdout}\n{stderr}"
-    # the ranks span hosts: at tp=4 two ranks share each host's memory (hierarchical), at tp=2 only gloo is left
-    assert f"tp_size={tp} device=cpu comm={'hier' if tp == 4 else 'gloo'}" in results[0][2]
+    # the ranks span hosts: hierarchical (at tp=4 two ranks share each host's memory, at tp=2 the TCP link alone)
+    assert f"tp_size={tp} device=cpu comm=hier" in results[0][2]
     assert_same(read_outputs(out), single_host(tp))
 
 
@@ -141,7 +141,7 @@ def test_mpirun_hostfile_two_hosts(two_hosts, engines, prompts, single_host, tmp
     res = h.run(h.names[0], [tool("mpirun"), "-launcher", "ssh", "-launcher-exec", RSH, "-f", str(hostfile),
                              "-n", "2", PY, *tp_run_args(engines[2], prompts, out)], h.env(), timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "tp_size=2 device=cpu comm=gloo" in res.stderr
+    assert "tp_size=2 device=cpu comm=hier" in res.stderr
     assert_same(read_outputs(out), single_host(2))
 
 
@@ -301,7 +301,7 @@ def test_ray_tp_run_two_nodes(two_hosts, ray_two_nodes, engines, prompts, single
                              "--ray_address", f"{h.names[0]}:6379"], ray_two_nodes, timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr
     assert_one_rank_per_node(res.stderr, h)
-    assert "tp_size=2 device=cpu comm=gloo" in res.stderr
+    assert "tp_size=2 device=cpu comm=hier" in res.stderr
     assert_same(read_outputs(out), single_host(2))
 
 

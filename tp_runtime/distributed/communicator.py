@@ -14,8 +14,8 @@ COMM_KINDS = ("auto", "shm", "hier", "gloo")
 def make_communicator(info: LaunchInfo, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S,
                       kind: str = "auto") -> Communicator:
     """kind: auto (NCCL on CUDA; on CPUs shared memory when every rank is on one host, hierarchical when the
-    ranks span hosts and one host has 2+ of them, else gloo), shm (shared memory, an error if the ranks span
-    hosts), hier (hierarchical whatever the layout: shared memory on one host), gloo."""
+    ranks span hosts: shared memory within a host, one leader per host over TCP), shm (shared memory, an error
+    if the ranks span hosts), hier (hierarchical, an error where it cannot serve), gloo."""
     if kind not in COMM_KINDS:
         raise UserError(f"--comm must be one of {', '.join(COMM_KINDS)}, got {kind!r}")
     if info.world_size == 1:
