@@ -45,6 +45,19 @@ def build_checkpoint(path: str, arch: str = "llama", seed: int = 0, dtype=torch.
     return model.float()
 
 
+def build_outlier_checkpoint(path: str):
+    """A tiny Llama with activation outliers, as real LLMs have (a few large norm channels), and a char tokenizer
+    for calibration text (AWQ, SmoothQuant). Returns the transformers model."""
+    model = build_checkpoint(path, "llama", intermediate_size=128)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17, 40]] *= 20
+            layer.post_attention_layernorm.weight[[5, 22]] *= 20
+    model.save_pretrained(path)
+    save_char_tokenizer(path)
+    return model
+
+
 def save_char_tokenizer(path):
     """A character-level tokenizer (ids 3..97) for a tiny checkpoint: AWQ reads calibration text."""
     import string

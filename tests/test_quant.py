@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from helpers import (build_checkpoint, cli_in_process, random_prompts, reference_logprobs, run_ranks, save_char_tokenizer,
-                     tool, tp_run_json)
+from helpers import (build_checkpoint, build_outlier_checkpoint, cli_in_process, random_prompts, reference_logprobs,
+                     run_ranks, save_char_tokenizer, tool, tp_run_json)
 from tp_runtime import cpu
 from tp_runtime.engine import format as ef
 from tp_runtime.convert import partition as pt
@@ -514,14 +514,7 @@ def test_awq_search_lowers_the_reconstruction_error_of_its_calibration_rows():
 @pytest.fixture(scope="module")
 def awq_ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("awq")
-    model = build_checkpoint(str(root / "hf"), "llama", intermediate_size=128)
-    with torch.no_grad():  # activation outliers, as real LLMs have: a few large norm channels
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[[3, 17, 40]] *= 20
-            layer.post_attention_layernorm.weight[[5, 22]] *= 20
-    model.save_pretrained(str(root / "hf"))
-    save_char_tokenizer(str(root / "hf"))
-    return root, model
+    return root, build_outlier_checkpoint(str(root / "hf"))
 
 
 @pytest.mark.slow

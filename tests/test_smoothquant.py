@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_engine_matches, build_checkpoint, cli_in_process, random_prompts
+from helpers import assert_engine_matches, build_checkpoint, build_outlier_checkpoint, cli_in_process, random_prompts
 from tp_runtime.convert import quantize as qz
 from tp_runtime.convert import smoothquant
 from tp_runtime.convert.adapters import get_adapter
 from tp_runtime.convert.awq import transform
 from tp_runtime.convert.checkpoint import open_checkpoint
 from tp_runtime.convert.pipeline import convert
-from test_quant import save_char_tokenizer
 
 # canonical name -> transformers' Llama name, per layer (qkv is three)
 HF_NAMES = {"input_layernorm.weight": "input_layernorm.weight", "post_layernorm.weight": "post_attention_layernorm.weight",
@@ -30,14 +29,7 @@ def sq_ckpt(tmp_path_factory):
     """Tiny Llama with GQA (4 heads, 2 KV heads) and activation outliers (a few large norm channels), a char
     tokenizer for the calibration text."""
     root = tmp_path_factory.mktemp("sq")
-    model = build_checkpoint(str(root / "hf"), "llama", intermediate_size=128)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[[3, 17, 40]] *= 20
-            layer.post_attention_layernorm.weight[[5, 22]] *= 20
-    model.save_pretrained(str(root / "hf"))
-    save_char_tokenizer(str(root / "hf"))
-    return root, model
+    return root, build_outlier_checkpoint(str(root / "hf"))
 
 
 def _smoothed_state(hf_dir: str, res) -> dict:
